@@ -1,0 +1,73 @@
+"""The two protocols the engine sees models through, and the errors backends raise.
+
+Mentors and the judge are `ChatModel`s (one prompt in, one reply out); interns are
+`RolloutModel`s (a batch of prompts in, one reply each out, so shared prefixes can be reused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from mics.config import ModelConfig
+from mics.types import Prompt, Reply, Sampling
+
+
+class BackendError(Exception):
+    """A model call failed. `retryable` says whether trying again may help."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TransientError(BackendError):
+    """Rate limits, 5xx, timeouts, dropped connections: retried with backoff."""
+
+    retryable = True
+
+
+class PermanentError(BackendError):
+    """Bad request, auth, unknown model: fails fast, never retried."""
+
+    retryable = False
+
+
+@dataclass(frozen=True)
+class Call:
+    """One model call: the prompt, explicit sampling parameters and a sample index."""
+
+    prompt: Prompt
+    sampling: Sampling
+    sample_index: int = 0
+
+
+@runtime_checkable
+class ChatModel(Protocol):
+    """A chat-completion model (mentors, judge)."""
+
+    config: ModelConfig
+
+    def identity(self) -> dict[str, Any]:
+        """What, besides the call itself, determines the reply (part of the memo key)."""
+        ...
+
+    async def complete(self, call: Call) -> Reply: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class RolloutModel(Protocol):
+    """A batched generator (interns): one reply per call, in order."""
+
+    config: ModelConfig
+
+    def identity(self) -> dict[str, Any]: ...
+
+    async def rollout(self, calls: Sequence[Call]) -> list[Reply]: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,192 @@
+"""The one call gate every model call goes through.
+
+key = hash(model identity, full prompt, image hashes, sampling, sample index)
+  -> stored reply if the memo has it (resume and dedup for free)
+  -> else join an identical call already in flight
+  -> else wait for the endpoint's limiter, send, retry with bounded backoff
+  -> write the reply to the memo (committed) -> return it.
+A call that still fails is recorded in the store and returned as a CallFailure, never raised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import anyio
+import orjson
+
+from backends.base import BackendError, Call, ChatModel, RolloutModel, TransientError
+from mics.types import CallFailure, Reply
+
+# Fault-injection hook for crash tests: SIGKILL this process right after the Nth stored call.
+KILL_AFTER_ENV = "MICS_KILL_AFTER_CALLS"
+
+
+def call_key(identity: dict[str, Any], call: Call) -> str:
+    """Content hash of everything that determines a reply."""
+    material = {
+        "model": identity,
+        "prompt": call.prompt.key_material(),
+        "sampling": asdict(call.sampling),
+        "sample": call.sample_index,
+    }
+    return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class CallGate:
+    """Memoised, deduplicated, rate-limited, retried model calls backed by the run store."""
+
+    def __init__(self, store: Any, *, session: str = "") -> None:
+        self.store = store
+        self.session = session
+        self.counts: Counter[str] = Counter()  # sent / memo_hits / joined / failed / retries
+        self._inflight: dict[str, anyio.Event] = {}
+        self._failures: dict[str, CallFailure] = {}
+        self._limiters: dict[int, anyio.CapacityLimiter] = {}
+        kill = os.environ.get(KILL_AFTER_ENV)
+        self._kill_after = int(kill) if kill else None
+        self._stored = 0
+
+    def _limiter(self, model: Any) -> anyio.CapacityLimiter:
+        lim = self._limiters.get(id(model))
+        if lim is None:
+            lim = self._limiters[id(model)] = anyio.CapacityLimiter(model.config.max_concurrency)
+        return lim
+
+    async def chat(
+        self, model: ChatModel, call: Call, *, role: str, qid: str
+    ) -> Reply | CallFailure:
+        """One chat call (mentor or judge)."""
+        [result] = await self._gated(model, [call], role=role, qid=qid,
+                                     send=lambda calls: self._send_chat(model, calls[0]))
+        return result
+
+    async def rollouts(
+        self, model: RolloutModel, calls: Sequence[Call], *, qid: str
+    ) -> list[Reply | CallFailure]:
+        """A batch of intern rollouts; only calls not already stored are sent, as one batch."""
+        return await self._gated(model, list(calls), role="intern", qid=qid,
+                                 send=lambda pending: model.rollout(pending))
+
+    async def _send_chat(self, model: ChatModel, call: Call) -> list[Reply]:
+        return [await model.complete(call)]
+
+    async def _gated(
+        self,
+        model: Any,
+        calls: list[Call],
+        *,
+        role: str,
+        qid: str,
+        send: Callable[[list[Call]], Awaitable[list[Reply]]],
+    ) -> list[Reply | CallFailure]:
+        identity = model.identity()
+        keys = [call_key(identity, c) for c in calls]
+        results: list[Reply | CallFailure | None] = [None] * len(calls)
+        mine: list[int] = []
+        waits: list[tuple[int, anyio.Event]] = []
+        for i, key in enumerate(keys):
+            stored = self.store.memo_get(key)
+            if stored is not None:
+                results[i] = Reply.from_dict(stored)
+                self.counts["memo_hits"] += 1
+            elif key in self._inflight:
+                waits.append((i, self._inflight[key]))
+                self.counts["joined"] += 1
+            else:
+                self._inflight[key] = anyio.Event()
+                mine.append(i)
+        if mine:
+            done = await self._send_with_retries(
+                model, [calls[i] for i in mine], [keys[i] for i in mine],
+                role=role, qid=qid, send=send,
+            )
+            for i in mine:
+                results[i] = done[keys[i]]
+        for i, event in waits:
+            await event.wait()
+            stored = self.store.memo_get(keys[i])
+            results[i] = (Reply.from_dict(stored) if stored is not None
+                          else self._failures.get(keys[i], CallFailure("cancelled", 0, True)))
+        return results  # type: ignore[return-value]
+
+    async def _send_with_retries(
+        self,
+        model: Any,
+        calls: list[Call],
+        keys: list[str],
+        *,
+        role: str,
+        qid: str,
+        send: Callable[[list[Call]], Awaitable[list[Reply]]],
+    ) -> dict[str, Reply | CallFailure]:
+        cfg = model.config
+        done: dict[str, Reply | CallFailure] = {}
+        attempt = 0
+        errors: list[str] = []
+        try:
+            while True:
+                attempt += 1
+                try:
+                    async with self._limiter(model):
+                        self.counts["sent"] += len(calls)
+                        replies = await send(calls)
+                    if len(replies) != len(calls):
+                        raise TransientError(
+                            f"{cfg.name}: {len(replies)} replies for {len(calls)} calls")
+                except BackendError as e:
+                    errors.append(f"{type(e).__name__}: {e}")
+                    if not e.retryable or attempt > cfg.max_retries:
+                        failure = self._fail(model, keys, role=role, qid=qid, error=errors[-1],
+                                             attempts=attempt, retryable=e.retryable,
+                                             history=errors)
+                        return dict.fromkeys(keys, failure)
+                    self.counts["retries"] += 1
+                    await anyio.sleep(self._backoff(cfg, attempt, e.retry_after))
+                    continue
+                for key, reply in zip(keys, replies, strict=True):
+                    self._store_reply(model, key, reply, role=role, qid=qid,
+                                      attempts=attempt, errors=errors)
+                    done[key] = reply
+                return done
+        finally:
+            for key in keys:
+                self._inflight.pop(key).set()
+
+    @staticmethod
+    def _backoff(cfg: Any, attempt: int, retry_after: float | None) -> float:
+        delay = min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (attempt - 1))
+        delay *= random.uniform(0.5, 1.0)  # jitter only affects timing, never decisions
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, cfg.max_backoff_s))
+        return delay
+
+    def _store_reply(self, model: Any, key: str, reply: Reply, *, role: str, qid: str,
+                     attempts: int, errors: list[str]) -> None:
+        log = {"role": role, "model": model.config.name, "qid": qid, "session": self.session,
+               "attempts": attempts, "errors": errors, "t": round(time.time(), 3)}
+        self.store.memo_put(key, reply.to_dict(), log)
+        self._stored += 1
+        if self._kill_after is not None and self._stored >= self._kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _fail(self, model: Any, keys: list[str], *, role: str, qid: str, error: str,
+              attempts: int, retryable: bool, history: list[str]) -> CallFailure:
+        self.counts["failed"] += len(keys)
+        self.store.add_failure({
+            "kind": "call", "role": role, "model": model.config.name, "qid": qid,
+            "keys": keys, "error": error, "attempts": attempts, "errors": history,
+            "session": self.session, "t": round(time.time(), 3),
+        })
+        failure = CallFailure(error=error, attempts=attempts, retryable=retryable)
+        for key in keys:
+            self._failures[key] = failure
+        return failure

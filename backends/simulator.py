@@ -1,0 +1,119 @@
+"""SIMULATOR: deterministic stand-in models for demos, tests and benchmarks. Not a real model.
+
+Every reply is a pure function of (seed, model, prompt text, sampling, sample index), computed
+from the prompt text alone, so the in-process backend and the loopback HTTP test server give
+the same replies:
+
+- a simulated **mentor** writes well-formed `### Step k:` chains that continue the reasoning
+  prefix; each step carries a clue ("points toward: <answer>") with probability `quality`, and
+  the chain ends with `### The final answer is: <answer>`;
+- a simulated **intern** answers correctly with a probability that rises with the number of
+  clues in the prefix (times its `skill`, lowered at high temperature);
+- a simulated **judge** says Yes when the normalised answers match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+
+from mics.steps import FINAL_MARKER, count_steps, normalize_answer
+
+CLUE = "points toward:"
+_PREFIX_MARK = "Reasoning prefix:"
+
+_OBSERVATIONS = (
+    "Review the clinical presentation and the patient's age and sex",
+    "Inspect the images systematically for the dominant abnormality",
+    "Characterise the lesion's location, margins and density",
+    "Compare the findings with the expected normal anatomy",
+    "Weigh the differential diagnoses against the imaging pattern",
+    "Relate the imaging pattern to the presenting symptoms",
+    "Exclude the main mimics using the distribution of findings",
+)
+
+_DISTRACTORS = (
+    "Normal study without acute abnormality",
+    "Benign incidental finding requiring no follow-up",
+    "Inflammatory process, likely infectious",
+    "Degenerative change",
+    "Metastatic disease",
+    "Post-operative change",
+)
+
+
+def _rng(*parts: object) -> random.Random:
+    digest = hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def _after(text: str, marker: str) -> str:
+    idx = text.rfind(marker)
+    return text[idx + len(marker) :] if idx >= 0 else ""
+
+
+def _field(text: str, label: str) -> str:
+    m = re.search(rf"^{re.escape(label)}\s*(.+)$", text, re.M)
+    return m.group(1).strip() if m else ""
+
+
+def mentor_reply(
+    text: str,
+    *,
+    seed: int,
+    model: str,
+    temperature: float,
+    sample_index: int = 0,
+    quality: float = 0.5,
+    malformed_rate: float = 0.0,
+) -> str:
+    """Continue the reasoning prefix in a mentor prompt with 1-4 new steps and the answer."""
+    answer = _field(text, "Correct answer:").rstrip(".") or "unknown"
+    prefix = _after(text, _PREFIX_MARK)
+    done = count_steps(prefix)
+    rng = _rng("mentor", seed, model, text, temperature, sample_index)
+    if rng.random() < malformed_rate:
+        return "I think the answer is probably related to the imaging findings."
+    new = rng.randint(2, 4) if done == 0 else rng.randint(1, 3)
+    steps = []
+    for k in range(done + 1, done + new + 1):
+        sentence = rng.choice(_OBSERVATIONS)
+        clue = f" This {CLUE} {answer}." if rng.random() < quality else ""
+        steps.append(f"### Step {k}: {sentence}.{clue}")
+    steps.append(f"{FINAL_MARKER} {answer}")
+    return "\n\n".join(steps)
+
+
+def intern_reply(
+    text: str,
+    *,
+    seed: int,
+    model: str,
+    temperature: float,
+    sample_index: int = 0,
+    skill: float = 0.8,
+) -> str:
+    """Answer from the clues in the prefix; more clues, higher skill -> more often right."""
+    prefix = _after(text, _PREFIX_MARK)
+    clues = [c.strip().rstrip(".") for c in re.findall(rf"{CLUE}\s*([^\n]+?)(?:\.\s|\.$|\n|$)",
+                                                         prefix)]
+    rng = _rng("intern", seed, model, text, temperature, sample_index)
+    p = skill * (1 - 0.35 ** len(clues)) * (1 - 0.1 * max(0.0, temperature - 0.5))
+    if clues and rng.random() < p:
+        return f"{FINAL_MARKER} {clues[-1]}"
+    if rng.random() < 0.05:
+        return "The findings are difficult to interpret."  # no marker: counted wrong
+    return f"{FINAL_MARKER} {rng.choice(_DISTRACTORS)}"
+
+
+def judge_reply(text: str) -> str:
+    """Yes when the normalised model answer equals or contains the correct answer."""
+    got = normalize_answer(_field(text, "Model answer:"))
+    want = normalize_answer(_field(text, "Correct answer:"))
+    return "Yes" if got and want and (got == want or want in got) else "No"
+
+
+def token_count(text: str) -> int:
+    """A rough, deterministic token count for simulated usage."""
+    return max(1, len(text) // 4)

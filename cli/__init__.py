@@ -1,0 +1,1 @@
+"""The `mics` command line."""

@@ -1,0 +1,165 @@
+"""The `mics` command line: parse options, call mics.run / mics.export, render with rich."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import anyio
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mics.config import ConfigError, load_config, parse_config
+from mics.export import export_reference
+from mics.run import RunError, RunSummary, search_run, start_run, summarize, with_seed
+from mics.types import Outcome
+from store import RunStore, StoreError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Mentor-Intern Collaborative Search: verified reasoning chains.")
+console = Console()
+err = Console(stderr=True)
+
+RunDir = Annotated[Path, typer.Argument(help="Run directory (holds the LMDB store).")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _search_with_progress(run_dir: Path) -> RunSummary:
+    with Progress(TextColumn("[bold]searching"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("ok {task.fields[ok]}  failed {task.fields[bad]}"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task("search", total=None, ok=0, bad=0)
+        tally = {"ok": 0, "bad": 0}
+
+        def on_start(total: int | None) -> None:
+            progress.update(task, total=total)
+
+        def on_done(outcome: Outcome) -> None:
+            tally["ok" if outcome.status == "succeeded" else "bad"] += 1
+            progress.update(task, advance=1, **tally)
+
+        return anyio.run(lambda: search_run(run_dir, on_start=on_start, on_done=on_done))
+
+
+def _print_summary(summary: RunSummary, title: str = "run summary") -> None:
+    table = Table(title=title, show_header=False)
+    table.add_row("questions searched", str(summary.questions))
+    table.add_row("succeeded", str(summary.succeeded))
+    table.add_row("failed", str(summary.failed))
+    if summary.pending:
+        table.add_row("not finished", str(summary.pending))
+    for reason, n in summary.stop_reasons.items():
+        table.add_row(f"  stop: {reason}", str(n))
+    if summary.calls:
+        calls = ", ".join(f"{k} {v}" for k, v in sorted(summary.calls.items()))
+        table.add_row("model calls (this session)", calls)
+    if summary.seconds:
+        table.add_row("seconds", f"{summary.seconds:.2f}")
+    table.add_row("run directory", summary.run_dir)
+    console.print(table)
+
+
+def _guarded(fn, *args):  # noqa: ANN001, ANN202
+    try:
+        return fn(*args)
+    except (ConfigError, RunError, StoreError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def search(
+    data: Annotated[Path, typer.Argument(help="Dataset: Chiron/MMRP JSONL or a JSON list.")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="Run config (TOML).")],
+    run: Annotated[Path, typer.Option("--run", "-r", help="Run directory to create/resume.")],
+    image_root: Annotated[Path | None, typer.Option(help="Directory image paths are under.")]
+    = None,
+    seed: Annotated[int | None, typer.Option(help="Override [search].seed.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N records.")] = None,
+) -> None:
+    """Search every question of DATA; re-running on the same --run resumes it."""
+    cfg = _guarded(lambda: with_seed(load_config(config), seed))
+    _guarded(start_run, run, cfg, data, image_root, limit)
+    summary = _guarded(_search_with_progress, run)
+    _print_summary(summary)
+
+
+@app.command()
+def resume(run: RunDir) -> None:
+    """Continue an interrupted run; stored calls are never sent again."""
+    summary = _guarded(_search_with_progress, run)
+    _print_summary(summary)
+
+
+@app.command()
+def status(run: RunDir) -> None:
+    """Show a run's progress (works while a search is running)."""
+
+    def read() -> RunSummary:
+        with RunStore.open(run, write=False) as store:
+            summary = summarize(store)
+            summary.calls = {"stored calls": store.call_count(),
+                             "recorded call failures": len(store.iter_failures())}
+            return summary
+
+    _print_summary(_guarded(read), title="run status")
+
+
+@app.command()
+def export(
+    run: RunDir,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+) -> None:
+    """Write results.jsonl and failed.jsonl in the reference (Chiron-o1) schema."""
+
+    def write() -> dict[str, int]:
+        with RunStore.open(run, write=False) as store:
+            return export_reference(store, out)
+
+    counts = _guarded(write)
+    console.print(f"wrote {counts['results']} results and {counts['failed']} failures to {out}"
+                  + (f" ({counts['pending']} questions not finished)" if counts["pending"] else ""))
+
+
+@app.command()
+def demo(
+    run: Annotated[Path, typer.Option("--run", "-r", help="Run directory.")] = Path(
+        "mics-demo-run"),
+    fresh: Annotated[bool, typer.Option(help="Delete the run directory first.")] = False,
+) -> None:
+    """Search a bundled synthetic dataset with SIMULATED models, then summarise."""
+    from mics.demo_data import write_demo_dataset
+
+    if fresh and run.exists():
+        shutil.rmtree(run)
+    text = resources.files("mics").joinpath("resources/simulated.toml").read_text()
+    import tomllib
+
+    cfg = parse_config(tomllib.loads(text), where="bundled simulated.toml")
+    data, images = write_demo_dataset(run / "demo-data")
+    console.print("[yellow]SIMULATED models[/] on a synthetic dataset (no model is called)")
+    _guarded(start_run, run, cfg, data, images, None)
+    summary = _guarded(_search_with_progress, run)
+    _print_summary(summary, title="demo summary (simulated models)")
+    console.print(f"next: [bold]mics export {run} --out {run}/export[/]")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted; resume with `mics resume RUN_DIR`")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""The async MICS engine: one explicit tree per question, questions searched concurrently.
+
+Within a depth all mentor calls run concurrently, then every intern sample of every candidate is
+submitted together (one batch per intern), then the judge calls run concurrently. Decisions come
+from `mics.policy`; every model call goes through the `CallGate`; nodes are stored as each depth
+completes, so a replay against a full memo rebuilds the same tree without sending anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from backends.base import Call, ChatModel, RolloutModel
+from backends.gate import CallGate
+from mics import policy
+from mics.config import RunConfig
+from mics.prompts import intern_prompt, judge_prompt, mentor_prompt, parse_verdict
+from mics.steps import ParsedChain, count_steps, extract_final_answer, normalize_answer, parse_chain
+from mics.types import (
+    ROOT_TEXT,
+    CallFailure,
+    Node,
+    Outcome,
+    Question,
+    RecordError,
+    Reply,
+    Sample,
+    Sampling,
+)
+
+FINISHED = ("succeeded", "failed")
+
+
+@dataclass
+class Models:
+    """The models of a run, in config order (the order matters for ties and call order)."""
+
+    mentors: Sequence[ChatModel]
+    interns: Sequence[RolloutModel]
+    judge: ChatModel
+
+    async def aclose(self) -> None:
+        for m in (*self.mentors, *self.interns, self.judge):
+            await m.aclose()
+
+
+@dataclass
+class _Proposal:
+    mentor: str
+    steps: list[str]
+    chain: str
+    parsed: ParsedChain
+    first: int  # number of the first proposed step
+    reused: bool
+    usage: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Tree:
+    """Search state of one question's current attempt."""
+
+    attempt: int
+    prefix: str = ROOT_TEXT
+    parent_id: str = ""
+    author: str | None = None  # mentor of the currently selected node
+    chains: dict[str, _Proposal] = field(default_factory=dict)
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    previous: list[str] = field(default_factory=list)
+
+
+class Engine:
+    """Runs MICS over questions against a store; see module docstring."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        store: Any,
+        models: Models,
+        gate: CallGate,
+        on_done: Callable[[Outcome], None] | None = None,
+    ) -> None:
+        self.cfg = config
+        self.search = config.search
+        self.store = store
+        self.models = models
+        self.gate = gate
+        self.on_done = on_done or (lambda _o: None)
+
+    # ---- run level -------------------------------------------------------------------------
+
+    async def run(self, items: Iterable[Question | RecordError]) -> list[Outcome]:
+        """Search every question not already finished; bad records are stored as failed."""
+        outcomes: list[Outcome] = []
+        slots = anyio.Semaphore(self.search.concurrency)
+
+        async def one(q: Question) -> None:
+            try:
+                outcomes.append(await self.search_question(q))
+            finally:
+                slots.release()
+
+        async with anyio.create_task_group() as tg:
+            for item in items:
+                if isinstance(item, RecordError):
+                    outcomes.append(self._record_failed(item))
+                    continue
+                existing = self.store.get_question(item.qid)
+                if existing and existing["status"] in FINISHED and not existing.get("retryable"):
+                    continue
+                await slots.acquire()
+                tg.start_soon(one, item)
+        return outcomes
+
+    def _record_failed(self, err: RecordError) -> Outcome:
+        outcome = Outcome(
+            qid=err.qid, status="failed", stop_reason="bad_record", stage="input",
+            error=err.message, details={"line": err.line, "field": err.field},
+        )
+        existing = self.store.get_question(err.qid)
+        if existing is None or existing.get("stop_reason") == "bad_record":
+            self.store.put_question(err.qid, {"status": "failed", "index": err.index,
+                                              "stop_reason": "bad_record",
+                                              "outcome": outcome.to_dict()})
+        self.on_done(outcome)
+        return outcome
+
+    # ---- question level --------------------------------------------------------------------
+
+    async def search_question(self, q: Question) -> Outcome:
+        """Grow one question's tree (fresh per question, B13) until a stop rule fires."""
+        self.store.delete_nodes(q.qid)
+        self.store.put_question(q.qid, {"status": "running", "index": q.index,
+                                        "question": q.to_dict()})
+        for attempt in range(self.search.restarts + 1):
+            outcome = await self._attempt(q, attempt)
+            if outcome.stop_reason != "all_zero" or attempt == self.search.restarts:
+                break
+        outcome.details["attempts"] = attempt + 1
+        self.store.put_question(q.qid, {
+            "status": outcome.status, "index": q.index, "question": q.to_dict(),
+            "stop_reason": outcome.stop_reason, "retryable": outcome.stop_reason == "no_mentor",
+            "outcome": outcome.to_dict(),
+        })
+        self.on_done(outcome)
+        return outcome
+
+    async def _attempt(self, q: Question, attempt: int) -> Outcome:
+        rng = policy.question_rng(self.search.seed, q.qid, attempt)
+        mentor_names = [m.config.name for m in self.models.mentors]
+        tree = _Tree(attempt=attempt, scores={m: [] for m in mentor_names})
+        root = Node(node_id=f"a{attempt}.root", parent_id=None, attempt=attempt, depth=-1,
+                    mentor=None, step=ROOT_TEXT, prefix=ROOT_TEXT, chain=ROOT_TEXT, chosen=True)
+        self.store.put_nodes(q.qid, [(root.node_id, root.to_dict())])
+        tree.parent_id = root.node_id
+        for depth in range(self.search.max_depth):
+            proposals, mentor_errors = await self._propose(q, tree, depth)
+            nodes = [self._node(tree, depth, p) for p in proposals]
+            await self._evaluate(q, nodes)
+            by_mentor = {n.mentor: n for n in nodes}
+            for m in mentor_names:
+                tree.scores[m].append(by_mentor[m].score if m in by_mentor else 0.0)
+            scored = [policy.Scored(n.mentor or "", n.correct, n.total) for n in nodes]
+            decision = policy.decide(scored, depth=depth, max_depth=self.search.max_depth,
+                                     previous=tree.previous, past_scores=tree.scores, rng=rng)
+            if decision.chosen:
+                by_mentor[decision.chosen].chosen = True
+            self.store.put_nodes(q.qid, [(n.node_id, n.to_dict()) for n in nodes])
+            outcome = self._outcome(q, tree, depth, decision, by_mentor, mentor_errors)
+            if outcome is not None:
+                return outcome
+            chosen = by_mentor[decision.chosen]  # type: ignore[index]
+            tree.previous.append(chosen.mentor or "")
+            tree.prefix, tree.parent_id, tree.author = chosen.prefix, chosen.node_id, chosen.mentor
+        raise AssertionError("unreachable: the last depth always decides")
+
+    def _outcome(self, q: Question, tree: _Tree, depth: int, decision: policy.Decision,
+                 by_mentor: dict[str | None, Node], mentor_errors: dict[str, str]
+                 ) -> Outcome | None:
+        scores = {m: list(s) for m, s in tree.scores.items()}
+        if decision.kind in ("full_score", "max_depth"):
+            best = by_mentor[decision.chosen]
+            return Outcome(
+                qid=q.qid, status="succeeded", stop_reason=decision.kind, reasoning=best.chain,
+                scores=scores, final_depth=depth + 1,
+                generated_by=[*tree.previous, decision.chosen or ""],
+                search_id="1" if decision.kind == "full_score" else "0",
+                details={"node": best.node_id},
+            )
+        if decision.kind == "all_zero":
+            return Outcome(qid=q.qid, status="failed", stop_reason="all_zero", stage="search",
+                           error="All mentor scores are zero.", scores=scores,
+                           final_depth=depth + 1, details={"depth": depth})
+        if decision.kind == "no_candidates":
+            return Outcome(qid=q.qid, status="failed", stop_reason="no_mentor", stage="mentor",
+                           error=f"no mentor produced a valid step at depth {depth + 1}",
+                           scores=scores, final_depth=depth + 1,
+                           details={"depth": depth, "mentor_errors": mentor_errors})
+        return None
+
+    # ---- mentors ---------------------------------------------------------------------------
+
+    async def _propose(self, q: Question, tree: _Tree, depth: int
+                       ) -> tuple[list[_Proposal], dict[str, str]]:
+        """Every mentor proposes the next step(s) concurrently; results in mentor order."""
+        results: list[_Proposal | str | None] = [None] * len(self.models.mentors)
+
+        async def one(i: int, mentor: ChatModel) -> None:
+            results[i] = await self._propose_one(q, tree, depth, mentor)
+
+        async with anyio.create_task_group() as tg:
+            for i, mentor in enumerate(self.models.mentors):
+                tg.start_soon(one, i, mentor)
+        proposals = [r for r in results if isinstance(r, _Proposal)]
+        errors = {m.config.name: r for m, r in zip(self.models.mentors, results, strict=True)
+                  if isinstance(r, str)}
+        for p in proposals:
+            tree.chains[p.mentor] = p
+        return proposals, errors
+
+    async def _propose_one(self, q: Question, tree: _Tree, depth: int, mentor: ChatModel
+                           ) -> _Proposal | str:
+        name = mentor.config.name
+        first = count_steps(tree.prefix) + 1
+        need = policy.root_step_count(depth, self.search.root_steps)
+        cached = tree.chains.get(name)
+        if (self.search.reuse_cached_step and depth > 0 and name == tree.author
+                and cached is not None):
+            steps = cached.parsed.run(first, need)
+            if steps is not None:  # a real next "### Step", never the final line (B3)
+                return _Proposal(name, steps, cached.chain, cached.parsed, first, reused=True)
+        prompt = mentor_prompt(q, tree.prefix)
+        sampling = Sampling(temperature=self.search.mentor_temperature,
+                            top_p=self.search.mentor_top_p,
+                            max_tokens=self.search.mentor_max_tokens)
+        tries = self.search.mentor_malformed_retries + 1
+        error = ""
+        for k in range(tries):
+            index = tree.attempt * tries + k
+            reply = await self.gate.chat(mentor, Call(prompt, sampling, index), role="mentor",
+                                         qid=q.qid)
+            if isinstance(reply, CallFailure):
+                return f"call failed after {reply.attempts} attempt(s): {reply.error}"
+            parsed = parse_chain(reply.text)
+            steps = parsed.run(first, need)  # echoed earlier steps are ignored (B4)
+            if steps is not None:
+                chain = f"{tree.prefix}\n\n{parsed.continuation(first)}"
+                return _Proposal(name, steps, chain, parsed, first, reused=False,
+                                 usage=_usage(reply))
+            error = f"reply has no '### Step {first}'" + (
+                f" to '### Step {first + need - 1}'" if need > 1 else "")
+        return f"malformed after {tries} tries: {error}"
+
+    def _node(self, tree: _Tree, depth: int, p: _Proposal) -> Node:
+        step = "\n\n".join(p.steps)
+        return Node(
+            node_id=f"a{tree.attempt}.d{depth}.{p.mentor}", parent_id=tree.parent_id,
+            attempt=tree.attempt, depth=depth, mentor=p.mentor, step=step,
+            prefix=f"{tree.prefix}\n\n{step}", chain=p.chain, reused=p.reused,
+            usage={"mentor": p.usage} if p.usage else {},
+        )
+
+    # ---- interns and judge -----------------------------------------------------------------
+
+    async def _evaluate(self, q: Question, nodes: list[Node]) -> None:
+        """All intern samples of all candidates at once, then the judge, then the scores."""
+        temps = self.search.intern_samples
+        replies: dict[tuple[int, int, int], Reply | CallFailure] = {}
+
+        async def intern_batch(j: int, intern: RolloutModel) -> None:
+            calls, slots = [], []
+            for n_i, node in enumerate(nodes):
+                prompt = intern_prompt(q, node.prefix)  # built per call, nothing shared (B9)
+                for t_i, temp in enumerate(temps):
+                    calls.append(Call(prompt, self._intern_sampling(temp)))
+                    slots.append((n_i, j, t_i))
+            got = await self.gate.rollouts(intern, calls, qid=q.qid) if calls else []
+            replies.update(zip(slots, got, strict=True))
+
+        async with anyio.create_task_group() as tg:
+            for j, intern in enumerate(self.models.interns):
+                tg.start_soon(intern_batch, j, intern)
+
+        verdicts = await self._judge_all(q, replies)
+        for n_i, node in enumerate(nodes):
+            for j, intern in enumerate(self.models.interns):
+                for t_i, temp in enumerate(temps):
+                    reply = replies[(n_i, j, t_i)]
+                    node.samples.append(self._sample(intern.config.name, temp, reply, verdicts))
+            node.total = len(node.samples)
+            node.correct = sum(s.correct for s in node.samples)
+
+    def _intern_sampling(self, temp: float) -> Sampling:
+        return Sampling(temperature=temp, top_p=self.search.intern_top_p,
+                        top_k=self.search.intern_top_k, max_tokens=self.search.intern_max_tokens)
+
+    async def _judge_all(self, q: Question, replies: dict[Any, Reply | CallFailure]
+                         ) -> dict[str, str]:
+        """Judge each distinct normalised answer once; verdict per normalised answer."""
+        answers: dict[str, str] = {}
+        for reply in replies.values():
+            if isinstance(reply, Reply):
+                ans = extract_final_answer(reply.text)
+                if ans is not None:
+                    answers.setdefault(normalize_answer(ans), ans)
+        verdicts: dict[str, str] = {}
+
+        async def judge_one(norm: str, ans: str) -> None:
+            verdicts[norm] = await self._judge(q, ans)
+
+        async with anyio.create_task_group() as tg:
+            for norm in sorted(answers):
+                tg.start_soon(judge_one, norm, answers[norm])
+        return verdicts
+
+    async def _judge(self, q: Question, answer: str) -> str:
+        """Yes/no from the first word (B11); judge usage is accounted from the call log."""
+        sampling = Sampling(temperature=self.search.judge_temperature,
+                            max_tokens=self.search.judge_max_tokens)
+        prompt = judge_prompt(q, answer)
+        for index in range(2):  # an unparsable verdict is asked once more
+            reply = await self.gate.chat(self.models.judge, Call(prompt, sampling, index),
+                                         role="judge", qid=q.qid)
+            if isinstance(reply, CallFailure):
+                return "judge-failed"
+            verdict = parse_verdict(reply.text)
+            if verdict is not None:
+                return "yes" if verdict else "no"
+        return "unparsable"
+
+    @staticmethod
+    def _sample(intern: str, temp: float, reply: Reply | CallFailure,
+                verdicts: dict[str, str]) -> Sample:
+        if isinstance(reply, CallFailure):
+            return Sample(intern, temp, None, None, False, "call-failed",
+                          {"error": reply.error})
+        answer = extract_final_answer(reply.text)
+        usage = {"intern": _usage(reply)}
+        if answer is None:
+            return Sample(intern, temp, None, reply.text, False, "no-answer", usage)
+        verdict = verdicts[normalize_answer(answer)]
+        return Sample(intern, temp, answer, reply.text, verdict == "yes", verdict, usage)
+
+
+def _usage(reply: Reply) -> dict[str, Any]:
+    u = reply.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "cached_tokens": u.cached_tokens, "latency_s": u.latency_s}

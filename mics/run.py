@@ -1,0 +1,174 @@
+"""One run from start to end: open the store, record what the run is, build models, search.
+
+`start_run` records a new run (or checks that a re-run matches what is stored); `search_run`
+then searches every question the store does not already hold as finished. Resume is the same
+call: the deterministic replay answers every stored call from the memo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from backends.gate import CallGate
+from backends.registry import build_chat, build_rollout
+from mics import __version__
+from mics.config import ConfigError, RunConfig
+from mics.dataset import read_dataset
+from mics.engine import Engine, Models
+from mics.types import Outcome, Question, RecordError
+from store import RunStore, StoreError
+
+
+class RunError(RuntimeError):
+    """A run cannot start or resume; the message says why and what to do."""
+
+
+@dataclass
+class RunSummary:
+    run_dir: str
+    questions: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    pending: int = 0
+    stop_reasons: dict[str, int] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)  # this session: sent, memo_hits, ...
+    seconds: float = 0.0
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def count_records(path: Path) -> int | None:
+    """Number of non-blank lines of a JSONL file (for progress); None for a JSON list."""
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip()
+        if head.startswith(b"["):
+            return None
+        f.seek(0)
+        return sum(1 for line in f if line.strip())
+
+
+def start_run(run_dir: Path, config: RunConfig, data: Path, image_root: Path | None,
+              limit: int | None) -> None:
+    """Record a new run's config and dataset, or check a re-run against what is stored."""
+    data = data.resolve()
+    if not data.is_file():
+        raise RunError(f"dataset not found: {data}")
+    if image_root is not None and not image_root.is_dir():
+        raise RunError(f"--image-root is not a directory: {image_root}")
+    dataset = {"path": str(data), "sha256": file_sha256(data),
+               "image_root": str(image_root.resolve()) if image_root else None, "limit": limit}
+    with RunStore.open(run_dir, write=True, create=True) as store:
+        stored = store.get_meta("config")
+        if stored is None:
+            store.put_meta("config", config.to_dict())
+            store.put_meta("dataset", dataset)
+            store.put_meta("created", {"time": time.time(), "mics": __version__})
+            return
+        if RunConfig.from_dict(stored) != config:
+            raise RunError(f"{run_dir} holds a run with a different config; resume it with "
+                           f"`mics resume {run_dir}` or choose a new --run directory")
+        if store.get_meta("dataset") != dataset:
+            raise RunError(f"{run_dir} holds a run over a different dataset, image root or "
+                           f"limit; resume it with `mics resume {run_dir}` or choose a new --run")
+
+
+def build_models(config: RunConfig) -> Models:
+    """Backends from config; any ConfigError surfaces before a call is made."""
+    return Models(
+        mentors=[build_chat(m, "mentor") for m in config.mentors],
+        interns=[build_rollout(i) for i in config.interns],
+        judge=build_chat(config.judge, "judge"),
+    )
+
+
+def load_run(store: RunStore) -> tuple[RunConfig, dict[str, Any]]:
+    cfg = store.get_meta("config")
+    dataset = store.get_meta("dataset")
+    if cfg is None or dataset is None:
+        raise RunError(f"{store.run_dir} has no recorded run; start one with `mics search`")
+    return RunConfig.from_dict(cfg), dataset
+
+
+def dataset_items(dataset: dict[str, Any]) -> Iterator[Question | RecordError]:
+    """The run's records, read lazily; refuses a dataset changed since the run started."""
+    path = Path(dataset["path"])
+    if not path.is_file():
+        raise RunError(f"the run's dataset is gone: {path}")
+    if file_sha256(path) != dataset["sha256"]:
+        raise RunError(f"the run's dataset changed since it started: {path}; "
+                       "start a new run for the new data")
+    items = read_dataset(path, dataset["image_root"])
+    limit = dataset.get("limit")
+    return itertools.islice(items, limit) if limit is not None else items
+
+
+async def search_run(
+    run_dir: Path,
+    *,
+    on_start: Callable[[int | None], None] | None = None,
+    on_done: Callable[[Outcome], None] | None = None,
+) -> RunSummary:
+    """Search (or resume) the run recorded in `run_dir`."""
+    started = time.perf_counter()
+    with RunStore.open(run_dir, write=True) as store:
+        config, dataset = load_run(store)
+        items = dataset_items(dataset)
+        if on_start:
+            total = count_records(Path(dataset["path"]))
+            limit = dataset.get("limit")
+            on_start(min(total, limit) if total is not None and limit is not None else total)
+        models = build_models(config)
+        gate = CallGate(store, session=uuid.uuid4().hex[:12])
+        try:
+            await Engine(config, store, models, gate, on_done=on_done).run(items)
+        finally:
+            await models.aclose()
+        summary = summarize(store)
+        summary.calls = dict(gate.counts)
+    summary.seconds = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def summarize(store: RunStore) -> RunSummary:
+    """Counts by status and stop reason, computed from the store."""
+    summary = RunSummary(run_dir=str(store.run_dir))
+    reasons: Counter[str] = Counter()
+    for _qid, rec in store.iter_questions():
+        summary.questions += 1
+        status = rec["status"]
+        if status == "succeeded":
+            summary.succeeded += 1
+        elif status == "failed":
+            summary.failed += 1
+        else:
+            summary.pending += 1
+        if rec.get("stop_reason"):
+            reasons[rec["stop_reason"]] += 1
+    summary.stop_reasons = dict(sorted(reasons.items()))
+    return summary
+
+
+def with_seed(config: RunConfig, seed: int | None) -> RunConfig:
+    if seed is None:
+        return config
+    return replace(config, search=replace(config.search, seed=seed))
+
+
+__all__ = [
+    "ConfigError", "RunError", "RunSummary", "StoreError", "build_models", "dataset_items",
+    "load_run", "search_run", "start_run", "summarize", "with_seed",
+]

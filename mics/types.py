@@ -1,0 +1,223 @@
+"""Plain data shared by every layer: questions, prompts, model replies, tree nodes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ROOT_TEXT = "Let's think about how to solve this problem clearly and reasonably step by step."
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image on disk, identified by the hash of its bytes."""
+
+    path: str  # resolved absolute path
+    sha256: str
+    mime: str  # from the decoded image format, never the file extension (B21)
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Question:
+    """One dataset record, cleaned and validated."""
+
+    qid: str
+    index: int  # position in the dataset, for stable export order
+    question: str
+    gt_answer: str
+    images: tuple[ImageRef, ...]
+    image_paths: tuple[str, ...]  # as written in the record (exported unchanged)
+    case_info: str
+    captions: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Question:
+        d = dict(d)
+        d["images"] = tuple(ImageRef(**i) for i in d["images"])
+        d["image_paths"] = tuple(d["image_paths"])
+        d["captions"] = tuple(d.get("captions", ()))
+        return Question(**d)
+
+
+@dataclass(frozen=True)
+class RecordError:
+    """A dataset record that could not become a Question."""
+
+    qid: str  # the rid when readable, else "line-<n>"
+    index: int
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}, rid {self.qid!r}, field {self.field!r}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True)
+class Image:
+    image: ImageRef
+
+
+Part = Text | Image
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A backend-neutral chat prompt: a system message and one user turn of parts.
+
+    Parts are kept in order so that prompts sharing a prefix render to a shared prefix.
+    """
+
+    system: str
+    parts: tuple[Part, ...]
+
+    def user_text(self) -> str:
+        return "".join(p.text for p in self.parts if isinstance(p, Text))
+
+    def images(self) -> tuple[ImageRef, ...]:
+        return tuple(p.image for p in self.parts if isinstance(p, Image))
+
+    def key_material(self) -> dict[str, Any]:
+        """The prompt as hashable data: text verbatim, images by content hash."""
+        return {
+            "system": self.system,
+            "parts": [
+                {"text": p.text} if isinstance(p, Text) else {"image": p.image.sha256}
+                for p in self.parts
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Explicit sampling parameters, sent on every call (B8)."""
+
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 1024
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    latency_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a model returned for one call."""
+
+    text: str
+    usage: Usage = field(default_factory=Usage)
+    finish_reason: str = "stop"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Reply:
+        return Reply(
+            text=d["text"],
+            usage=Usage(**d.get("usage", {})),
+            finish_reason=d.get("finish_reason", "stop"),
+        )
+
+
+@dataclass(frozen=True)
+class CallFailure:
+    """A call that still failed after its retries; recorded, never fatal on its own."""
+
+    error: str
+    attempts: int
+    retryable: bool
+
+
+@dataclass
+class Sample:
+    """One intern answer to one candidate prefix, with the judge's verdict."""
+
+    intern: str
+    temperature: float
+    answer: str | None  # text after the final-answer marker; None when missing
+    raw: str | None
+    correct: bool
+    verdict: str  # "yes", "no", "no-answer", "call-failed", "judge-failed", "unparsable"
+    usage: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Node:
+    """One candidate step in a question's search tree."""
+
+    node_id: str
+    parent_id: str | None
+    attempt: int
+    depth: int
+    mentor: str | None
+    step: str  # the candidate step text (one or more "### Step k" sections)
+    prefix: str  # the full reasoning prefix shown to interns (path + step)
+    chain: str  # the mentor's full chain: path + its raw continuation
+    correct: int = 0
+    total: int = 0
+    samples: list[Sample] = field(default_factory=list)
+    chosen: bool = False
+    reused: bool = False  # step taken from the mentor's cached chain, no new call
+    usage: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def score(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["score"] = self.score
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Node:
+        d = dict(d)
+        d.pop("score", None)
+        d["samples"] = [Sample(**s) for s in d.get("samples", [])]
+        return Node(**d)
+
+
+@dataclass
+class Outcome:
+    """How one question's search ended."""
+
+    qid: str
+    status: str  # "succeeded" | "failed"
+    stop_reason: str  # "full_score" | "max_depth" | "all_zero" | "no_mentor" | "bad_record"
+    reasoning: str = ""
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    final_depth: int = 0
+    generated_by: list[str] = field(default_factory=list)
+    search_id: str = ""
+    stage: str = ""
+    error: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Outcome:
+        return Outcome(**d)
