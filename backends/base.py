@@ -19,9 +19,11 @@ class BackendError(Exception):
 
     retryable = True
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, *, retry_after: float | None = None,
+                 status: int | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.status = status
 
 
 class TransientError(BackendError):
@@ -34,6 +36,10 @@ class PermanentError(BackendError):
     """Bad request, auth, unknown model: fails fast, never retried."""
 
     retryable = False
+
+
+class FatalError(PermanentError):
+    """The endpoint cannot serve any call (bad key, no such model): the run stops."""
 
 
 @dataclass(frozen=True)

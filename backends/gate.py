@@ -23,11 +23,16 @@ from typing import Any
 import anyio
 import orjson
 
-from backends.base import BackendError, Call, ChatModel, RolloutModel, TransientError
+from backends.base import BackendError, Call, ChatModel, FatalError, RolloutModel, TransientError
+from backends.limits import EndpointLimiter
 from mics.types import CallFailure, Reply
 
 # Fault-injection hook for crash tests: SIGKILL this process right after the Nth stored call.
 KILL_AFTER_ENV = "MICS_KILL_AFTER_CALLS"
+
+
+class RunAborted(RuntimeError):
+    """An endpoint failed in a way no retry can fix (e.g. HTTP 401); the run stops, work kept."""
 
 
 def call_key(identity: dict[str, Any], call: Call) -> str:
@@ -50,15 +55,15 @@ class CallGate:
         self.counts: Counter[str] = Counter()  # sent / memo_hits / joined / failed / retries
         self._inflight: dict[str, anyio.Event] = {}
         self._failures: dict[str, CallFailure] = {}
-        self._limiters: dict[int, anyio.CapacityLimiter] = {}
+        self._limiters: dict[int, EndpointLimiter] = {}
         kill = os.environ.get(KILL_AFTER_ENV)
         self._kill_after = int(kill) if kill else None
         self._stored = 0
 
-    def _limiter(self, model: Any) -> anyio.CapacityLimiter:
+    def _limiter(self, model: Any) -> EndpointLimiter:
         lim = self._limiters.get(id(model))
         if lim is None:
-            lim = self._limiters[id(model)] = anyio.CapacityLimiter(model.config.max_concurrency)
+            lim = self._limiters[id(model)] = EndpointLimiter(model.config)
         return lim
 
     async def chat(
@@ -135,15 +140,25 @@ class CallGate:
         try:
             while True:
                 attempt += 1
+                limiter = self._limiter(model)
                 try:
-                    async with self._limiter(model):
+                    async with limiter.slots:
+                        await limiter.wait_turn()
                         self.counts["sent"] += len(calls)
                         replies = await send(calls)
                     if len(replies) != len(calls):
                         raise TransientError(
                             f"{cfg.name}: {len(replies)} replies for {len(calls)} calls")
+                    limiter.spend_tokens(sum(r.usage.prompt_tokens + r.usage.completion_tokens
+                                             for r in replies))
                 except BackendError as e:
                     errors.append(f"{type(e).__name__}: {e}")
+                    if e.status == 429:
+                        limiter.cool_down(self._backoff(cfg, attempt, e.retry_after))
+                    if isinstance(e, FatalError):
+                        self._fail(model, keys, role=role, qid=qid, error=errors[-1],
+                                   attempts=attempt, retryable=False, history=errors)
+                        raise RunAborted(str(e)) from None
                     if not e.retryable or attempt > cfg.max_retries:
                         failure = self._fail(model, keys, role=role, qid=qid, error=errors[-1],
                                              attempts=attempt, retryable=e.retryable,

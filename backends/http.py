@@ -6,10 +6,11 @@ import os
 
 import httpx
 
-from backends.base import BackendError, PermanentError, TransientError
+from backends.base import BackendError, FatalError, PermanentError, TransientError
 from mics.config import ModelConfig
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+FATAL_STATUS = {401, 403, 404}  # bad key, no access, no such model: every call would fail
 
 
 def api_key(cfg: ModelConfig) -> str | None:
@@ -62,8 +63,10 @@ def check_response(resp: httpx.Response, cfg: ModelConfig) -> None:
     where = f"{cfg.name} ({cfg.model} at {cfg.base_url})"
     message = f"{where}: HTTP {resp.status_code}: {_server_message(resp)}"
     if resp.status_code in RETRYABLE_STATUS:
-        raise TransientError(message, retry_after=_retry_after(resp))
-    raise PermanentError(message)
+        raise TransientError(message, retry_after=_retry_after(resp), status=resp.status_code)
+    if resp.status_code in FATAL_STATUS:
+        raise FatalError(message, status=resp.status_code)
+    raise PermanentError(message, status=resp.status_code)
 
 
 def transport_error(e: Exception, cfg: ModelConfig) -> BackendError:

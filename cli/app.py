@@ -130,6 +130,24 @@ def export(
 
 
 @app.command()
+def doctor(config: Annotated[Path, typer.Argument(help="Run config (TOML).")]) -> None:
+    """Probe every configured model with a one-token call; exit 1 if any fails."""
+    from mics.doctor import doctor as run_doctor
+
+    cfg = _guarded(load_config, config)
+    checks = anyio.run(run_doctor, cfg)
+    table = Table(title=f"mics doctor: {config}")
+    for col in ("role", "name", "backend", "endpoint", "ok", "latency", "message"):
+        table.add_column(col, overflow="fold")
+    for c in checks:
+        table.add_row(c.role, c.name, c.backend, c.where, "[green]yes[/]" if c.ok else
+                      "[red]NO[/]", f"{c.latency_s * 1000:.0f} ms", c.message)
+    console.print(table)
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(
     run: Annotated[Path, typer.Option("--run", "-r", help="Run directory.")] = Path(
         "mics-demo-run"),

@@ -48,6 +48,8 @@ class ModelConfig:
     base_url: str = ""
     api_key_env: str = ""  # the variable's name; the key itself is never stored
     max_concurrency: int = 16
+    requests_per_minute: float = 0.0  # 0: no budget
+    tokens_per_minute: float = 0.0
     timeout_s: float = 120.0
     max_retries: int = 4
     backoff_s: float = 0.5
@@ -154,7 +156,7 @@ def parse_config(data: dict[str, Any], where: str = "config") -> RunConfig:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}")
     search = _parse_search(dict(data.get("search", {})))
     for section in ("mentors", "interns"):
-        if not isinstance(data.get(section), list) or not data[section]:
+        if not isinstance(data.get(section), (list, tuple)) or not data[section]:
             raise ConfigError(f"{where}: [[{section}]] missing (at least one is required)")
     if not isinstance(data.get("judge"), dict):
         raise ConfigError(f"{where}: [judge] missing")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from backends.gate import CallGate
+from backends.gate import CallGate, RunAborted
 from backends.registry import build_chat, build_rollout
 from mics import __version__
 from mics.config import ConfigError, RunConfig
@@ -135,12 +135,27 @@ async def search_run(
         gate = CallGate(store, session=uuid.uuid4().hex[:12])
         try:
             await Engine(config, store, models, gate, on_done=on_done).run(items)
+        except BaseExceptionGroup as group:
+            fatal = _first(group, RunAborted)
+            if fatal is None:
+                raise
+            raise RunError(f"run stopped: {fatal}. Everything finished so far is stored; fix the "
+                           f"cause, then `mics resume {run_dir}`") from None
         finally:
             await models.aclose()
         summary = summarize(store)
         summary.calls = dict(gate.counts)
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _first(group: BaseExceptionGroup, kind: type[BaseException]) -> BaseException | None:
+    for exc in group.exceptions:
+        if isinstance(exc, kind):
+            return exc
+        if isinstance(exc, BaseExceptionGroup) and (found := _first(exc, kind)) is not None:
+            return found
+    return None
 
 
 def summarize(store: RunStore) -> RunSummary:
