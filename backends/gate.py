@@ -31,6 +31,13 @@ from mics.types import CallFailure, Reply
 KILL_AFTER_ENV = "MICS_KILL_AFTER_CALLS"
 
 
+class StopRequested(Exception):
+    """A graceful stop was asked for: no new calls are sent; stored replies still answer."""
+
+
+STOPPED = CallFailure(error="not sent: stopping", attempts=0, retryable=True)
+
+
 class RunAborted(RuntimeError):
     """An endpoint failed in a way no retry can fix (e.g. HTTP 401); the run stops, work kept."""
 
@@ -59,6 +66,11 @@ class CallGate:
         kill = os.environ.get(KILL_AFTER_ENV)
         self._kill_after = int(kill) if kill else None
         self._stored = 0
+        self.stopping = False
+
+    def stop(self) -> None:
+        """Send no new calls from now on; calls in flight finish and are stored."""
+        self.stopping = True
 
     def _limiter(self, model: Any) -> EndpointLimiter:
         lim = self._limiters.get(id(model))
@@ -106,6 +118,8 @@ class CallGate:
             elif key in self._inflight:
                 waits.append((i, self._inflight[key]))
                 self.counts["joined"] += 1
+            elif self.stopping:
+                results[i] = STOPPED  # the engine notices the stop and discards this depth
             else:
                 self._inflight[key] = anyio.Event()
                 mine.append(i)

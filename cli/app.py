@@ -66,6 +66,9 @@ def _print_summary(summary: RunSummary, title: str = "run summary") -> None:
         table.add_row("seconds", f"{summary.seconds:.2f}")
     table.add_row("run directory", summary.run_dir)
     console.print(table)
+    if summary.interrupted:
+        console.print(f"[yellow]stopped early[/]: everything finished is stored; resume with "
+                      f"[bold]mics resume {summary.run_dir}[/]")
 
 
 def _guarded(fn, *args):  # noqa: ANN001, ANN202

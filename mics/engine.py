@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 
 from backends.base import Call, ChatModel, RolloutModel
-from backends.gate import CallGate
+from backends.gate import CallGate, StopRequested
 from mics import policy
 from mics.config import RunConfig
 from mics.prompts import intern_prompt, judge_prompt, mentor_prompt, parse_verdict
@@ -100,11 +100,15 @@ class Engine:
         async def one(q: Question) -> None:
             try:
                 outcomes.append(await self.search_question(q))
+            except StopRequested:
+                pass  # left "running": a resume replays it from the memo
             finally:
                 slots.release()
 
         async with anyio.create_task_group() as tg:
             for item in items:
+                if self.gate.stopping:
+                    break
                 if isinstance(item, RecordError):
                     outcomes.append(self._record_failed(item))
                     continue
@@ -112,6 +116,9 @@ class Engine:
                 if existing and existing["status"] in FINISHED and not existing.get("retryable"):
                     continue
                 await slots.acquire()
+                if self.gate.stopping:
+                    slots.release()
+                    break
                 tg.start_soon(one, item)
         return outcomes
 
@@ -158,8 +165,10 @@ class Engine:
         tree.parent_id = root.node_id
         for depth in range(self.search.max_depth):
             proposals, mentor_errors = await self._propose(q, tree, depth)
+            self._check_stop()
             nodes = [self._node(tree, depth, p) for p in proposals]
             await self._evaluate(q, nodes)
+            self._check_stop()
             by_mentor = {n.mentor: n for n in nodes}
             for m in mentor_names:
                 tree.scores[m].append(by_mentor[m].score if m in by_mentor else 0.0)
@@ -176,6 +185,11 @@ class Engine:
             tree.previous.append(chosen.mentor or "")
             tree.prefix, tree.parent_id, tree.author = chosen.prefix, chosen.node_id, chosen.mentor
         raise AssertionError("unreachable: the last depth always decides")
+
+    def _check_stop(self) -> None:
+        """After a phase (no call of this question in flight): abandon it if stopping."""
+        if self.gate.stopping:
+            raise StopRequested
 
     def _outcome(self, q: Question, tree: _Tree, depth: int, decision: policy.Decision,
                  by_mentor: dict[str | None, Node], mentor_errors: dict[str, str]

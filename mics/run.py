@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
+import signal
 import time
 import uuid
 from collections import Counter
@@ -16,6 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import anyio
 
 from backends.gate import CallGate, RunAborted
 from backends.registry import build_chat, build_rollout
@@ -41,6 +45,7 @@ class RunSummary:
     stop_reasons: dict[str, int] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)  # this session: sent, memo_hits, ...
     seconds: float = 0.0
+    interrupted: bool = False
 
 
 def file_sha256(path: Path) -> str:
@@ -121,8 +126,13 @@ async def search_run(
     *,
     on_start: Callable[[int | None], None] | None = None,
     on_done: Callable[[Outcome], None] | None = None,
+    on_interrupt: Callable[[], None] | None = None,
 ) -> RunSummary:
-    """Search (or resume) the run recorded in `run_dir`."""
+    """Search (or resume) the run recorded in `run_dir`.
+
+    The first SIGINT/SIGTERM stops sending new calls; calls in flight finish and are stored,
+    and unfinished questions stay resumable. A second one exits at once (commits are atomic).
+    """
     started = time.perf_counter()
     with RunStore.open(run_dir, write=True) as store:
         config, dataset = load_run(store)
@@ -133,8 +143,12 @@ async def search_run(
             on_start(min(total, limit) if total is not None and limit is not None else total)
         models = build_models(config)
         gate = CallGate(store, session=uuid.uuid4().hex[:12])
+        engine = Engine(config, store, models, gate, on_done=on_done)
         try:
-            await Engine(config, store, models, gate, on_done=on_done).run(items)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_watch_interrupts, gate, on_interrupt)
+                await engine.run(items)
+                tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             fatal = _first(group, RunAborted)
             if fatal is None:
@@ -145,8 +159,19 @@ async def search_run(
             await models.aclose()
         summary = summarize(store)
         summary.calls = dict(gate.counts)
+        summary.interrupted = gate.stopping
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
+
+
+async def _watch_interrupts(gate: CallGate, on_interrupt: Callable[[], None] | None) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _signum in signals:
+            if gate.stopping:
+                os._exit(130)
+            gate.stop()
+            if on_interrupt:
+                on_interrupt()
 
 
 def _first(group: BaseExceptionGroup, kind: type[BaseException]) -> BaseException | None:

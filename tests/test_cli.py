@@ -134,3 +134,42 @@ def test_status_reads_a_run(tmp_path, demo_data):
          "--limit", "3")
     proc = mics("status", tmp_path / "R")
     assert "questions searched" in proc.stdout and "stored calls" in proc.stdout
+
+
+def test_first_sigint_stops_gracefully_and_resume_completes(tmp_path, demo_data):
+    data, images = demo_data
+    slow = tmp_path / "slow.toml"
+    slow.write_text(EXAMPLE.read_text().replace(
+        'model = "sim-judge"', 'model = "sim-judge"\noptions = { latency_s = 0.02 }'))
+    common = ["--image-root", images, "--seed", "3"]
+    mics("search", data, "--run", tmp_path / "A", "--config", EXAMPLE, *common)
+    mics("export", tmp_path / "A", "--out", tmp_path / "EA")
+
+    run = tmp_path / "B"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.app", "search", str(data), "--run", str(run), "--config",
+         str(slow), *map(str, common)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "COLUMNS": "200"})
+    deadline = time.time() + 60
+    stored = 0
+    while time.time() < deadline and stored < 40:
+        time.sleep(0.05)
+        if (run / "store").exists():
+            with RunStore.open(run, write=False) as store:
+                stored = store.call_count()
+    proc.send_signal(signal.SIGINT)
+    out, errs = proc.communicate(timeout=60)
+    assert proc.returncode == 0, errs
+    assert "resume with" in out
+    with RunStore.open(run, write=False) as store:
+        statuses = [rec["status"] for _, rec in store.iter_questions()]
+    assert "running" in statuses or len(statuses) < 12  # it really stopped early
+
+    mics("resume", run)
+    mics("export", run, "--out", tmp_path / "EB")
+    for name in ("results.jsonl", "failed.jsonl"):
+        assert (tmp_path / "EA" / name).read_bytes() == (tmp_path / "EB" / name).read_bytes()
+    with RunStore.open(run, write=False) as store:
+        keys = [entry["key"] for entry in store.iter_calls()]
+    assert len(keys) == len(set(keys))
