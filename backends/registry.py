@@ -15,9 +15,31 @@ def _simulated(cfg: ModelConfig, role: str) -> Any:
     return SimulatedModel(cfg, role)
 
 
+def _openai(cfg: ModelConfig, role: str) -> Any:
+    from backends.openai_chat import OpenAIChat
+
+    return OpenAIChat(cfg, role)
+
+
+def _exact(cfg: ModelConfig, role: str) -> Any:
+    from backends.exact import ExactJudge
+
+    return ExactJudge(cfg, role)
+
+
+def _local(cfg: ModelConfig, role: str) -> Any:
+    from backends.local import LocalRollout
+
+    return LocalRollout(cfg, role)
+
+
 # backend name -> factory(config, role); role is "mentor", "judge" or "intern".
-CHAT_BACKENDS: dict[str, Callable[[ModelConfig, str], Any]] = {"simulated": _simulated}
-ROLLOUT_BACKENDS: dict[str, Callable[[ModelConfig, str], Any]] = {"simulated": _simulated}
+CHAT_BACKENDS: dict[str, Callable[[ModelConfig, str], Any]] = {
+    "simulated": _simulated, "openai": _openai, "exact": _exact,
+}
+ROLLOUT_BACKENDS: dict[str, Callable[[ModelConfig, str], Any]] = {
+    "simulated": _simulated, "local": _local, "openai": _openai,
+}
 
 
 def _build(table: dict[str, Callable[[ModelConfig, str], Any]], cfg: ModelConfig, role: str):

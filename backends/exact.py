@@ -1,0 +1,84 @@
+"""The offline `exact` judge: Yes/No from string matching, no model call.
+
+Reads the "Model answer:" and "Correct answer:" fields of a judge prompt (mics.prompts) and says
+Yes when the normalised answers are equal, when the normalised correct answer occurs in the
+model answer as whole words, or when both name the same multiple-choice letter
+(gold "B" or "B. Pneumonia" vs "(B)", "B", "Option B", "Answer: B.").
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from backends.base import Call
+from mics.config import ModelConfig
+from mics.steps import normalize_answer
+from mics.types import Reply, Usage
+
+_FIELDS = re.compile(r"Model answer:(.*?)\n\s*Correct answer:(.*?)(?:\n\s*\n|\Z)", re.S)
+# "(B)", "B", "B." / "B)" / "B:" before text; or "Option B", "the answer is (B)".
+_LETTER = re.compile(r"^\s*[(\[]?([A-J])(?:[)\].:]|\s*$)", re.I)
+_KEYWORD_LETTER = re.compile(
+    r"^\s*(?:the\s+)?(?:correct\s+)?(?:option|choice|answer)(?:\s+is)?\s*[:\-]?\s*"
+    r"[(\[]?([A-J])\b", re.I)
+
+
+def fields(text: str) -> tuple[str, str]:
+    """(model answer, correct answer) from a judge prompt's text; empty strings if absent."""
+    m = _FIELDS.search(text)
+    return (m.group(1).strip(), m.group(2).strip()) if m else ("", "")
+
+
+def choice_letter(answer: str, *, gold: bool = False) -> str | None:
+    """The multiple-choice letter an answer names, upper-cased, or None.
+
+    In a model answer a lower-case letter followed by "." does not count ("e.g.", "i.e.").
+    """
+    m = _KEYWORD_LETTER.match(answer)
+    if m:
+        return m.group(1).upper()
+    m = _LETTER.match(answer)
+    if not m:
+        return None
+    letter = m.group(1)
+    if letter.islower() and not gold and m.group(0).endswith("."):
+        return None  # "e.g.", "i.e."
+    return letter.upper()
+
+
+def _without_letter(answer: str) -> str:
+    return re.sub(r"^\s*[(\[]?[A-J](?:[)\].:]\s*|\s*$)", "", answer, flags=re.I)
+
+
+def matches(model_answer: str, correct: str) -> bool:
+    """Same choice letter, or normalised equality / whole-word containment."""
+    got, want = normalize_answer(model_answer), normalize_answer(correct)
+    gold_letter = choice_letter(correct, gold=True)
+    if gold_letter:
+        letter = choice_letter(model_answer)
+        if letter:  # both name a letter: the letters decide
+            return letter == gold_letter
+        want = normalize_answer(_without_letter(correct))  # "B. Pneumonia" -> "pneumonia"
+    return bool(got and want) and (got == want or f" {want} " in f" {got} ")
+
+
+class ExactJudge:
+    """A ChatModel that grades by string matching (offline, deterministic, free)."""
+
+    def __init__(self, config: ModelConfig, role: str = "judge") -> None:
+        if config.options:
+            raise ValueError(f"model {config.name!r}: the exact judge takes no options "
+                             f"(got {', '.join(sorted(config.options))})")
+        self.config = config
+        self.role = role
+
+    def identity(self) -> dict[str, Any]:
+        return {"backend": "exact"}
+
+    async def complete(self, call: Call) -> Reply:
+        got, want = fields(call.prompt.user_text())
+        return Reply(text="Yes" if matches(got, want) else "No", usage=Usage())
+
+    async def aclose(self) -> None:
+        return None

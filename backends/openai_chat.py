@@ -1,0 +1,180 @@
+"""The `openai` backend: any OpenAI-compatible `/chat/completions` endpoint.
+
+Serves mentors and the judge (`complete`) and, through concurrent single completions, interns
+(`rollout`). One attempt per call; retries live in the call gate. The API key is read from the
+environment per request and never kept, logged or put in an error message.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import httpx
+
+from backends.base import BackendError, Call, PermanentError, TransientError
+from backends.http import api_key, check_response, make_client, transport_error
+from backends.images import data_url
+from mics.config import ModelConfig
+from mics.types import Image, Prompt, Reply, Usage
+
+# option -> default. send_top_k: the server accepts `top_k` (vLLM, SGLang); send_seed: send the
+# sample index as `seed`; max_tokens_field: "max_completion_tokens" for APIs that want it;
+# extra_body: merged into every request body (e.g. {"return_meta_info": true} for SGLang).
+OPTIONS: dict[str, Any] = {"image_max_side": 512, "send_top_k": False, "send_seed": False,
+                           "max_tokens_field": "max_tokens", "extra_body": {}}
+SAMPLE_HEADER = "X-Mics-Sample"  # the sample index, so simulators can reproduce a sample
+
+
+def _validate(cfg: ModelConfig) -> dict[str, Any]:
+    unknown = sorted(set(cfg.options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"model {cfg.name!r}: unknown openai option(s) {', '.join(unknown)}; "
+                         f"allowed: {', '.join(sorted(OPTIONS))}")
+    opts = {**OPTIONS, **cfg.options}
+    if not isinstance(opts["image_max_side"], int) or opts["image_max_side"] < 0:
+        raise ValueError(f"model {cfg.name!r}: options.image_max_side must be an integer >= 0")
+    if opts["max_tokens_field"] not in ("max_tokens", "max_completion_tokens"):
+        raise ValueError(f"model {cfg.name!r}: options.max_tokens_field must be "
+                         "\"max_tokens\" or \"max_completion_tokens\"")
+    if not isinstance(opts["extra_body"], dict):
+        raise ValueError(f"model {cfg.name!r}: options.extra_body must be a table")
+    if not cfg.base_url:
+        raise ValueError(f"model {cfg.name!r}: the openai backend needs base_url")
+    if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
+        raise ValueError(f"model {cfg.name!r}: environment variable {cfg.api_key_env} "
+                         "is not set (it holds the API key)")
+    return opts
+
+
+def _messages(prompt: Prompt, max_side: int) -> list[dict[str, Any]]:
+    """System message, then one user turn: a plain string if text-only, else ordered parts."""
+    messages: list[dict[str, Any]] = []
+    if prompt.system:
+        messages.append({"role": "system", "content": prompt.system})
+    if not prompt.images():
+        messages.append({"role": "user", "content": prompt.user_text()})
+        return messages
+    parts = [
+        {"type": "image_url", "image_url": {"url": data_url(p.image, max_side)}}
+        if isinstance(p, Image) else {"type": "text", "text": p.text}
+        for p in prompt.parts
+    ]
+    messages.append({"role": "user", "content": parts})
+    return messages
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+class OpenAIChat:
+    """An OpenAI-compatible chat endpoint as a ChatModel (and a RolloutModel)."""
+
+    def __init__(self, config: ModelConfig, role: str = "mentor") -> None:
+        self.options = _validate(config)
+        self.config = config
+        self.role = role
+        self._client = make_client(config)
+        self._where = f"{config.name} ({config.model} at {config.base_url})"
+
+    def __repr__(self) -> str:
+        return f"OpenAIChat(name={self.config.name!r}, model={self.config.model!r})"
+
+    def identity(self) -> dict[str, Any]:
+        return {"backend": "openai", "model": self.config.model}
+
+    def _body(self, call: Call) -> dict[str, Any]:
+        s = call.sampling
+        body: dict[str, Any] = {
+            "model": self.config.model,
+            "messages": _messages(call.prompt, self.options["image_max_side"]),
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            self.options["max_tokens_field"]: s.max_tokens,
+        }
+        if s.stop:
+            body["stop"] = list(s.stop)
+        if self.options["send_top_k"]:
+            body["top_k"] = s.top_k
+        if self.options["send_seed"]:
+            body["seed"] = call.sample_index
+        body.update(self.options["extra_body"])
+        return body
+
+    async def complete(self, call: Call) -> Reply:
+        key = api_key(self.config)
+        try:
+            return await self._complete(call, key)
+        except BackendError as e:
+            if key and key in str(e):  # a server that echoes the key must not leak it
+                raise type(e)(str(e).replace(key, "***"), retry_after=e.retry_after) from None
+            raise
+
+    async def _complete(self, call: Call, key: str | None) -> Reply:
+        headers = {SAMPLE_HEADER: str(call.sample_index)}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        body = self._body(call)
+        start = time.perf_counter()
+        try:
+            resp = await self._client.post("/chat/completions", json=body, headers=headers)
+        except (httpx.TimeoutException, httpx.TransportError) as e:
+            raise transport_error(e, self.config) from None
+        latency = time.perf_counter() - start
+        check_response(resp, self.config)
+        return self._parse(resp, latency)
+
+    def _parse(self, resp: httpx.Response, latency: float) -> Reply:
+        try:
+            data = resp.json()
+            choice = data["choices"][0]
+            message = choice["message"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise TransientError(f"{self._where}: malformed reply (HTTP {resp.status_code}): "
+                                 f"{resp.text[:200]!r}") from None
+        content = message.get("content") if isinstance(message, dict) else None
+        if content is not None and not isinstance(content, str):
+            raise TransientError(f"{self._where}: reply content is not a string")
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        details = usage.get("prompt_tokens_details")
+        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+        meta = choice.get("meta_info")  # SGLang with return_meta_info
+        if not cached and isinstance(meta, dict):
+            cached = _int(meta.get("cached_tokens"))
+        return Reply(
+            text=content or "",
+            usage=Usage(prompt_tokens=_int(usage.get("prompt_tokens")),
+                        completion_tokens=_int(usage.get("completion_tokens")),
+                        cached_tokens=cached, latency_s=round(latency, 6)),
+            finish_reason=str(choice.get("finish_reason") or "stop"),
+        )
+
+    async def rollout(self, calls: Sequence[Call]) -> list[Reply]:
+        """Concurrent single completions, in order; any failure fails the batch (the gate
+        retries it): a permanent error wins over transient ones."""
+        results: list[Reply | None] = [None] * len(calls)
+        errors: list[BackendError] = []
+
+        async def one(i: int, call: Call) -> None:
+            try:
+                results[i] = await self.complete(call)
+            except BackendError as e:
+                errors.append(e)
+
+        async with anyio.create_task_group() as tg:
+            for i, call in enumerate(calls):
+                tg.start_soon(one, i, call)
+        if errors:
+            permanent = [e for e in errors if isinstance(e, PermanentError)]
+            first = permanent[0] if permanent else errors[0]
+            raise type(first)(f"{len(errors)} of {len(calls)} calls failed; {first}",
+                              retry_after=max((e.retry_after or 0.0 for e in errors),
+                                              default=None) or None) from None
+        return results  # type: ignore[return-value]
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

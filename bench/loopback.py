@@ -1,0 +1,843 @@
+"""Loopback test server: SIMULATOR models behind OpenAI chat and SGLang `/generate` wire formats.
+
+Replies come from `backends.simulator`, computed from the same text `backends.simulated.render_text`
+builds, so an in-process simulated run and a run over HTTP give identical replies. Prefix-cache
+accounting (`cached_tokens`) is a real longest-common-prefix match over every token sequence the
+model has seen, in the tokens of `tokenize`. Faults (429/5xx, slow, dropped, malformed, 4xx) are
+injected at a seeded rate or forced per model, and can be changed while the server runs.
+
+    with LoopbackServer(models={"m": "mentor", "i": {"role": "intern", "skill": 0.9}}) as srv:
+        srv.url            # http://127.0.0.1:PORT  (chat: srv.url + "/v1")
+        srv.url_for("i")   # http://127.0.0.1:PORT/m/i  (/generate served by model "i")
+
+The sample index a simulator needs comes from the `X-Mics-Sample` header (or `seed`) on chat
+requests and from `sampling_params.custom_params.sample_index` on /generate items.
+
+Stdlib only: a ThreadingHTTPServer with TCP_NODELAY and a listen backlog of 1024 (both needed
+for honest timings on loopback, see spec/feasibility.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import socket
+import threading
+import time
+import uuid
+import zlib
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from socketserver import TCPServer
+from typing import Any
+
+from backends import simulator
+
+# ---------------------------------------------------------------- tokens and the prefix cache
+
+_TOKEN_RE = re.compile(r"\s*\w+|\s*[^\w\s]|\s+")
+_PLACEHOLDER_RE = re.compile(
+    r"<\|vision_start\|><\|image_pad\|><\|vision_end\|>|<image>|<\|image_pad\|>")
+IMAGE_TOKENS = 8  # tokens per image in the token stream
+
+
+def image_hash(ref: str) -> str:
+    """Short hash of the image bytes a data URL, bare base64 or absolute path carries."""
+    data: bytes
+    if ref.startswith("data:"):
+        payload = ref.split(",", 1)[1] if "," in ref else ""
+        data = _b64(payload) or ref.encode()
+    elif ref.startswith(("file://", "/")):
+        p = Path(ref.removeprefix("file://"))
+        data = p.read_bytes() if p.is_file() else ref.encode()
+    else:
+        data = _b64(ref) or ref.encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _b64(payload: str) -> bytes | None:
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def tokenize(text: str, images: Sequence[str] = ()) -> list[str]:
+    """Deterministic, lossless tokens: each word with its leading whitespace, each punctuation mark
+    with its leading whitespace, trailing whitespace. The k-th image placeholder (`<image>`,
+    `<|image_pad|>` or Qwen's vision_start/pad/end triple) becomes IMAGE_TOKENS tokens naming the
+    k-th image's hash; images without a placeholder are put first. `"".join(tokenize(t)) == t`.
+    """
+    hashes = [image_hash(i) for i in images]
+    pieces = _PLACEHOLDER_RE.split(text)
+    spots = _PLACEHOLDER_RE.findall(text)
+    extra, hashes = hashes[len(spots):], hashes[: len(spots)]
+    out = [f"<img:{h}:{k}>" for h in extra for k in range(IMAGE_TOKENS)]
+    for i, piece in enumerate(pieces):
+        out += _TOKEN_RE.findall(piece)
+        if i < len(spots):
+            if i < len(hashes):
+                out += [f"<img:{hashes[i]}:{k}>" for k in range(IMAGE_TOKENS)]
+            else:
+                out += _TOKEN_RE.findall(spots[i])
+    return out
+
+
+class PrefixCache:
+    """Every prefix of every inserted sequence, kept as chained hashes (a trie without nodes).
+
+    `match` is the longest common prefix with anything inserted, capped at len - 1 like SGLang
+    (one prompt token is always recomputed).
+    """
+
+    def __init__(self) -> None:
+        self._seen: set[int] = set()
+
+    def match(self, tokens: Sequence[str]) -> int:
+        h, n = 0, 0
+        for tok in tokens[: max(0, len(tokens) - 1)]:
+            h = hash((h, tok))
+            if h not in self._seen:
+                break
+            n += 1
+        return n
+
+    def insert(self, tokens: Sequence[str]) -> None:
+        h = 0
+        for tok in tokens:
+            h = hash((h, tok))
+            self._seen.add(h)
+
+    def clear(self) -> None:
+        self._seen.clear()
+
+
+# ---------------------------------------------------------------- configuration
+
+ROLES = ("mentor", "intern", "judge")
+_ROLE_DEFAULTS: dict[str, dict[str, float]] = {
+    "mentor": {"quality": 0.5, "malformed_rate": 0.0}, "intern": {"skill": 0.8}, "judge": {},
+}
+FAULT_KINDS = frozenset({"400", "401", "404", "429", "500", "503", "slow", "drop", "malformed"})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One served model: its simulator role and options (seed, quality, malformed_rate, skill)."""
+
+    role: str
+    options: dict[str, float] = field(default_factory=dict)
+    latency_s: float = 0.0
+
+
+def _spec(name: str, value: str | Mapping[str, Any], seed: int) -> ModelSpec:
+    raw = {"role": value} if isinstance(value, str) else dict(value)
+    role = raw.pop("role", None)
+    if role not in ROLES:
+        raise ValueError(f"model {name!r}: role must be one of {', '.join(ROLES)}, got {role!r}")
+    allowed = {"seed": seed, **_ROLE_DEFAULTS[role]}
+    unknown = sorted(set(raw) - set(allowed) - {"latency_s"})
+    if unknown:
+        raise ValueError(f"model {name!r}: unknown option(s) {', '.join(unknown)}; "
+                         f"allowed for a {role}: {', '.join(sorted(allowed))}")
+    latency = float(raw.pop("latency_s", 0.0))
+    return ModelSpec(role, {**allowed, **raw}, latency)
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Fault injection. Each request draws from an RNG seeded by (seed, request hash, how many
+    times that request was seen), so faults do not depend on arrival order and retries redraw.
+
+    rate: chance that a chat or /generate request fails; kinds: what it fails with (one at
+    random); forced: model -> kind applied to every request for that model; slow_s: how long a
+    `slow` request sleeps before answering; retry_after_s: the Retry-After header of a 429.
+    """
+
+    rate: float = 0.0
+    kinds: tuple[str, ...] = ("429", "500", "503", "drop", "malformed")
+    forced: Mapping[str, str] = field(default_factory=dict)
+    slow_s: float = 1.0
+    retry_after_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"fault rate must be in [0, 1], got {self.rate}")
+        bad = sorted((set(self.kinds) | set(self.forced.values())) - FAULT_KINDS)
+        if bad:
+            raise ValueError(f"unknown fault kind(s) {', '.join(bad)}; "
+                             f"allowed: {', '.join(sorted(FAULT_KINDS))}")
+        if self.rate > 0 and not self.kinds:
+            raise ValueError("a fault rate above 0 needs at least one fault kind")
+        object.__setattr__(self, "kinds", tuple(sorted(self.kinds)))
+        object.__setattr__(self, "forced", dict(self.forced))
+
+
+def _faults(value: Faults | Mapping[str, Any] | None) -> Faults:
+    if value is None:
+        return Faults()
+    if isinstance(value, Faults):
+        return value
+    d = dict(value)
+    if "kinds" in d:
+        d["kinds"] = tuple(str(k) for k in d["kinds"])
+    return Faults(**d)
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One served item: a /generate batch gives one entry per item; a refused or faulted
+    request gives one entry."""
+
+    t: float
+    path: str
+    model: str
+    role: str
+    key: str  # content hash: prompt, images, sampling, sample marker
+    status: int  # 0 when the connection was dropped
+    ok: bool  # a well-formed 200 reply was produced
+    fault: str | None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    sample_index: int = 0
+    temperature: float | None = None
+    batch_size: int = 1
+
+
+@dataclass
+class _Response:
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+    drop: bool = False
+
+
+def _json(status: int, obj: Any, **headers: str) -> _Response:
+    return _Response(status, json.dumps(obj).encode(), {"Content-Type": "application/json",
+                                                         **headers})
+
+
+class _BadRequest(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- /generate validation
+
+SGLANG_SAMPLING_KEYS = (
+    "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k",
+    "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens",
+    "n", "json_schema", "regex", "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens",
+    "spaces_between_special_tokens", "no_stop_trim", "stream_interval", "logit_bias",
+    "sampling_seed", "custom_params", "beam_width", "watermark", "choice",
+)
+_INT_KEYS = {"max_new_tokens", "top_k", "min_new_tokens", "n", "sampling_seed", "beam_width",
+             "stream_interval"}
+_NUM_KEYS = {"temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty",
+             "repetition_penalty"}
+
+
+def _check_sampling(sp: Any) -> dict[str, Any]:
+    if not isinstance(sp, dict):
+        raise _BadRequest(f"invalid type: {type(sp).__name__}, expected struct SamplingParams")
+    for key, value in sp.items():
+        if key not in SGLANG_SAMPLING_KEYS:
+            expected = ", ".join(f"`{k}`" for k in SGLANG_SAMPLING_KEYS)
+            raise _BadRequest(f"unknown field `{key}`, expected one of {expected}")
+        if value is None:
+            continue
+        if key in _INT_KEYS and (not isinstance(value, int) or isinstance(value, bool)):
+            raise _BadRequest(f"invalid type: {value!r} for `{key}`, expected an integer")
+        if key in _NUM_KEYS and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise _BadRequest(f"invalid type: {value!r} for `{key}`, expected a number")
+        if key == "stop" and not (isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(s, str) for s in value))):
+            raise _BadRequest(f"invalid type: {value!r} for `stop`, expected a string or list")
+    if sp.get("n") not in (None, 1):
+        raise _BadRequest("the loopback server supports only n=1")
+    return sp
+
+
+def _per_item(value: Any, n: int, what: str) -> list[Any]:
+    if isinstance(value, list):
+        if len(value) != n:
+            raise _BadRequest(f"The length of {what} should be equal to the batch size")
+        return value
+    return [value] * n
+
+
+_CHATML = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>\n?|\Z)", re.S)
+
+
+def sim_text_from_generate(text: str) -> str:
+    """The text a simulator reads from a /generate prompt: ChatML is unwrapped to
+    `system + "\\n" + user + assistant continuation` and vision placeholders become `<image>`,
+    so a client that renders Qwen-style ChatML gets the same replies as in-process."""
+    turns = _CHATML.findall(text)
+    if turns:
+        system = "".join(body for role, body in turns if role == "system")
+        rest = "".join(body for role, body in turns if role != "system")
+        text = f"{system}\n{rest}"
+    return _PLACEHOLDER_RE.sub("<image>", text)
+
+
+def _clip(text: str, max_tokens: int | None, stop: Any) -> tuple[str, dict[str, Any]]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    hits = [(text.find(s), s) for s in stops if s and s in text]
+    finish: dict[str, Any] = {"type": "stop", "matched": None}
+    if hits:
+        pos, s = min(hits)
+        text, finish = text[:pos], {"type": "stop", "matched": s}
+    if max_tokens is not None:
+        toks = tokenize(text)
+        if len(toks) > max_tokens:
+            text, finish = "".join(toks[:max_tokens]), {"type": "length", "length": max_tokens}
+    return text, finish
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- the server
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 1024
+    allow_reuse_address = True
+    app: LoopbackServer
+
+    def server_bind(self) -> None:  # skip HTTPServer's getfqdn (slow without DNS)
+        TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, addr
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _HTTPServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.app._track(self.connection, add=True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.app._track(self.connection, add=False)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        return None
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        self.server.app._serve(self, "GET")
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        self.server.app._serve(self, "POST")
+
+
+class LoopbackServer:
+    """SIMULATOR models over HTTP on 127.0.0.1 (see the module docstring).
+
+    models: name -> role ("mentor" | "intern" | "judge") or {"role": ..., **simulator options}
+    faults: a Faults, a dict of its fields, or None. seed: default simulator seed of every model
+    and the seed of fault and latency draws. latency: role -> seconds or (low, high) seconds.
+    api_key: when set, POST endpoints need `Authorization: Bearer <api_key>`.
+    default_model: the model `/generate` serves without a `/m/<name>` path prefix (default: the
+    first intern, else the first model). keep_bodies: keep parsed request bodies in `bodies`.
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, str | Mapping[str, Any]],
+        *,
+        faults: Faults | Mapping[str, Any] | None = None,
+        seed: int = 0,
+        latency: Mapping[str, float | tuple[float, float]] | None = None,
+        api_key: str | None = None,
+        default_model: str | None = None,
+        port: int = 0,
+        keep_bodies: bool = False,
+    ) -> None:
+        if not models:
+            raise ValueError("LoopbackServer needs at least one model")
+        self.models = {name: _spec(name, v, seed) for name, v in models.items()}
+        self.seed = seed
+        self.latency = dict(latency or {})
+        self._api_key = api_key
+        interns = [n for n, s in self.models.items() if s.role == "intern"]
+        self.default_model = default_model or (interns or list(self.models))[0]
+        if self.default_model not in self.models:
+            raise ValueError(f"default_model {self.default_model!r} is not served")
+        self.keep_bodies = keep_bodies
+        self.bodies: list[tuple[str, Any]] = []
+        self._faults = _faults(faults)
+        self._port = port
+        self._lock = threading.Lock()
+        self._log: list[LogEntry] = []
+        self._seen: Counter[str] = Counter()
+        self._caches = {name: PrefixCache() for name in self.models}
+        self._conns: set[socket.socket] = set()
+        self._stop = threading.Event()
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle
+
+    def start(self) -> LoopbackServer:
+        httpd = _HTTPServer(("127.0.0.1", self._port), _Handler)
+        httpd.app = self
+        self._httpd = httpd
+        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="loopback-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, wake sleeping handlers and close open connections."""
+        self._stop.set()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._httpd = self._thread = None
+
+    def __enter__(self) -> LoopbackServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        url = self.url if self._httpd else None
+        return f"LoopbackServer(url={url!r}, models={list(self.models)})"
+
+    @property
+    def port(self) -> int:
+        if self._httpd is None:
+            raise RuntimeError("the server is not running")
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url_for(self, model: str) -> str:
+        """Base URL whose `/generate`, `/model_info`, ... serve `model`."""
+        return f"{self.url}/m/{model}"
+
+    # -- runtime control and observation
+
+    @property
+    def faults(self) -> Faults:
+        with self._lock:
+            return self._faults
+
+    def set_faults(self, faults: Faults | Mapping[str, Any] | None = None, **changes: Any) -> None:
+        """Replace the fault config (`faults`), or change some of its fields (`changes`)."""
+        with self._lock:
+            new = _faults(faults) if faults is not None else self._faults
+            self._faults = _faults({**new.__dict__, **changes}) if changes else new
+
+    @property
+    def log(self) -> list[LogEntry]:
+        with self._lock:
+            return list(self._log)
+
+    def clear_log(self) -> None:
+        with self._lock:
+            self._log.clear()
+            self.bodies.clear()
+
+    def counts(self) -> dict[str, Any]:
+        """Totals over the log: requests, ok, failed, by_status, by_fault, by_model, tokens."""
+        log = self.log
+        return {
+            "items": len(log), "ok": sum(e.ok for e in log), "failed": sum(not e.ok for e in log),
+            "by_status": dict(Counter(e.status for e in log)),
+            "by_fault": dict(Counter(e.fault for e in log if e.fault)),
+            "by_model": dict(Counter(e.model for e in log)),
+            "prompt_tokens": sum(e.prompt_tokens for e in log),
+            "cached_tokens": sum(e.cached_tokens for e in log),
+            "completion_tokens": sum(e.completion_tokens for e in log),
+        }
+
+    def flush_cache(self, model: str | None = None) -> None:
+        with self._lock:
+            for name, cache in self._caches.items():
+                if model is None or name == model:
+                    cache.clear()
+
+    # -- connection bookkeeping (called from handler threads)
+
+    def _track(self, conn: socket.socket, *, add: bool) -> None:
+        with self._lock:
+            (self._conns.add if add else self._conns.discard)(conn)
+
+    def _serve(self, h: _Handler, method: str) -> None:
+        length = int(h.headers.get("Content-Length") or 0)
+        raw = h.rfile.read(length) if length > 0 else b""
+        try:
+            resp = self._dispatch(method, h.path, h.headers, raw)
+        except Exception as e:  # a server bug must still answer
+            resp = _json(500, {"error": {"message": f"loopback bug: {type(e).__name__}: {e}"}})
+        if resp.delay_s > 0 and self._stop.wait(resp.delay_s):
+            resp.drop = True
+        if resp.drop:
+            h.close_connection = True
+            with contextlib.suppress(OSError):
+                h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        try:
+            h.send_response(resp.status)
+            for k, v in resp.headers.items():
+                h.send_header(k, v)
+            h.send_header("Content-Length", str(len(resp.body)))
+            h.end_headers()
+            h.wfile.write(resp.body)
+        except OSError:  # the client went away (e.g. it timed out on a slow reply)
+            h.close_connection = True
+
+    # -- routing
+
+    def _dispatch(self, method: str, path: str, headers: Any, raw: bytes) -> _Response:
+        path = path.split("?", 1)[0]
+        model = self.default_model
+        m = re.match(r"^/m/([^/]+)(/.*)$", path)
+        if m:
+            model, path = m.group(1), m.group(2)
+            if model not in self.models:
+                return _json(404, {"error": {"message": f"model {model!r} is not served"}})
+        if method == "GET" and path in ("/health", "/health_generate", "/ready"):
+            return _Response(200)
+        if method == "GET" and path in ("/v1/models", "/models"):
+            return _json(200, {"object": "list", "data": [
+                {"id": n, "object": "model", "created": 0, "owned_by": "mics-loopback",
+                 "root": n} for n in self.models]})
+        if method == "GET" and path in ("/model_info", "/get_model_info"):
+            return _json(200, {
+                "model_path": model, "served_model_name": model, "tokenizer_path": model,
+                "is_generation": True, "has_image_understanding": True,
+                "model_type": "simulator", "architectures": ["SimulatorForCausalLM"],
+                "weight_version": "default", "preferred_sampling_params": None,
+            })
+        if path == "/flush_cache" and method in ("GET", "POST"):
+            self.flush_cache(model if m else None)
+            return _Response(200, b"Cache flushed.\n", {"Content-Type": "text/plain"})
+        if method == "POST" and path in ("/v1/chat/completions", "/chat/completions", "/generate"):
+            return self._model_call(path, headers, raw, model)
+        return _json(404, {"error": {"message": f"no route for {method} {path}"}})
+
+    def _model_call(self, path: str, headers: Any, raw: bytes, model: str) -> _Response:
+        chat = path != "/generate"
+        err = (lambda msg: {"error": {"message": msg}}) if chat else (lambda msg: {"error": msg})
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError as e:
+            return self._refuse(path, model, 400, err(f"invalid JSON body: {e}"))
+        if not isinstance(body, dict):
+            return self._refuse(path, model, 400, err("the request body must be a JSON object"))
+        if self._api_key is not None:
+            auth = headers.get("Authorization") or ""
+            if auth != f"Bearer {self._api_key}":
+                return self._refuse(path, model, 401, {"error": {"message": "invalid api key"}})
+        if chat:
+            model = body.get("model") if isinstance(body.get("model"), str) else ""
+            if model not in self.models:
+                return self._refuse(path, model, 404, err(f"The model `{model}` does not exist."))
+        try:
+            sample = int(headers.get("X-Mics-Sample") or body.get("seed") or 0) if chat else 0
+        except (TypeError, ValueError):
+            sample = 0
+        if self.keep_bodies:
+            with self._lock:
+                self.bodies.append((path, body))
+        # rids may be fresh per attempt: leave them out so fault draws stay reproducible
+        key = _digest(path, model, {k: v for k, v in body.items() if k != "rid"}, sample)
+        fault, delay = self._draw(model, key)
+        if fault is not None and fault != "slow":
+            return self._fault(path, model, key, fault, chat)
+        try:
+            resp = (self._chat(path, body, model, sample, key, fault) if chat
+                    else self._generate(body, model, fault))
+        except _BadRequest as e:
+            return self._refuse(path, model, 400, err(str(e)))
+        resp.delay_s += delay
+        return resp
+
+    def _draw(self, model: str, key: str) -> tuple[str | None, float]:
+        with self._lock:
+            faults = self._faults
+            n = self._seen[key]
+            self._seen[key] += 1
+        rng = random.Random(_digest(self.seed, key, n))
+        spec = self.latency.get(self.models[model].role, self.models[model].latency_s)
+        delay = rng.uniform(*spec) if isinstance(spec, (tuple, list)) else float(spec)
+        kind = faults.forced.get(model)
+        if kind is None and faults.rate > 0 and rng.random() < faults.rate:
+            kind = faults.kinds[rng.randrange(len(faults.kinds))]
+        if kind == "slow":
+            delay += faults.slow_s
+        return kind, delay
+
+    def _fault(self, path: str, model: str, key: str, kind: str, chat: bool) -> _Response:
+        faults = self.faults
+        self._record(path, model, key, {"status": 0 if kind == "drop" else
+                                        200 if kind == "malformed" else int(kind),
+                                        "ok": False, "fault": kind})
+        if kind == "drop":
+            return _Response(drop=True)
+        if kind == "malformed":
+            body = b'{"id": "x", "object": "chat.completion", "choices": [{"ind' if chat else \
+                b'[{"text": "### The final ans'
+            return _Response(200, body, {"Content-Type": "application/json"})
+        message = {"400": "bad request (injected)", "401": "invalid api key",
+                   "404": f"The model `{model}` does not exist.",
+                   "429": "rate limit exceeded (injected)", "500": "internal error (injected)",
+                   "503": "service unavailable (injected)"}[kind]
+        extra = {"Retry-After": str(faults.retry_after_s)} if kind == "429" else {}
+        return _json(int(kind), {"error": {"message": message}} if chat or kind != "400"
+                     else {"error": message}, **extra)
+
+    def _refuse(self, path: str, model: str, status: int, body: Any) -> _Response:
+        self._record(path, model, _digest(path, model, status), {"status": status, "ok": False})
+        return _json(status, body)
+
+    def _record(self, path: str, model: str, key: str, fields: dict[str, Any]) -> None:
+        role = self.models[model].role if model in self.models else ""
+        entry = LogEntry(t=time.time(), path=path, model=model, role=role, key=key,
+                         fault=fields.pop("fault", None), **fields)
+        with self._lock:
+            self._log.append(entry)
+
+    # -- simulated replies
+
+    def _reply(self, model: str, text: str, temperature: float, sample: int) -> str:
+        spec = self.models[model]
+        o = spec.options
+        common = {"seed": int(o["seed"]), "model": model, "temperature": temperature,
+                  "sample_index": sample}
+        if spec.role == "mentor":
+            return simulator.mentor_reply(text, quality=o["quality"],
+                                          malformed_rate=o["malformed_rate"], **common)
+        if spec.role == "intern":
+            return simulator.intern_reply(text, skill=o["skill"], **common)
+        return simulator.judge_reply(text)
+
+    def _cache(self, model: str, prompts: list[list[str]], outputs: list[str]) -> list[int]:
+        """Match every prompt against the cache as it was before this request, then insert
+        prompt + output tokens (items of one request do not share with each other)."""
+        with self._lock:
+            cache = self._caches[model]
+            hits = [cache.match(p) for p in prompts]
+            for p, out in zip(prompts, outputs, strict=True):
+                cache.insert(p + tokenize(out))
+        return hits
+
+    def _chat(self, path: str, body: dict[str, Any], model: str, sample: int, key: str,
+              fault: str | None) -> _Response:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _BadRequest("`messages` must be a non-empty list")
+        system, rest, images = "", "", []
+        for msg in messages:
+            if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+                raise _BadRequest("each message needs a `role` and `content`")
+            text = ""
+            content = msg.get("content")
+            if isinstance(content, str):
+                text = content
+            elif isinstance(content, list):
+                for part in content:
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    if kind == "text" and isinstance(part.get("text"), str):
+                        text += part["text"]
+                    elif kind in ("image_url", "input_image"):
+                        url = part.get("image_url")
+                        url = url.get("url") if isinstance(url, dict) else url
+                        if not isinstance(url, str):
+                            raise _BadRequest("image_url part without a url")
+                        images.append(url)
+                        text += "<image>"
+                    else:
+                        raise _BadRequest(f"unsupported content part: {kind!r}")
+            else:
+                raise _BadRequest("message content must be a string or a list of parts")
+            if msg["role"] == "system":
+                system += text
+            else:
+                rest += text
+        prompt_text = f"{system}\n{rest}"
+        temperature = body.get("temperature", 1.0)
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+            raise _BadRequest(f"`temperature` must be a number, got {temperature!r}")
+        if max_tokens is not None and (not isinstance(max_tokens, int)
+                                       or isinstance(max_tokens, bool) or max_tokens < 0):
+            raise _BadRequest(f"`max_tokens` must be a non-negative integer, got {max_tokens!r}")
+        temperature = float(temperature)
+        text = self._reply(model, prompt_text, temperature, sample)
+        text, finish = _clip(text, max_tokens, body.get("stop"))
+        prompt = tokenize(prompt_text, images)
+        [cached] = self._cache(model, [prompt], [text])
+        completion = len(tokenize(text))
+        self._record(path, model, key, {
+            "status": 200, "ok": True, "fault": fault, "prompt_tokens": len(prompt),
+            "cached_tokens": cached,
+            "completion_tokens": completion, "sample_index": sample, "temperature": temperature})
+        return _json(200, {
+            "id": f"chatcmpl-{key[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish["type"]}],
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion,
+                      "total_tokens": len(prompt) + completion,
+                      "prompt_tokens_details": {"cached_tokens": cached}},
+        })
+
+    def _generate(self, body: dict[str, Any], model: str, fault: str | None) -> _Response:
+        start = time.perf_counter()
+        if body.get("input_ids") is not None or body.get("input_embeds") is not None:
+            raise _BadRequest("the loopback server accepts `text` only")
+        if body.get("stream"):
+            raise _BadRequest("the loopback server does not stream")
+        text = body.get("text")
+        single = isinstance(text, str)
+        texts = [text] if single else text
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise _BadRequest("`text` must be a string or a non-empty list of strings")
+        n = len(texts)
+        sps = [_check_sampling({} if sp is None else sp)
+               for sp in _per_item(body.get("sampling_params"), n, "sampling_params")]
+        images = self._images(body.get("image_data"), single, n)
+        rids = self._rids(body.get("rid"), n)
+        items = []
+        for t, sp, imgs in zip(texts, sps, images, strict=True):
+            temperature = float(1.0 if sp.get("temperature") is None else sp["temperature"])
+            max_new = sp.get("max_new_tokens")
+            max_new = 128 if max_new is None else max_new
+            custom = sp.get("custom_params") if isinstance(sp.get("custom_params"), dict) else {}
+            sample = int(custom.get("sample_index", 0))
+            out = "" if max_new == 0 else self._reply(model, sim_text_from_generate(t),
+                                                      temperature, sample)
+            out, finish = _clip(out, max_new, sp.get("stop"))
+            if max_new == 0:  # a prefill-only warm-up
+                finish = {"type": "length", "length": 0}
+            items.append((t, sp, imgs, temperature, sample, out, finish))
+        prompts = [tokenize(t, imgs) for t, _, imgs, *_ in items]
+        hits = self._cache(model, prompts, [it[5] for it in items])
+        latency = round(time.perf_counter() - start, 6)
+        results = []
+        for (t, sp, imgs, temperature, sample, out, finish), rid, prompt, cached in zip(
+                items, rids, prompts, hits, strict=True):
+            out_toks = tokenize(out)
+            meta = {"id": rid, "finish_reason": finish, "prompt_tokens": len(prompt),
+                    "completion_tokens": len(out_toks), "cached_tokens": cached,
+                    "weight_version": "default", "e2e_latency": latency}
+            if cached:
+                meta["cached_tokens_details"] = {"device": cached, "host": 0}
+            if imgs:
+                meta["image_tokens"] = IMAGE_TOKENS * len(imgs)
+            results.append({"text": out, "output_ids": [zlib.crc32(x.encode()) % 151_000
+                                                        for x in out_toks], "meta_info": meta})
+            self._record("/generate", model, _digest(t, imgs, sp, sample), {
+                "status": 200, "ok": True, "fault": fault, "prompt_tokens": len(prompt),
+                "cached_tokens": cached,
+                "completion_tokens": len(out_toks), "sample_index": sample,
+                "temperature": temperature, "batch_size": n})
+        return _json(200, results[0] if single else results)
+
+    @staticmethod
+    def _images(data: Any, single: bool, n: int) -> list[list[str]]:
+        if data is None:
+            return [[] for _ in range(n)]
+        if single:
+            out = [data if isinstance(data, list) else [data]]
+        else:
+            if not isinstance(data, list) or len(data) != n:
+                raise _BadRequest("The length of image_data should be equal to the batch size")
+            out = [d if isinstance(d, list) else ([] if d is None else [d]) for d in data]
+        if not all(isinstance(u, str) for imgs in out for u in imgs):
+            raise _BadRequest("image_data items must be strings (data URLs, base64 or paths)")
+        return out
+
+    @staticmethod
+    def _rids(rid: Any, n: int) -> list[str]:
+        if rid is None:
+            return [uuid.uuid4().hex for _ in range(n)]
+        if isinstance(rid, str):
+            return [rid] if n == 1 else [f"{rid}_{i}" for i in range(n)]
+        if not isinstance(rid, list) or len(rid) != n or len(set(rid)) != n:
+            raise _BadRequest("`rid` must be a string or a list of unique ids, one per item")
+        return [str(r) for r in rid]
+
+
+# ---------------------------------------------------------------- command line
+
+
+def models_from_config(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Served models from a run config: every mentor, intern and the judge, by `model` name."""
+    from mics.config import load_config
+
+    cfg = load_config(path)
+    out: dict[str, dict[str, Any]] = {}
+    for role, group in (("mentor", cfg.mentors), ("intern", cfg.interns), ("judge", (cfg.judge,))):
+        for m in group:
+            allowed = {"seed", "latency_s", *_ROLE_DEFAULTS[role]}
+            out[m.model] = {"role": role, **{k: v for k, v in m.options.items() if k in allowed}}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m bench.loopback --config examples/simulated.toml --port 8900`."""
+    ap = argparse.ArgumentParser(prog="python -m bench.loopback",
+                                 description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--config", required=True, help="run config TOML naming the models to serve")
+    ap.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free port)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fault-rate", type=float, default=0.0)
+    ap.add_argument("--fault-kinds", default="429,500,503,drop,malformed")
+    ap.add_argument("--slow-s", type=float, default=1.0)
+    ap.add_argument("--api-key-env", default="", help="require the key held by this variable")
+    args = ap.parse_args(argv)
+    key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    faults = Faults(rate=args.fault_rate, kinds=tuple(args.fault_kinds.split(",")),
+                    slow_s=args.slow_s)
+    srv = LoopbackServer(models_from_config(args.config), faults=faults, seed=args.seed,
+                         api_key=key, port=args.port)
+    with srv:
+        print(f"serving {', '.join(srv.models)} at {srv.url} (chat: {srv.url}/v1); Ctrl-C stops",
+              flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
