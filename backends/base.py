@@ -6,9 +6,11 @@ Mentors and the judge are `ChatModel`s (one prompt in, one reply out); interns a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import anyio
 
 from mics.config import ModelConfig
 from mics.types import Prompt, Reply, Sampling
@@ -77,3 +79,32 @@ class RolloutModel(Protocol):
     async def rollout(self, calls: Sequence[Call]) -> list[Reply]: ...
 
     async def aclose(self) -> None: ...
+
+
+T = TypeVar("T")
+
+
+async def gather(funcs: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
+    """Run concurrently, results in order. BackendErrors are raised plainly (never wrapped in
+    an ExceptionGroup) as one error for the batch: a permanent one wins over transient ones."""
+    results: list[Any] = [None] * len(funcs)
+    errors: list[BackendError] = []
+
+    async def one(i: int, fn: Callable[[], Awaitable[T]]) -> None:
+        try:
+            results[i] = await fn()
+        except BackendError as e:
+            errors.append(e)
+
+    if len(funcs) == 1:
+        return [await funcs[0]()]
+    async with anyio.create_task_group() as tg:
+        for i, fn in enumerate(funcs):
+            tg.start_soon(one, i, fn)
+    if errors:
+        permanent = [e for e in errors if not e.retryable]
+        first = permanent[0] if permanent else errors[0]
+        retry_after = max((e.retry_after or 0.0 for e in errors), default=0.0) or None
+        raise type(first)(f"{len(errors)} of {len(funcs)} failed; {first}",
+                          retry_after=retry_after, status=first.status) from None
+    return results

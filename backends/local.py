@@ -170,6 +170,8 @@ def _image_only_processor_class() -> type:
     return ImageOnlyQwen2VLProcessor
 
 
+_LOAD_LOCK = threading.Lock()  # one model load at a time, in any worker thread
+
 class _RowSampler:
     """Logits processor that samples each row with its own generator and returns a one-hot.
 
@@ -232,7 +234,8 @@ class _Runner:
     def load(self) -> _Loaded:
         if self.loaded is None:
             try:
-                self.loaded = self._load()
+                with _LOAD_LOCK:  # transformers' lazy imports are not thread-safe
+                    self.loaded = self._load()
             except BackendError:
                 raise
             except Exception as e:  # bad folder, unsupported architecture, missing files

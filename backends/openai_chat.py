@@ -12,10 +12,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import anyio
 import httpx
 
-from backends.base import BackendError, Call, PermanentError, TransientError
+from backends.base import BackendError, Call, TransientError, gather
 from backends.http import api_key, check_response, make_client, transport_error
 from backends.images import data_url
 from mics.config import ModelConfig
@@ -111,7 +110,8 @@ class OpenAIChat:
             return await self._complete(call, key)
         except BackendError as e:
             if key and key in str(e):  # a server that echoes the key must not leak it
-                raise type(e)(str(e).replace(key, "***"), retry_after=e.retry_after) from None
+                raise type(e)(str(e).replace(key, "***"), retry_after=e.retry_after,
+                              status=e.status) from None
             raise
 
     async def _complete(self, call: Call, key: str | None) -> Reply:
@@ -156,25 +156,7 @@ class OpenAIChat:
     async def rollout(self, calls: Sequence[Call]) -> list[Reply]:
         """Concurrent single completions, in order; any failure fails the batch (the gate
         retries it): a permanent error wins over transient ones."""
-        results: list[Reply | None] = [None] * len(calls)
-        errors: list[BackendError] = []
-
-        async def one(i: int, call: Call) -> None:
-            try:
-                results[i] = await self.complete(call)
-            except BackendError as e:
-                errors.append(e)
-
-        async with anyio.create_task_group() as tg:
-            for i, call in enumerate(calls):
-                tg.start_soon(one, i, call)
-        if errors:
-            permanent = [e for e in errors if isinstance(e, PermanentError)]
-            first = permanent[0] if permanent else errors[0]
-            raise type(first)(f"{len(errors)} of {len(calls)} calls failed; {first}",
-                              retry_after=max((e.retry_after or 0.0 for e in errors),
-                                              default=None) or None) from None
-        return results  # type: ignore[return-value]
+        return await gather([lambda c=c: self.complete(c) for c in calls])
 
     async def aclose(self) -> None:
         await self._client.aclose()

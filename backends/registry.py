@@ -33,12 +33,18 @@ def _local(cfg: ModelConfig, role: str) -> Any:
     return LocalRollout(cfg, role)
 
 
+def _sglang(cfg: ModelConfig, role: str) -> Any:
+    from backends.sglang import SGLangRollout
+
+    return SGLangRollout(cfg)
+
+
 # backend name -> factory(config, role); role is "mentor", "judge" or "intern".
 CHAT_BACKENDS: dict[str, Callable[[ModelConfig, str], Any]] = {
     "simulated": _simulated, "openai": _openai, "exact": _exact,
 }
 ROLLOUT_BACKENDS: dict[str, Callable[[ModelConfig, str], Any]] = {
-    "simulated": _simulated, "local": _local, "openai": _openai,
+    "simulated": _simulated, "local": _local, "openai": _openai, "sglang": _sglang,
 }
 
 

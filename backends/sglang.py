@@ -1,0 +1,252 @@
+"""The `sglang` intern backend: SGLang's native `POST /generate` over httpx.
+
+The chat template is rendered client side from a local tokenizer/processor folder
+(`apply_chat_template(tokenize=False)`), so prompts that share a prefix share the exact same
+text and SGLang's radix cache reuses it. Images go as data URLs with one placeholder each, in
+order. All rollouts of one question (same root: system + images + question) go to one server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import httpx
+import orjson
+
+from backends.base import Call, PermanentError, TransientError, gather
+from backends.http import api_key, check_response, make_client, transport_error
+from backends.images import data_url
+from mics.config import ModelConfig
+from mics.types import Image, Prompt, Reply, Text, Usage
+
+FAMILIES = ("qwen2-vl", "internvl", "text")
+_OPTIONS = {"tokenizer": "", "family": "qwen2-vl", "urls": [], "image_max_side": 0,
+            "check_model": True, "served_model": "", "warmup": True}
+
+
+class SGLangRollout:
+    """Batched intern rollouts against one or more SGLang servers."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        unknown = sorted(set(config.options) - set(_OPTIONS))
+        if unknown:
+            raise ValueError(f"model {config.name!r}: unknown sglang option(s) "
+                             f"{', '.join(unknown)}; allowed: {', '.join(sorted(_OPTIONS))}")
+        self.config = config
+        self.options: dict[str, Any] = {**_OPTIONS, **config.options}
+        if self.options["family"] not in FAMILIES:
+            raise ValueError(f"model {config.name!r}: options.family must be one of "
+                             f"{', '.join(FAMILIES)}")
+        if not config.base_url:
+            raise ValueError(f"model {config.name!r}: base_url is required for sglang")
+        self.urls = [config.base_url.rstrip("/"), *(u.rstrip("/") for u in self.options["urls"])]
+        self._clients = {u: make_client(_with_url(config, u)) for u in self.urls}
+        self._checked: set[str] = set()
+        self._check_lock = anyio.Lock()
+        self._template: Any = None
+        self._warm_roots: dict[str, None] = {}  # insertion-ordered, bounded: an LRU of roots
+
+    # ---- identity and rendering ------------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        return {"backend": "sglang", "model": self.config.model,
+                "family": self.options["family"], "image_max_side": self.options["image_max_side"]}
+
+    def _tokenizer(self) -> Any:
+        if self._template is None:
+            path = self.options["tokenizer"] or self.config.model
+            try:
+                from transformers import AutoTokenizer
+
+                self._template = AutoTokenizer.from_pretrained(path)
+            except Exception as e:  # noqa: BLE001 - any load failure is a config problem
+                raise PermanentError(f"{self.config.name}: cannot load the tokenizer/chat template "
+                                     f"from {path!r} ({type(e).__name__}: {e})") from None
+        return self._template
+
+    def render(self, prompt: Prompt) -> str:
+        """The exact prompt text sent to /generate, with one image placeholder per image."""
+        family = self.options["family"]
+        content: list[dict[str, str]] = []
+        for part in prompt.parts:
+            if isinstance(part, Text):
+                content.append({"type": "text", "text": part.text})
+            elif family == "qwen2-vl":
+                content.append({"type": "image"})
+            elif family == "internvl":
+                content.append({"type": "text", "text": "<image>\n"})
+        if family != "qwen2-vl":  # plain-text templates want a string
+            content_value: Any = "".join(c["text"] for c in content)
+        else:
+            content_value = content
+        messages = [{"role": "system", "content": prompt.system},
+                    {"role": "user", "content": content_value}]
+        return self._tokenizer().apply_chat_template(messages, tokenize=False,
+                                                     add_generation_prompt=True)
+
+    def _images(self, prompt: Prompt) -> list[str]:
+        if self.options["family"] == "text":
+            return []
+        side = self.options["image_max_side"]
+        return [data_url(p.image, side) for p in prompt.parts if isinstance(p, Image)]
+
+    def route(self, prompt: Prompt) -> str:
+        """One server per question: a stable hash of the prompt's root (all but the last part)."""
+        if len(self.urls) == 1:
+            return self.urls[0]
+        root = Prompt(prompt.system, prompt.parts[:-1]).key_material()
+        digest = hashlib.sha256(orjson.dumps(root, option=orjson.OPT_SORT_KEYS)).digest()
+        return self.urls[int.from_bytes(digest[:8], "big") % len(self.urls)]
+
+    # ---- server checks ---------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        """SGLang's `--api-key`: the key from the environment, sent as a bearer token."""
+        key = api_key(self.config)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    async def check(self, url: str) -> None:
+        """/health and /model_info once per server; a clear error naming the URL otherwise."""
+        if url in self._checked:
+            return
+        async with self._check_lock:
+            if url in self._checked:
+                return
+            client = self._clients[url]
+            try:
+                health = await client.get("/health", headers=self._headers())
+                info = await client.get("/model_info", headers=self._headers())
+            except httpx.HTTPError as e:
+                raise PermanentError(f"{self.config.name}: SGLang server at {url} is unreachable "
+                                     f"({type(e).__name__}: {e})") from None
+            if not health.is_success:
+                raise TransientError(f"{self.config.name}: SGLang server at {url} is not "
+                                     f"healthy (HTTP {health.status_code})")
+            check_response(info, _with_url(self.config, url))
+            if self.options["check_model"]:
+                self._check_served(url, info.json())
+            self._checked.add(url)
+
+    def _check_served(self, url: str, info: dict[str, Any]) -> None:
+        want = self.options["served_model"] or self.config.model
+        served = {str(info.get("model_path", "")), str(info.get("served_model_name", ""))}
+        if want not in served and not any(s and s.rstrip("/").endswith(want) for s in served):
+            raise PermanentError(f"{self.config.name}: SGLang server at {url} serves "
+                                 f"{sorted(s for s in served if s)}, not {want!r}")
+
+    # ---- generation ------------------------------------------------------------------------
+
+    def _sampling(self, call: Call) -> dict[str, Any]:
+        s = call.sampling
+        params: dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p,
+                                  "top_k": s.top_k, "max_new_tokens": s.max_tokens}
+        if s.stop:
+            params["stop"] = list(s.stop)
+        if call.sample_index:
+            params["custom_params"] = {"sample_index": call.sample_index}
+        return params
+
+    async def generate(self, url: str, calls: Sequence[Call], *, max_new_tokens: int | None = None,
+                       raw_root: bool = False) -> list[Reply]:
+        """One batched /generate to one server; replies in call order.
+
+        `max_new_tokens=0` is a prefill-only warm-up; `raw_root` sends each prompt's root text
+        (its rendering cut before the last part) instead of the whole rendered prompt.
+        """
+        await self.check(url)
+        params = [self._sampling(c) for c in calls]
+        if max_new_tokens is not None:
+            params = [{**p, "max_new_tokens": max_new_tokens} for p in params]
+        texts = [self.root_text(c.prompt) if raw_root else self.render(c.prompt) for c in calls]
+        body: dict[str, Any] = {"text": texts, "sampling_params": params}
+        images = [self._images(c.prompt) for c in calls]
+        if any(images):
+            body["image_data"] = images
+        cfg = _with_url(self.config, url)
+        start = time.perf_counter()
+        try:
+            resp = await self._clients[url].post(
+                "/generate", content=orjson.dumps(body),
+                headers={"content-type": "application/json", **self._headers()})
+        except httpx.HTTPError as e:
+            raise transport_error(e, cfg) from None
+        check_response(resp, cfg)
+        latency = time.perf_counter() - start
+        try:
+            data = resp.json()
+        except ValueError:
+            raise TransientError(f"{cfg.name} at {url}: malformed JSON from /generate") from None
+        items = data if isinstance(data, list) else [data]
+        if len(items) != len(calls):
+            raise TransientError(f"{cfg.name} at {url}: {len(items)} results for {len(calls)}")
+        return [_reply(item, latency, cfg.name) for item in items]
+
+    def root_text(self, prompt: Prompt) -> str:
+        """The rendered text before the prompt's last part (system + images + question)."""
+        full = self.render(prompt)
+        last = prompt.parts[-1]
+        cut = full.rfind(last.text) if isinstance(last, Text) and last.text else -1
+        return full[:cut] if cut > 0 else full
+
+    async def warm(self, url: str, calls: Sequence[Call]) -> None:
+        """SGLang recipe: prefill each new root once, then each distinct full prompt once
+        (`max_new_tokens=0`), so the fan-out finds its whole prompt in the radix cache."""
+        roots: dict[str, Call] = {}
+        for c in calls:
+            text = self.root_text(c.prompt)
+            key = hashlib.sha256(f"{url}\x00{text}".encode()).hexdigest()
+            if key not in self._warm_roots:
+                roots.setdefault(key, c)
+        if roots:
+            await self.generate(url, list(roots.values()), max_new_tokens=0, raw_root=True)
+            for key in roots:
+                self._warm_roots[key] = None
+            while len(self._warm_roots) > 4096:
+                self._warm_roots.pop(next(iter(self._warm_roots)))
+        distinct = list({self.render(c.prompt): c for c in calls}.values())
+        if len(distinct) < len(calls):  # some prompts are sampled more than once
+            await self.generate(url, distinct, max_new_tokens=0)
+
+    async def rollout(self, calls: Sequence[Call]) -> list[Reply]:
+        """Group calls by server (one question's calls share a server), warm, then generate."""
+        groups: dict[str, list[int]] = {}
+        for i, call in enumerate(calls):
+            groups.setdefault(self.route(call.prompt), []).append(i)
+        out: list[Reply | None] = [None] * len(calls)
+
+        async def one(url: str, idx: list[int]) -> None:
+            group = [calls[i] for i in idx]
+            if self.options["warmup"]:
+                await self.warm(url, group)
+            for i, reply in zip(idx, await self.generate(url, group), strict=True):
+                out[i] = reply
+
+        await gather([lambda u=u, i=i: one(u, i) for u, i in groups.items()])
+        return out  # type: ignore[return-value]
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+
+
+def _with_url(config: ModelConfig, url: str) -> ModelConfig:
+    from dataclasses import replace
+
+    return replace(config, base_url=url)
+
+
+def _reply(item: Any, latency: float, name: str) -> Reply:
+    if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+        raise TransientError(f"{name}: /generate item without text")
+    meta = item.get("meta_info") or {}
+    finish = meta.get("finish_reason") or {}
+    usage = Usage(prompt_tokens=int(meta.get("prompt_tokens", 0)),
+                  completion_tokens=int(meta.get("completion_tokens", 0)),
+                  cached_tokens=int(meta.get("cached_tokens", 0)),
+                  latency_s=float(meta.get("e2e_latency", latency)))
+    reason = finish.get("type", "stop") if isinstance(finish, dict) else str(finish)
+    return Reply(text=item["text"], usage=usage, finish_reason=reason)
