@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli.report import register
 from mics.config import ConfigError, load_config, parse_config
 from mics.export import export_reference
 from mics.run import RunError, RunSummary, search_run, start_run, summarize, with_seed
@@ -120,16 +121,43 @@ def status(run: RunDir) -> None:
 def export(
     run: RunDir,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    fmt: Annotated[list[str] | None, typer.Option(
+        "--format", "-f", help="reference | sft | sharegpt | step-values | preferences | all "
+        "(repeatable).")] = None,
+    min_score: Annotated[float | None, typer.Option(
+        help="Only questions whose last chosen step scored at least this.")] = None,
+    only_full_score: Annotated[bool, typer.Option(
+        "--only-full-score", help="Only questions that stopped on a full score.")] = False,
+    max_depth: Annotated[int | None, typer.Option(
+        help="Only questions whose final depth is at most this.")] = None,
+    answer_in_target: Annotated[bool, typer.Option(
+        "--answer-in-target", help="sft/sharegpt: keep the final-answer line in the target.")]
+    = False,
 ) -> None:
-    """Write results.jsonl and failed.jsonl in the reference (Chiron-o1) schema."""
+    """Write training data; `reference` is results.jsonl + failed.jsonl (Chiron-o1 schema)."""
+    from mics.export import FORMATS, Filters
+    from mics.export import export as write_formats
+
+    formats = list(FORMATS) if "all" in (fmt or []) else list(dict.fromkeys(fmt or ["reference"]))
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        _fail(f"unknown --format {', '.join(bad)}; choose from {', '.join(FORMATS)} or all")
+    filters = Filters(min_score=min_score, only_full_score=only_full_score, max_depth=max_depth)
 
     def write() -> dict[str, int]:
         with RunStore.open(run, write=False) as store:
-            return export_reference(store, out)
+            if formats == ["reference"] and not filters.active:
+                return export_reference(store, out)
+            return write_formats(store, out, formats, filters, answer_in_target)
 
     counts = _guarded(write)
-    console.print(f"wrote {counts['results']} results and {counts['failed']} failures to {out}"
-                  + (f" ({counts['pending']} questions not finished)" if counts["pending"] else ""))
+    if "reference" in formats:
+        console.print(f"wrote {counts['results']} results and {counts['failed']} failures to "
+                      f"{out}" + (f" ({counts['pending']} questions not finished)"
+                                  if counts["pending"] else ""))
+    for f in formats:
+        if f != "reference":
+            console.print(f"wrote {counts[f]} {f} records to {out}")
 
 
 @app.command()
@@ -181,6 +209,8 @@ def main() -> None:
         err.print("interrupted; resume with `mics resume RUN_DIR`")
         sys.exit(130)
 
+
+register(app)
 
 if __name__ == "__main__":
     main()

@@ -1,11 +1,40 @@
-"""Exports from the store. `reference`: the Chiron-o1 results/failed JSONL schema."""
+"""Exports from the store, one JSONL file per format, questions in dataset order.
+
+- ``reference``: the Chiron-o1 results/failed schema (``results.jsonl``, ``failed.jsonl``).
+- ``sft``: InternVL fine-tuning chains (``sft.jsonl``: ``image`` list, ``conversations``).
+- ``sharegpt``: the same chains for LLaMA-Factory (``sharegpt.jsonl``: ``messages``,
+  ``images``), with a ``dataset_info.json`` entry describing the columns.
+- ``step-values``: every evaluated prefix with its MICS-Score, a Monte Carlo estimate of the
+  step's value (``step_values.jsonl``), for process reward models.
+- ``preferences``: the chosen step against each lower-scoring sibling (``preferences.jsonl``).
+
+Every record of the new formats carries ``difficulty`` (final depth, stop reason, score
+trajectory of the chosen path, curriculum level) for curriculum ordering. Filters select
+questions (see :class:`Filters`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from mics.analysis import chosen_path, stop_kind
+from mics.dataset import _groups
+from mics.steps import FINAL_MARKER
+
+FORMATS = ("reference", "sft", "sharegpt", "step-values", "preferences")
+FILES = {"sft": "sft.jsonl", "sharegpt": "sharegpt.jsonl", "step-values": "step_values.jsonl",
+         "preferences": "preferences.jsonl"}
+KEYFRAMES = ("Please base your response on the keyframes of the relevant medical imaging "
+             "modality ({modalities}) and reason step-by-step to answer the above question.")
+TEXT_ONLY = "Please reason step-by-step to answer the above question."
+
+
+# ---------------------------------------------------------------- reference
 
 
 def reference_result(rec: dict[str, Any]) -> dict[str, Any]:
@@ -33,8 +62,13 @@ def failure_record(qid: str, rec: dict[str, Any]) -> dict[str, Any]:
     return {"rid": qid, "stage": o["stage"], "error": o["error"], "details": details}
 
 
-def export_reference(store: Any, out_dir: Path) -> dict[str, int]:
-    """Write results.jsonl and failed.jsonl in dataset order; returns the line counts."""
+def export_reference(store: Any, out_dir: Path,
+                     keep: Callable[[str, dict[str, Any]], bool] | None = None
+                     ) -> dict[str, int]:
+    """Write results.jsonl and failed.jsonl in dataset order; returns the line counts.
+
+    ``keep(qid, record)`` selects the successes written (failures are always written).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {"results": 0, "failed": 0, "pending": 0}
     results_tmp = out_dir / "results.jsonl.tmp"
@@ -42,6 +76,8 @@ def export_reference(store: Any, out_dir: Path) -> dict[str, int]:
     with results_tmp.open("wb") as res, failed_tmp.open("wb") as bad:
         for qid, rec in store.iter_questions():
             if rec["status"] == "succeeded":
+                if keep is not None and not keep(qid, rec):
+                    continue
                 res.write(orjson.dumps(reference_result(rec)) + b"\n")
                 counts["results"] += 1
             elif rec["status"] == "failed":
@@ -51,4 +87,250 @@ def export_reference(store: Any, out_dir: Path) -> dict[str, int]:
                 counts["pending"] += 1
     results_tmp.replace(out_dir / "results.jsonl")
     failed_tmp.replace(out_dir / "failed.jsonl")
+    return counts
+
+
+# ---------------------------------------------------------------- difficulty and filters
+
+
+def difficulty(rec: dict[str, Any], nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Curriculum signals of one question.
+
+    ``level``: d for a full score at depth d, final depth + 1 for max depth without a full
+    score, None for a failed question.
+    """
+    outcome = rec.get("outcome") or {}
+    kind = stop_kind(rec)
+    final = int(outcome.get("final_depth") or 0)
+    level = final if kind == "full_score" else final + 1 if kind == "max_depth" else None
+    return {
+        "final_depth": final, "stop_reason": rec.get("stop_reason") or "", "stop_kind": kind,
+        "score_trajectory": [n["score"] for n in chosen_path(nodes) if n["depth"] >= 0],
+        "level": level,
+    }
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Question filters shared by every format.
+
+    ``min_score``: the last chosen step's score is at least this (failed questions score 0);
+    ``only_full_score``: the search stopped on a full score; ``max_depth``: the final depth is
+    at most this.
+    """
+
+    min_score: float | None = None
+    only_full_score: bool = False
+    max_depth: int | None = None
+
+    def keep(self, rec: dict[str, Any], nodes: list[dict[str, Any]]) -> bool:
+        """Whether a question passes every filter."""
+        diff = difficulty(rec, nodes)
+        if self.only_full_score and diff["stop_kind"] != "full_score":
+            return False
+        if self.max_depth is not None and diff["final_depth"] > self.max_depth:
+            return False
+        if self.min_score is not None:
+            trajectory = diff["score_trajectory"]
+            # the last chosen step of a success; a failed search accepted no last step
+            final = trajectory[-1] if rec.get("status") == "succeeded" and trajectory else 0.0
+            if final < self.min_score:
+                return False
+        return True
+
+    @property
+    def active(self) -> bool:
+        return self.min_score is not None or self.only_full_score or self.max_depth is not None
+
+
+# ---------------------------------------------------------------- SFT prompt and target
+
+
+def _case_fields(case_info: str) -> dict[str, str]:
+    fields = {"Gender": "N/A", "Age": "N/A", "Chief complaint": "N/A"}
+    for line in case_info.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in fields:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def ordered_images(image_paths: list[str]) -> tuple[list[str], list[int]]:
+    """Images in modality order (by ``_group<k>``) and the number of images per modality."""
+    if not image_paths:
+        return [], []
+    groups = _groups(image_paths) or [list(range(1, len(image_paths) + 1))]
+    return [image_paths[n - 1] for g in groups for n in g], [len(g) for g in groups]
+
+
+def sft_prompt(question: dict[str, Any]) -> tuple[str, list[str]]:
+    """The Chiron-o1 SFT user turn (one ``<image>`` per image) and its images in order."""
+    f = _case_fields(question.get("case_info", ""))
+    text = (f"{question['question']} (Supplementary information is as follows:\n"
+            f"Gender: {f['Gender']}, Age: {f['Age']}, Chief complaint: {f['Chief complaint']})\n")
+    images, sizes = ordered_images(list(question.get("image_paths", [])))
+    if not images:
+        return text + TEXT_ONLY, []
+    modalities = ",\n".join(f"Modality {i}: " + "\n".join(["<image>"] * n)
+                            for i, n in enumerate(sizes, start=1))
+    return text + KEYFRAMES.format(modalities=modalities), images
+
+
+def split_answer(reasoning: str) -> tuple[str, str | None]:
+    """(reasoning without the final-answer section, the final answer or None)."""
+    idx = reasoning.lower().rfind(FINAL_MARKER.lower())
+    if idx < 0:
+        return reasoning.strip(), None
+    answer = reasoning[idx + len(FINAL_MARKER):].strip()
+    return reasoning[:idx].rstrip(), answer or None
+
+
+def _chain(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]], answer_in_target: bool
+           ) -> tuple[str, list[str], str, dict[str, Any]]:
+    q, o = rec["question"], rec["outcome"]
+    prompt, images = sft_prompt(q)
+    steps, answer = split_answer(o["reasoning"])
+    target = o["reasoning"].strip() if answer_in_target else steps
+    meta = {"answer": answer if answer is not None else q["gt_answer"],
+            "gt_answer": q["gt_answer"], "generated_by": o["generated_by"],
+            "difficulty": difficulty(rec, nodes)}
+    return prompt, images, target, meta
+
+
+def sft_record(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]],
+               answer_in_target: bool = False) -> dict[str, Any]:
+    """One InternVL fine-tuning record (``image`` omitted for a text-only question)."""
+    prompt, images, target, meta = _chain(qid, rec, nodes, answer_in_target)
+    out: dict[str, Any] = {"id": qid}
+    if images:
+        out["image"] = images
+    out["conversations"] = [{"from": "human", "value": prompt}, {"from": "gpt", "value": target}]
+    return {**out, **meta}
+
+
+def sharegpt_record(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]],
+                    answer_in_target: bool = False) -> dict[str, Any]:
+    """One LLaMA-Factory ShareGPT record (``messages`` with role/content, ``images``)."""
+    prompt, images, target, meta = _chain(qid, rec, nodes, answer_in_target)
+    return {"id": qid,
+            "messages": [{"role": "user", "content": prompt},
+                         {"role": "assistant", "content": target}],
+            "images": images, **meta}
+
+
+SHAREGPT_INFO = {"mics": {
+    "file_name": FILES["sharegpt"], "formatting": "sharegpt",
+    "columns": {"messages": "messages", "images": "images"},
+    "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+             "assistant_tag": "assistant"},
+}}
+
+
+# ---------------------------------------------------------------- step values and preferences
+
+
+def _base(qid: str, rec: dict[str, Any]) -> dict[str, Any]:
+    q = rec.get("question") or {}
+    return {"rid": qid, "question": q.get("question", ""), "gt_answer": q.get("gt_answer", ""),
+            "images": list(q.get("image_paths", []))}
+
+
+def step_value_records(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]]
+                       ) -> list[dict[str, Any]]:
+    """Every evaluated candidate (roots excluded) with its MICS-Score as the step value."""
+    base, diff = _base(qid, rec), difficulty(rec, nodes)
+    return [{**base, "node_id": n["node_id"], "parent_id": n["parent_id"],
+             "attempt": n["attempt"], "depth": n["depth"] + 1, "mentor": n["mentor"],
+             "prefix": n["prefix"], "step": n["step"], "value": n["score"],
+             "correct": n["correct"], "total": n["total"], "chosen": n["chosen"],
+             "reused": n["reused"], "difficulty": diff}
+            for n in nodes if n["depth"] >= 0]
+
+
+def preference_records(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]]
+                       ) -> list[dict[str, Any]]:
+    """At each depth, the chosen step against every sibling with a strictly lower score."""
+    base, diff = _base(qid, rec), difficulty(rec, nodes)
+    by_id = {n["node_id"]: n for n in nodes}
+    out = []
+    for c in nodes:
+        if c["depth"] < 0 or not c["chosen"]:
+            continue
+        parent = by_id.get(c["parent_id"])
+        for r in nodes:
+            if r["parent_id"] != c["parent_id"] or r is c or r["score"] >= c["score"]:
+                continue
+            out.append({**base, "depth": c["depth"] + 1, "parent_id": c["parent_id"],
+                        "prefix": parent["prefix"] if parent else "",
+                        "chosen": _side(c), "rejected": _side(r),
+                        "margin": c["score"] - r["score"], "difficulty": diff})
+    return out
+
+
+def _side(n: dict[str, Any]) -> dict[str, Any]:
+    return {"node_id": n["node_id"], "mentor": n["mentor"], "step": n["step"],
+            "score": n["score"], "correct": n["correct"], "total": n["total"]}
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _questions(store: Any, filters: Filters
+               ) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
+    for qid, rec in store.iter_questions():
+        if rec.get("status") not in ("succeeded", "failed") or rec.get("question") is None:
+            continue  # pending questions and unreadable records have no tree to export
+        nodes = store.get_nodes(qid)
+        if filters.keep(rec, nodes):
+            yield qid, rec, nodes
+
+
+def _records(fmt: str, qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]],
+             answer_in_target: bool) -> list[dict[str, Any]]:
+    if fmt in ("sft", "sharegpt"):
+        if rec["status"] != "succeeded":
+            return []
+        build = sft_record if fmt == "sft" else sharegpt_record
+        return [build(qid, rec, nodes, answer_in_target)]
+    if fmt == "step-values":
+        return step_value_records(qid, rec, nodes)
+    return preference_records(qid, rec, nodes)
+
+
+def export(store: Any, out_dir: Path, formats: list[str], filters: Filters | None = None,
+           answer_in_target: bool = False) -> dict[str, int]:
+    """Write each format's file(s) into ``out_dir``; returns record counts per file stem."""
+    filters = filters or Filters()
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"unknown export format(s) {', '.join(unknown)}; "
+                         f"choose from {', '.join(FORMATS)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    if "reference" in formats:
+        def keep(qid: str, rec: dict[str, Any]) -> bool:
+            return filters.keep(rec, store.get_nodes(qid))
+
+        counts.update(export_reference(store, out_dir, keep if filters.active else None))
+    others = [f for f in FORMATS if f in formats and f != "reference"]
+    if not others:
+        return counts
+    tmp = {f: out_dir / (FILES[f] + ".tmp") for f in others}
+    handles = {f: p.open("wb") for f, p in tmp.items()}
+    try:
+        for f in others:
+            counts[f] = 0
+        for qid, rec, nodes in _questions(store, filters):
+            for f in others:
+                for r in _records(f, qid, rec, nodes, answer_in_target):
+                    handles[f].write(orjson.dumps(r) + b"\n")
+                    counts[f] += 1
+    finally:
+        for h in handles.values():
+            h.close()
+    for f, p in tmp.items():
+        p.replace(out_dir / FILES[f])
+    if "sharegpt" in others:
+        (out_dir / "dataset_info.json").write_bytes(
+            orjson.dumps(SHAREGPT_INFO, option=orjson.OPT_INDENT_2) + b"\n")
     return counts

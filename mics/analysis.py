@@ -1,0 +1,364 @@
+"""What a search did, read from the store: one networkx tree per question and run-level tables.
+
+Depths here are 1-based levels: the root is level 0 and the first candidate steps are level 1,
+so a tree's deepest level equals the question's ``final_depth`` (the store keeps 0-based
+``depth`` with -1 for the root). Costs come from an optional price table (``load_prices``);
+a model without a price gives a cost of None, shown as "—".
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+
+from mics.steps import normalize_answer
+
+__all__ = [
+    "PRICE_KEYS", "ROLES", "chosen_path", "load_prices", "load_tree", "question_graph",
+    "run_summary", "stop_kind", "stop_label", "tree_json", "tree_summary",
+]
+
+ROLES = ("mentor", "intern", "judge")
+PRICE_KEYS = ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok")
+STOP_KINDS = ("full_score", "max_depth", "all_zero", "error", "pending")
+_TOKENS = ("prompt_tokens", "completion_tokens", "cached_tokens")
+
+
+# ---------------------------------------------------------------- one question
+
+
+def stop_kind(rec: dict[str, Any]) -> str:
+    """full_score | max_depth | all_zero | error (no mentor, bad record) | pending."""
+    if rec.get("status") not in ("succeeded", "failed"):
+        return "pending"
+    reason = rec.get("stop_reason") or ""
+    return reason if reason in ("full_score", "max_depth", "all_zero") else "error"
+
+
+def stop_label(rec: dict[str, Any]) -> str:
+    """A short human-readable stop reason, e.g. ``full score at depth 2``."""
+    kind = stop_kind(rec)
+    depth = (rec.get("outcome") or {}).get("final_depth")
+    if kind == "full_score":
+        return f"full score at depth {depth}"
+    if kind == "max_depth":
+        return f"max depth ({depth}) without a full score"
+    if kind == "all_zero":
+        return f"all zero at depth {depth}"
+    if kind == "error":
+        outcome = rec.get("outcome") or {}
+        return f"error: {rec.get('stop_reason') or '?'}: {outcome.get('error', '')}".rstrip(": ")
+    return "not finished"
+
+
+def chosen_path(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Root, then the chosen node of each depth, of the question's last attempt."""
+    if not nodes:
+        return []
+    last = max(n["attempt"] for n in nodes)
+    path = [n for n in nodes if n["attempt"] == last and n["chosen"]]
+    return sorted(path, key=lambda n: n["depth"])
+
+
+def _sum_usage(items: Iterable[dict[str, Any] | None]) -> dict[str, int]:
+    out = dict.fromkeys(_TOKENS, 0)
+    for u in items:
+        for k in _TOKENS:
+            out[k] += int((u or {}).get(k, 0) or 0)
+    return out
+
+
+def question_graph(qid: str, rec: dict[str, Any] | None, nodes: list[dict[str, Any]]
+                   ) -> nx.DiGraph:
+    """A question's search tree as a DiGraph; node keys are the stored node ids."""
+    rec = rec or {"status": "unknown"}
+    outcome = rec.get("outcome") or {}
+    question = rec.get("question") or {}
+    on_path = {n["node_id"] for n in chosen_path(nodes)}
+    g = nx.DiGraph(
+        qid=qid, status=rec.get("status", "unknown"), stop_reason=rec.get("stop_reason") or "",
+        stop_kind=stop_kind(rec), stop_label=stop_label(rec),
+        final_depth=outcome.get("final_depth"), question=question.get("question", ""),
+        gt_answer=question.get("gt_answer", ""), images=list(question.get("image_paths", [])),
+        error=outcome.get("error", ""), generated_by=list(outcome.get("generated_by", [])),
+    )
+    for n in nodes:
+        samples = [{k: s.get(k) for k in ("intern", "temperature", "answer", "correct",
+                                           "verdict", "raw")} for s in n.get("samples", [])]
+        usage = {"mentor": _sum_usage([(n.get("usage") or {}).get("mentor")]),
+                 "interns": _sum_usage((s.get("usage") or {}).get("intern")
+                                       for s in n.get("samples", []))}
+        g.add_node(n["node_id"], depth=n["depth"] + 1, attempt=n["attempt"],
+                   mentor=n.get("mentor"), step=n.get("step", ""), score=n.get("score", 0.0),
+                   correct=n.get("correct", 0), total=n.get("total", 0),
+                   chosen=bool(n.get("chosen")), on_path=n["node_id"] in on_path,
+                   reused=bool(n.get("reused")), root=n["depth"] < 0, samples=samples,
+                   usage=usage)
+    for n in nodes:
+        if n.get("parent_id") and n["parent_id"] in g:
+            g.add_edge(n["parent_id"], n["node_id"], on_path=n["node_id"] in on_path
+                       and n["parent_id"] in on_path)
+    return g
+
+
+def load_tree(store: Any, qid: str) -> nx.DiGraph:
+    """The tree of one stored question; KeyError if the run has no such question."""
+    rec = store.get_question(qid)
+    if rec is None:
+        raise KeyError(qid)
+    return question_graph(qid, rec, store.get_nodes(qid))
+
+
+def tree_summary(g: nx.DiGraph) -> dict[str, Any]:
+    """Nodes, depth reached, stop reason and chosen path of one tree."""
+    path = sorted((n for n, a in g.nodes(data=True) if a["on_path"]),
+                  key=lambda n: g.nodes[n]["depth"])
+    depths = [a["depth"] for _, a in g.nodes(data=True)]
+    final = g.graph["final_depth"]
+    return {
+        "qid": g.graph["qid"], "status": g.graph["status"], "node_count": g.number_of_nodes(),
+        "depth": final if final is not None else max(depths, default=0),
+        "stop_kind": g.graph["stop_kind"], "stop_reason": g.graph["stop_reason"],
+        "stop": g.graph["stop_label"],
+        "attempts": 1 + max((a["attempt"] for _, a in g.nodes(data=True)), default=0),
+        "chosen_path": path,
+        "path_mentors": [g.nodes[n]["mentor"] for n in path if not g.nodes[n]["root"]],
+        "score_trajectory": [g.nodes[n]["score"] for n in path if not g.nodes[n]["root"]],
+    }
+
+
+def tree_json(g: nx.DiGraph) -> dict[str, Any]:
+    """Everything about one tree as plain JSON: summary, question, nodes and edges."""
+    return {
+        **tree_summary(g),
+        "question": g.graph["question"], "gt_answer": g.graph["gt_answer"],
+        "images": g.graph["images"], "error": g.graph["error"],
+        "nodes": [{"id": n, **a} for n, a in g.nodes(data=True)],
+        "edges": [{"source": u, "target": v, "on_path": a["on_path"]}
+                  for u, v, a in g.edges(data=True)],
+    }
+
+
+# ---------------------------------------------------------------- prices
+
+
+def load_prices(path: str | Path) -> dict[str, dict[str, float]]:
+    """Read a TOML price table: ``["model name"]`` tables of USD per million tokens.
+
+    Keys: ``input_per_mtok``, ``output_per_mtok`` and optional ``cached_input_per_mtok``
+    (default: the input price). The tables may also sit under a ``[prices]`` table.
+    Raises ValueError naming the problem.
+    """
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"price file not found: {p}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{p}: invalid TOML: {e}") from None
+    if set(data) == {"prices"} and isinstance(data["prices"], dict):
+        data = data["prices"]
+    out: dict[str, dict[str, float]] = {}
+    for model, table in data.items():
+        if not isinstance(table, dict):
+            raise ValueError(f"{p}: [{model}] must be a table of prices")
+        unknown = sorted(set(table) - set(PRICE_KEYS))
+        if unknown:
+            raise ValueError(f"{p}: [{model}]: unknown key(s) {', '.join(unknown)}; "
+                             f"allowed: {', '.join(PRICE_KEYS)}")
+        for key in PRICE_KEYS[:2]:
+            if key not in table:
+                raise ValueError(f"{p}: [{model}].{key} missing")
+        for key, value in table.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{p}: [{model}].{key}: expected a number >= 0, got {value!r}")
+        out[model] = {k: float(table.get(k, table["input_per_mtok"])) for k in PRICE_KEYS}
+    return out
+
+
+def _cost(usage: dict[str, int], price: dict[str, float] | None) -> float | None:
+    if price is None:
+        return None
+    cached = min(usage["cached_tokens"], usage["prompt_tokens"])
+    return (((usage["prompt_tokens"] - cached) * price["input_per_mtok"]
+             + cached * price["cached_input_per_mtok"]
+             + usage["completion_tokens"] * price["output_per_mtok"]) / 1e6)
+
+
+def _model_ids(config: dict[str, Any] | None) -> dict[str, str]:
+    """Configured name -> underlying model id, from the stored run config."""
+    if not config:
+        return {}
+    models = [*config.get("mentors", []), *config.get("interns", []), config.get("judge") or {}]
+    return {m["name"]: m.get("model", "") for m in models if m.get("name")}
+
+
+# ---------------------------------------------------------------- run level
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _usage_rows(store: Any, prices: dict[str, dict[str, float]], ids: dict[str, str]
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Calls, tokens, latency and cost per (role, model) and per role, from the call log."""
+    per: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def row(role: str, model: str) -> dict[str, Any]:
+        if (role, model) not in per:
+            per[(role, model)] = {"role": role, "model": model, "calls": 0, "failed_calls": 0,
+                                  **dict.fromkeys(_TOKENS, 0), "latency_s": 0.0}
+        return per[(role, model)]
+
+    for entry in store.iter_calls():
+        r = row(entry.get("role", "?"), entry.get("model", "?"))
+        r["calls"] += 1
+        usage = ((store.memo_get(entry["key"]) or {}).get("usage")) or {}
+        for k in _TOKENS:
+            r[k] += int(usage.get(k, 0) or 0)
+        r["latency_s"] += float(usage.get("latency_s", 0.0) or 0.0)
+    for f in store.iter_failures():
+        if f.get("kind") == "call":
+            row(f.get("role", "?"), f.get("model", "?"))["failed_calls"] += len(f.get("keys", []))
+    order = {r: i for i, r in enumerate(ROLES)}
+    models = sorted(per.values(), key=lambda r: (order.get(r["role"], 9), r["role"], r["model"]))
+    for r in models:
+        price = prices.get(r["model"]) or prices.get(ids.get(r["model"], ""))
+        r["priced"] = price is not None
+        r["cost"] = _cost(r, price)
+    roles: dict[str, dict[str, Any]] = {}
+    for r in models:
+        agg = roles.setdefault(r["role"], {"role": r["role"], "calls": 0, "failed_calls": 0,
+                                           **dict.fromkeys(_TOKENS, 0), "latency_s": 0.0,
+                                           "cost": 0.0})
+        for k in ("calls", "failed_calls", *_TOKENS, "latency_s"):
+            agg[k] += r[k]
+        agg["cost"] = None if agg["cost"] is None or r["cost"] is None else agg["cost"] + r["cost"]
+    return list(roles.values()), models
+
+
+def _kappa(pairs: list[tuple[bool, bool]]) -> float | None:
+    """Cohen's kappa of two raters' correct/incorrect labels; None when undefined."""
+    n = len(pairs)
+    if not n:
+        return None
+    po = sum(a == b for a, b in pairs) / n
+    pa, pb = sum(a for a, _ in pairs) / n, sum(b for _, b in pairs) / n
+    pe = pa * pb + (1 - pa) * (1 - pb)
+    return None if pe >= 1 else (po - pe) / (1 - pe)
+
+
+def _interns(trees: list[nx.DiGraph]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    acc: dict[tuple[str, float], Counter[str]] = defaultdict(Counter)
+    pairs: dict[tuple[str, str], list[tuple[Any, ...]]] = defaultdict(list)
+    for g in trees:
+        for _, a in g.nodes(data=True):
+            by_temp: dict[float, dict[str, dict[str, Any]]] = defaultdict(dict)
+            for s in a["samples"]:
+                c = acc[(s["intern"], s["temperature"])]
+                c["samples"] += 1
+                c["correct"] += bool(s["correct"])
+                c["no_answer"] += s["verdict"] == "no-answer"
+                c["failed"] += s["verdict"] in ("call-failed", "judge-failed", "unparsable")
+                by_temp[s["temperature"]].setdefault(s["intern"], s)
+            for group in by_temp.values():
+                for x, y in combinations(sorted(group), 2):
+                    sx, sy = group[x], group[y]
+                    same = (sx["answer"] is not None and sy["answer"] is not None
+                            and normalize_answer(sx["answer"]) == normalize_answer(sy["answer"]))
+                    pairs[(x, y)].append((bool(sx["correct"]), bool(sy["correct"]), same))
+    order = sorted(acc, key=lambda k: (k[0], -k[1]))  # per intern, hottest first
+    accuracy = [{"intern": i, "temperature": t, "samples": acc[(i, t)]["samples"],
+                 "correct": acc[(i, t)]["correct"],
+                 "accuracy": _ratio(acc[(i, t)]["correct"], acc[(i, t)]["samples"]),
+                 "no_answer": acc[(i, t)]["no_answer"], "failed": acc[(i, t)]["failed"]}
+                for i, t in order]
+    agreement = []
+    for (x, y), ps in sorted(pairs.items()):
+        agreement.append({
+            "a": x, "b": y, "pairs": len(ps),
+            "verdict_agreement": _ratio(sum(p[0] == p[1] for p in ps), len(ps)),
+            "answer_agreement": _ratio(sum(p[2] for p in ps), len(ps)),
+            "kappa": _kappa([(p[0], p[1]) for p in ps]),
+        })
+    return accuracy, agreement
+
+
+def _by_depth(trees: list[nx.DiGraph]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    scores: dict[int, list[float]] = defaultdict(list)
+    chosen: dict[int, list[float]] = defaultdict(list)
+    proposed: dict[tuple[int, str], list[float]] = defaultdict(list)
+    won: Counter[tuple[int, str]] = Counter()
+    decisions: Counter[int] = Counter()
+    for g in trees:
+        for _, a in g.nodes(data=True):
+            if a["root"]:
+                continue
+            d = a["depth"]
+            scores[d].append(a["score"])
+            proposed[(d, a["mentor"] or "?")].append(a["score"])
+            if a["chosen"]:
+                chosen[d].append(a["score"])
+                won[(d, a["mentor"] or "?")] += 1
+                decisions[d] += 1
+    score_rows = [{"depth": d, "candidates": len(v), "mean_score": sum(v) / len(v),
+                   "chosen": len(chosen[d]),
+                   "mean_chosen_score": _ratio(sum(chosen[d]), len(chosen[d]))}
+                  for d, v in sorted(scores.items())]
+    mentor_rows = [{"depth": d, "mentor": m, "proposed": len(v), "won": won[(d, m)],
+                    "decisions": decisions[d], "win_rate": _ratio(won[(d, m)], decisions[d]),
+                    "mean_score": sum(v) / len(v)}
+                   for (d, m), v in sorted(proposed.items())]
+    return score_rows, mentor_rows
+
+
+def run_summary(store: Any, prices: dict[str, dict[str, float]] | None = None
+                ) -> dict[str, Any]:
+    """Every run-level table (see module docstring) as plain JSON-ready data."""
+    trees = [question_graph(qid, rec, store.get_nodes(qid)) for qid, rec in store.iter_questions()]
+    summaries = [tree_summary(g) for g in trees]
+    status = Counter(s["status"] for s in summaries)
+    stops: dict[str, Counter[int]] = defaultdict(Counter)
+    for s in summaries:
+        stops[s["stop_kind"]][s["depth"] or 0] += 1
+    score_rows, mentor_rows = _by_depth(trees)
+    accuracy, agreement = _interns(trees)
+    roles, models = _usage_rows(store, prices or {}, _model_ids(store.get_meta("config")))
+    accepted = status.get("succeeded", 0)
+    cost: float | None = None
+    if roles:
+        cost = None if any(r["cost"] is None for r in roles) else sum(r["cost"] for r in roles)
+    tokens = sum(r["prompt_tokens"] + r["completion_tokens"] for r in roles)
+    totals = {
+        "questions": len(summaries), "succeeded": accepted, "failed": status.get("failed", 0),
+        "pending": len(summaries) - accepted - status.get("failed", 0),
+        "node_count": sum(s["node_count"] for s in summaries),
+        "calls": sum(r["calls"] for r in roles),
+        "failed_calls": sum(r["failed_calls"] for r in roles),
+        **{k: sum(r[k] for r in roles) for k in _TOKENS}, "cost": cost,
+        "cost_per_accepted": None if cost is None or not accepted else cost / accepted,
+        "tokens_per_accepted": _ratio(tokens, accepted),
+        "calls_per_accepted": _ratio(sum(r["calls"] for r in roles), accepted),
+    }
+    failed = []
+    for g, s in zip(trees, summaries, strict=True):
+        if s["status"] == "failed":
+            failed.append({"qid": s["qid"], "stop_kind": s["stop_kind"],
+                           "stop_reason": s["stop_reason"], "depth": s["depth"],
+                           "error": g.graph["error"]})
+    return {
+        "run": str(store.run_dir), "totals": totals,
+        "stops": [{"stop_kind": k, "by_depth": {str(d): n for d, n in sorted(stops[k].items())},
+                   "total": sum(stops[k].values())} for k in STOP_KINDS if k in stops],
+        "score_by_depth": score_rows, "mentor_wins": mentor_rows,
+        "intern_accuracy": accuracy, "intern_agreement": agreement,
+        "usage_by_role": roles, "usage_by_model": models,
+        "failed_questions": failed, "trees": summaries,
+    }
