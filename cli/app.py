@@ -17,7 +17,15 @@ from rich.table import Table
 from cli.report import register
 from mics.config import ConfigError, load_config, parse_config
 from mics.export import export_reference
-from mics.run import RunError, RunSummary, search_run, start_run, summarize, with_seed
+from mics.run import (
+    RunError,
+    RunSummary,
+    cache_hit_rates,
+    search_run,
+    start_run,
+    summarize,
+    with_seed,
+)
 from mics.types import Outcome
 from store import RunStore, StoreError
 
@@ -104,17 +112,34 @@ def resume(run: RunDir) -> None:
 
 
 @app.command()
-def status(run: RunDir) -> None:
-    """Show a run's progress (works while a search is running)."""
+def status(
+    run: RunDir,
+    questions: Annotated[int, typer.Option(help="Per-question cache rows to show.")] = 20,
+) -> None:
+    """Show a run's progress and intern prefix-cache hit rates (works during a search)."""
 
-    def read() -> RunSummary:
+    def read() -> tuple[RunSummary, float | None, dict[str, tuple[int, int]]]:
         with RunStore.open(run, write=False) as store:
             summary = summarize(store)
             summary.calls = {"stored calls": store.call_count(),
                              "recorded call failures": len(store.iter_failures())}
-            return summary
+            rate, per_q = cache_hit_rates(store)
+            return summary, rate, per_q
 
-    _print_summary(_guarded(read), title="run status")
+    summary, rate, per_q = _guarded(read)
+    _print_summary(summary, title="run status")
+    if rate is None:
+        console.print("intern cache hit rate: — (no intern calls with token counts)")
+        return
+    console.print(f"intern cache hit rate (cached / prompt tokens): [bold]{rate:.1%}[/]")
+    table = Table(title="per question", show_lines=False)
+    for col in ("question", "prompt tokens", "cached tokens", "hit rate"):
+        table.add_column(col, justify="right")
+    for qid, (prompt, cached) in list(per_q.items())[:questions]:
+        table.add_row(qid, str(prompt), str(cached), f"{cached / prompt:.1%}" if prompt else "—")
+    console.print(table)
+    if len(per_q) > questions:
+        console.print(f"... {len(per_q) - questions} more (--questions N)")
 
 
 @app.command()

@@ -70,6 +70,7 @@ class _Tree:
     chains: dict[str, _Proposal] = field(default_factory=dict)
     scores: dict[str, list[float]] = field(default_factory=dict)
     previous: list[str] = field(default_factory=list)
+    verdicts: dict[str, str] = field(default_factory=dict)  # normalised answer -> verdict
 
 
 class Engine:
@@ -167,7 +168,7 @@ class Engine:
             proposals, mentor_errors = await self._propose(q, tree, depth)
             self._check_stop()
             nodes = [self._node(tree, depth, p) for p in proposals]
-            await self._evaluate(q, nodes)
+            await self._evaluate(q, nodes, tree.verdicts)
             self._check_stop()
             by_mentor = {n.mentor: n for n in nodes}
             for m in mentor_names:
@@ -279,7 +280,7 @@ class Engine:
 
     # ---- interns and judge -----------------------------------------------------------------
 
-    async def _evaluate(self, q: Question, nodes: list[Node]) -> None:
+    async def _evaluate(self, q: Question, nodes: list[Node], verdicts: dict[str, str]) -> None:
         """All intern samples of all candidates at once, then the judge, then the scores."""
         temps = self.search.intern_samples
         replies: dict[tuple[int, int, int], Reply | CallFailure] = {}
@@ -298,7 +299,7 @@ class Engine:
             for j, intern in enumerate(self.models.interns):
                 tg.start_soon(intern_batch, j, intern)
 
-        verdicts = await self._judge_all(q, replies)
+        await self._judge_all(q, replies, verdicts)
         for n_i, node in enumerate(nodes):
             for j, intern in enumerate(self.models.interns):
                 for t_i, temp in enumerate(temps):
@@ -306,21 +307,23 @@ class Engine:
                     node.samples.append(self._sample(intern.config.name, temp, reply, verdicts))
             node.total = len(node.samples)
             node.correct = sum(s.correct for s in node.samples)
+        for norm in [n for n, v in verdicts.items() if v == "judge-failed"]:
+            del verdicts[norm]  # a failed judge call is tried again at the next depth
 
     def _intern_sampling(self, temp: float) -> Sampling:
         return Sampling(temperature=temp, top_p=self.search.intern_top_p,
                         top_k=self.search.intern_top_k, max_tokens=self.search.intern_max_tokens)
 
-    async def _judge_all(self, q: Question, replies: dict[Any, Reply | CallFailure]
-                         ) -> dict[str, str]:
-        """Judge each distinct normalised answer once; verdict per normalised answer."""
+    async def _judge_all(self, q: Question, replies: dict[Any, Reply | CallFailure],
+                         verdicts: dict[str, str]) -> None:
+        """Judge each distinct normalised answer once per question (the cache is keyed by the
+        question, the normalised answer and so the ground truth); fills `verdicts`."""
         answers: dict[str, str] = {}
         for reply in replies.values():
             if isinstance(reply, Reply):
                 ans = extract_final_answer(reply.text)
-                if ans is not None:
+                if ans is not None and normalize_answer(ans) not in verdicts:
                     answers.setdefault(normalize_answer(ans), ans)
-        verdicts: dict[str, str] = {}
 
         async def judge_one(norm: str, ans: str) -> None:
             verdicts[norm] = await self._judge(q, ans)
@@ -328,7 +331,6 @@ class Engine:
         async with anyio.create_task_group() as tg:
             for norm in sorted(answers):
                 tg.start_soon(judge_one, norm, answers[norm])
-        return verdicts
 
     async def _judge(self, q: Question, answer: str) -> str:
         """Yes/no from the first word (B11); judge usage is accounted from the call log."""

@@ -202,6 +202,25 @@ def summarize(store: RunStore) -> RunSummary:
     return summary
 
 
+def cache_hit_rates(store: RunStore) -> tuple[float | None, dict[str, tuple[int, int]]]:
+    """Intern prefix-cache reuse from the stored calls: run-level sum(cached)/sum(prompt) and
+    per question (prompt tokens, cached tokens)."""
+    per_q: dict[str, list[int]] = {}
+    for entry in store.iter_calls():
+        if entry.get("role") != "intern":
+            continue
+        reply = store.memo_get(entry["key"])
+        if reply is None:
+            continue
+        usage = reply.get("usage", {})
+        tot = per_q.setdefault(entry.get("qid", ""), [0, 0])
+        tot[0] += int(usage.get("prompt_tokens", 0))
+        tot[1] += int(usage.get("cached_tokens", 0))
+    prompt = sum(t[0] for t in per_q.values())
+    cached = sum(t[1] for t in per_q.values())
+    return (cached / prompt if prompt else None), {q: (t[0], t[1]) for q, t in per_q.items()}
+
+
 def with_seed(config: RunConfig, seed: int | None) -> RunConfig:
     if seed is None:
         return config

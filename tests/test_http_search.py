@@ -190,3 +190,32 @@ def test_local_backend_search_on_image_questions(tmp_path, chiron):
     assert samples and all(s["raw"] is not None for s in samples)  # the tiny VLM answered
     assert all(s["usage"]["intern"]["prompt_tokens"] > 0 for s in samples)
     assert orjson.dumps(recs)
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_run_level_cache_hit_rate_with_and_without_warmup(tmp_path, chiron, tokenizer_dir,
+                                                          warmup):
+    from mics.run import cache_hit_rates
+
+    with LoopbackServer(MODELS, api_key=SENTINEL) as srv:
+        cfg = tmp_path / "paper.toml"
+        text = paper_config(srv, tokenizer_dir)
+        if not warmup:
+            text = text.replace(f'tokenizer = "{tokenizer_dir}"',
+                                f'tokenizer = "{tokenizer_dir}", warmup = false')
+        cfg.write_text(text)
+        proc = search(chiron, cfg, tmp_path / "R")
+        assert proc.returncode == 0, proc.stderr
+        served = sorted(e.cached_tokens for e in srv.log
+                        if e.path == "/generate" and e.ok and e.completion_tokens > 0)
+        status = mics("status", tmp_path / "R")
+    with RunStore.open(tmp_path / "R", write=False) as store:
+        rate, per_q = cache_hit_rates(store)
+    # every stored intern call carries exactly the cached_tokens the server's matcher computed
+    assert sorted(u["cached_tokens"] for u in intern_usage(tmp_path / "R")) == served
+    assert len(per_q) == 10
+    assert f"{rate:.1%}" in status.stdout
+    if warmup:
+        assert rate >= 0.85
+    else:
+        assert rate < 0.75  # visibly lower: nothing primes the root or the candidates
