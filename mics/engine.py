@@ -71,6 +71,7 @@ class _Tree:
     scores: dict[str, list[float]] = field(default_factory=dict)
     previous: list[str] = field(default_factory=list)
     verdicts: dict[str, str] = field(default_factory=dict)  # normalised answer -> verdict
+    mentor_errors: dict[str, dict[str, str]] = field(default_factory=dict)  # depth -> mentor
 
 
 class Engine:
@@ -167,6 +168,8 @@ class Engine:
         for depth in range(self.search.max_depth):
             proposals, mentor_errors = await self._propose(q, tree, depth)
             self._check_stop()
+            if mentor_errors:
+                tree.mentor_errors[str(depth + 1)] = mentor_errors
             nodes = [self._node(tree, depth, p) for p in proposals]
             await self._evaluate(q, nodes, tree.verdicts)
             self._check_stop()
@@ -181,6 +184,8 @@ class Engine:
             self.store.put_nodes(q.qid, [(n.node_id, n.to_dict()) for n in nodes])
             outcome = self._outcome(q, tree, depth, decision, by_mentor, mentor_errors)
             if outcome is not None:
+                if tree.mentor_errors:  # mentors skipped along the way, with their causes
+                    outcome.details["mentor_errors_by_depth"] = tree.mentor_errors
                 return outcome
             chosen = by_mentor[decision.chosen]  # type: ignore[index]
             tree.previous.append(chosen.mentor or "")
