@@ -25,6 +25,12 @@ def api_key(cfg: ModelConfig) -> str | None:
     return key
 
 
+def redact(text: str, cfg: ModelConfig) -> str:
+    """Remove the endpoint's key from text (a server may echo the Authorization header)."""
+    key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+    return text.replace(key, "***") if key else text
+
+
 def make_client(cfg: ModelConfig) -> httpx.AsyncClient:
     """An async client for one endpoint, sized to its concurrency limit."""
     limits = httpx.Limits(max_connections=cfg.max_concurrency,
@@ -61,7 +67,7 @@ def check_response(resp: httpx.Response, cfg: ModelConfig) -> None:
     if resp.is_success:
         return
     where = f"{cfg.name} ({cfg.model} at {cfg.base_url})"
-    message = f"{where}: HTTP {resp.status_code}: {_server_message(resp)}"
+    message = redact(f"{where}: HTTP {resp.status_code}: {_server_message(resp)}", cfg)
     if resp.status_code in RETRYABLE_STATUS:
         raise TransientError(message, retry_after=_retry_after(resp), status=resp.status_code)
     if resp.status_code in FATAL_STATUS:
@@ -72,4 +78,4 @@ def check_response(resp: httpx.Response, cfg: ModelConfig) -> None:
 def transport_error(e: Exception, cfg: ModelConfig) -> BackendError:
     """Map an httpx transport error (timeout, refused, reset) to a retryable error."""
     where = f"{cfg.name} ({cfg.model} at {cfg.base_url})"
-    return TransientError(f"{where}: {type(e).__name__}: {e or 'no detail'}")
+    return TransientError(redact(f"{where}: {type(e).__name__}: {e or 'no detail'}", cfg))

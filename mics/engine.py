@@ -129,11 +129,11 @@ class Engine:
             qid=err.qid, status="failed", stop_reason="bad_record", stage="input",
             error=err.message, details={"line": err.line, "field": err.field},
         )
-        existing = self.store.get_question(err.qid)
-        if existing is None or existing.get("stop_reason") == "bad_record":
-            self.store.put_question(err.qid, {"status": "failed", "index": err.index,
-                                              "stop_reason": "bad_record",
-                                              "outcome": outcome.to_dict()})
+        # keyed by line too: a bad record must never share a key with a valid question of the
+        # same rid (a duplicate rid), or one of the two would hide the other
+        record = {"status": "failed", "index": err.index, "stop_reason": "bad_record",
+                  "outcome": outcome.to_dict()}
+        self.store.put_question(f"{err.qid}@line{err.line}", record)
         self.on_done(outcome)
         return outcome
 

@@ -59,7 +59,8 @@ def failure_record(qid: str, rec: dict[str, Any]) -> dict[str, Any]:
     details = dict(o.get("details", {}))
     if o.get("scores"):
         details["scores"] = o["scores"]
-    return {"rid": qid, "stage": o["stage"], "error": o["error"], "details": details}
+    return {"rid": o.get("qid", qid), "stage": o["stage"], "error": o["error"],
+            "details": details}
 
 
 def export_reference(store: Any, out_dir: Path,

@@ -78,10 +78,11 @@ def start_run(run_dir: Path, config: RunConfig, data: Path, image_root: Path | N
                "image_root": str(image_root.resolve()) if image_root else None, "limit": limit}
     with RunStore.open(run_dir, write=True, create=True) as store:
         stored = store.get_meta("config")
-        if stored is None:
-            store.put_meta("config", config.to_dict())
-            store.put_meta("dataset", dataset)
-            store.put_meta("created", {"time": time.time(), "mics": __version__})
+        if stored is None or store.get_meta("dataset") is None:  # new (or never fully recorded)
+            with store.transaction():  # one commit: a kill leaves all of it or none
+                store.put_meta("config", config.to_dict())
+                store.put_meta("dataset", dataset)
+                store.put_meta("created", {"time": time.time(), "mics": __version__})
             return
         if RunConfig.from_dict(stored) != config:
             raise RunError(f"{run_dir} holds a run with a different config; resume it with "
@@ -150,7 +151,7 @@ async def search_run(
                 await engine.run(items)
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            fatal = _first(group, RunAborted)
+            fatal = _first(group, (RunAborted, StoreError))
             if fatal is None:
                 raise
             raise RunError(f"run stopped: {fatal}. Everything finished so far is stored; fix the "
@@ -174,7 +175,8 @@ async def _watch_interrupts(gate: CallGate, on_interrupt: Callable[[], None] | N
                 on_interrupt()
 
 
-def _first(group: BaseExceptionGroup, kind: type[BaseException]) -> BaseException | None:
+def _first(group: BaseExceptionGroup, kind: type[BaseException] | tuple[type[BaseException], ...]
+           ) -> BaseException | None:
     for exc in group.exceptions:
         if isinstance(exc, kind):
             return exc

@@ -187,10 +187,6 @@ def test_second_sigint_exits_at_once_and_loses_nothing_stored(http_run: HttpRun)
     assert acc["server_repeats"] == acc["in_flight_lost"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (mics/run.py start_run): the config, dataset and created meta keys are three commits; "
-    "a SIGKILL between the first two leaves a run that `mics resume` calls unrecorded and "
-    "`mics search` calls 'a run over a different dataset', so it can never be resumed"))
 def test_kill_between_the_run_records_leaves_a_resumable_run(tmp_path: Path) -> None:
     data, images = write_demo_dataset(tmp_path / "data", n=1)
     cfg, run = load_config(EXAMPLE), tmp_path / "R"
@@ -684,10 +680,6 @@ def test_search_survives_unstorable_record(tmp_path: Path, name: str) -> None:
     assert "input" in stages
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (mics/engine.py Engine._record_failed): a record whose rid repeats an earlier one is a "
-    "RecordError keyed by that rid; the earlier question already holds the key, so the failure "
-    "is dropped and the record is in neither the store nor failed.jsonl"))
 def test_duplicate_rid_record_is_stored_as_failed(tmp_path: Path) -> None:
     msgs = [{"content": "What is it?"}, {"content": "A"}]
     data = tmp_path / "d.jsonl"
@@ -735,12 +727,6 @@ def _damage(run: Path, how: str) -> str:
     return "newer mics"
 
 
-TRACEBACK_ON_RESUME = pytest.mark.xfail(strict=True, reason=(
-    "BUG (mics/run.py search_run): a StoreError raised inside the engine's task group reaches "
-    "the CLI wrapped in an ExceptionGroup (only RunAborted is unwrapped), so `mics resume` on "
-    "a store with a corrupt record prints a traceback instead of the StoreError's message"))
-
-
 @pytest.mark.parametrize("command", ["status", "export", "inspect", "resume"])
 @pytest.mark.parametrize("how", ["truncated", "not-lmdb", "corrupt-record", "newer-schema"])
 def test_damaged_store_gives_a_clear_error(request: pytest.FixtureRequest, tmp_path: Path,
@@ -750,8 +736,6 @@ def test_damaged_store_gives_a_clear_error(request: pytest.FixtureRequest, tmp_p
 
     from cli.app import app
 
-    if how == "corrupt-record" and command == "resume":
-        request.applymarker(TRACEBACK_ON_RESUME)
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     expected = _damage(run, how)
@@ -893,11 +877,7 @@ def test_secrets_never_reach_store_exports_or_output(tmp_path: Path,
 
 @pytest.mark.parametrize("echo", [
     pytest.param({"m0", "i0", "judge"}, id="openai"),
-    pytest.param({"i1"}, id="sglang", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG (backends/sglang.py): a server error message is kept verbatim in the "
-        "TransientError; unlike backends/openai_chat.py the key is not redacted, so a server "
-        "that echoes the Authorization header puts the key in the call log and failure "
-        "history"))),
+    pytest.param({"i1"}, id="sglang"),
 ])
 def test_a_key_echoed_by_the_server_is_redacted(request: pytest.FixtureRequest, tmp_path: Path,
                                                 echo: set[str]) -> None:
