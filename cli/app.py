@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli.bench import register as register_bench
 from cli.report import register
 from mics.config import ConfigError, load_config, parse_config
 from mics.export import export_reference
@@ -21,8 +22,9 @@ from mics.run import (
     RunError,
     RunSummary,
     cache_hit_rates,
+    describe_dataset,
+    record_run,
     search_run,
-    start_run,
     summarize,
     with_seed,
 )
@@ -42,7 +44,7 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _search_with_progress(run_dir: Path) -> RunSummary:
+def _search_with_progress(run_dir: Path, store: RunStore | None = None) -> RunSummary:
     with Progress(TextColumn("[bold]searching"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("ok {task.fields[ok]}  failed {task.fields[bad]}"),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
@@ -56,7 +58,17 @@ def _search_with_progress(run_dir: Path) -> RunSummary:
             tally["ok" if outcome.status == "succeeded" else "bad"] += 1
             progress.update(task, advance=1, **tally)
 
-        return anyio.run(lambda: search_run(run_dir, on_start=on_start, on_done=on_done))
+        return anyio.run(lambda: search_run(run_dir, on_start=on_start, on_done=on_done,
+                                            store=store))
+
+
+def _record_and_search(run: Path, cfg, data: Path, image_root: Path | None,  # noqa: ANN001
+                       limit: int | None) -> RunSummary:
+    """Record the run and search it under one writer lock (no second process can slip in)."""
+    dataset = describe_dataset(data, image_root, limit)
+    with RunStore.open(run, write=True, create=True) as store:
+        record_run(store, cfg, dataset)
+        return _search_with_progress(run, store)
 
 
 def _print_summary(summary: RunSummary, title: str = "run summary") -> None:
@@ -99,9 +111,7 @@ def search(
 ) -> None:
     """Search every question of DATA; re-running on the same --run resumes it."""
     cfg = _guarded(lambda: with_seed(load_config(config), seed))
-    _guarded(start_run, run, cfg, data, image_root, limit)
-    summary = _guarded(_search_with_progress, run)
-    _print_summary(summary)
+    _print_summary(_guarded(_record_and_search, run, cfg, data, image_root, limit))
 
 
 @app.command()
@@ -220,8 +230,7 @@ def demo(
     cfg = parse_config(tomllib.loads(text), where="bundled simulated.toml")
     data, images = write_demo_dataset(run / "demo-data")
     console.print("[yellow]SIMULATED models[/] on a synthetic dataset (no model is called)")
-    _guarded(start_run, run, cfg, data, images, None)
-    summary = _guarded(_search_with_progress, run)
+    summary = _guarded(_record_and_search, run, cfg, data, images, None)
     _print_summary(summary, title="demo summary (simulated models)")
     console.print(f"next: [bold]mics export {run} --out {run}/export[/]")
 
@@ -236,6 +245,7 @@ def main() -> None:
 
 
 register(app)
+register_bench(app)
 
 if __name__ == "__main__":
     main()

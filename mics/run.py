@@ -7,6 +7,7 @@ call: the deterministic replay answers every stored call from the memo.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
@@ -66,30 +67,41 @@ def count_records(path: Path) -> int | None:
         return sum(1 for line in f if line.strip())
 
 
-def start_run(run_dir: Path, config: RunConfig, data: Path, image_root: Path | None,
-              limit: int | None) -> None:
-    """Record a new run's config and dataset, or check a re-run against what is stored."""
+def describe_dataset(data: Path, image_root: Path | None, limit: int | None) -> dict[str, Any]:
+    """What a run reads: checked paths and the dataset's content hash."""
     data = data.resolve()
     if not data.is_file():
         raise RunError(f"dataset not found: {data}")
     if image_root is not None and not image_root.is_dir():
         raise RunError(f"--image-root is not a directory: {image_root}")
-    dataset = {"path": str(data), "sha256": file_sha256(data),
-               "image_root": str(image_root.resolve()) if image_root else None, "limit": limit}
+    return {"path": str(data), "sha256": file_sha256(data),
+            "image_root": str(image_root.resolve()) if image_root else None, "limit": limit}
+
+
+def record_run(store: RunStore, config: RunConfig, dataset: dict[str, Any]) -> None:
+    """Record a new run's config and dataset, or check a re-run against what is stored."""
+    run_dir = store.run_dir
+    stored = store.get_meta("config")
+    if stored is None or store.get_meta("dataset") is None:  # new (or never fully recorded)
+        with store.transaction():  # one commit: a kill leaves all of it or none
+            store.put_meta("config", config.to_dict())
+            store.put_meta("dataset", dataset)
+            store.put_meta("created", {"time": time.time(), "mics": __version__})
+        return
+    if RunConfig.from_dict(stored) != config:
+        raise RunError(f"{run_dir} holds a run with a different config; resume it with "
+                       f"`mics resume {run_dir}` or choose a new --run directory")
+    if store.get_meta("dataset") != dataset:
+        raise RunError(f"{run_dir} holds a run over a different dataset, image root or "
+                       f"limit; resume it with `mics resume {run_dir}` or choose a new --run")
+
+
+def start_run(run_dir: Path, config: RunConfig, data: Path, image_root: Path | None,
+              limit: int | None) -> None:
+    """describe_dataset + record_run in a store opened (and closed) here."""
+    dataset = describe_dataset(data, image_root, limit)
     with RunStore.open(run_dir, write=True, create=True) as store:
-        stored = store.get_meta("config")
-        if stored is None or store.get_meta("dataset") is None:  # new (or never fully recorded)
-            with store.transaction():  # one commit: a kill leaves all of it or none
-                store.put_meta("config", config.to_dict())
-                store.put_meta("dataset", dataset)
-                store.put_meta("created", {"time": time.time(), "mics": __version__})
-            return
-        if RunConfig.from_dict(stored) != config:
-            raise RunError(f"{run_dir} holds a run with a different config; resume it with "
-                           f"`mics resume {run_dir}` or choose a new --run directory")
-        if store.get_meta("dataset") != dataset:
-            raise RunError(f"{run_dir} holds a run over a different dataset, image root or "
-                           f"limit; resume it with `mics resume {run_dir}` or choose a new --run")
+        record_run(store, config, dataset)
 
 
 def build_models(config: RunConfig) -> Models:
@@ -128,14 +140,16 @@ async def search_run(
     on_start: Callable[[int | None], None] | None = None,
     on_done: Callable[[Outcome], None] | None = None,
     on_interrupt: Callable[[], None] | None = None,
+    store: RunStore | None = None,
 ) -> RunSummary:
     """Search (or resume) the run recorded in `run_dir`.
 
     The first SIGINT/SIGTERM stops sending new calls; calls in flight finish and are stored,
     and unfinished questions stay resumable. A second one exits at once (commits are atomic).
+    Pass `store` to keep the writer lock held since the run was recorded.
     """
     started = time.perf_counter()
-    with RunStore.open(run_dir, write=True) as store:
+    with contextlib.nullcontext(store) if store else RunStore.open(run_dir, write=True) as store:
         config, dataset = load_run(store)
         items = dataset_items(dataset)
         if on_start:
@@ -231,5 +245,6 @@ def with_seed(config: RunConfig, seed: int | None) -> RunConfig:
 
 __all__ = [
     "ConfigError", "RunError", "RunSummary", "StoreError", "build_models", "dataset_items",
-    "load_run", "search_run", "start_run", "summarize", "with_seed",
+    "describe_dataset", "load_run", "record_run", "search_run", "start_run", "summarize",
+    "with_seed",
 ]
