@@ -46,6 +46,9 @@ _NO_SPACE_BEFORE = ".,;:)]!?"
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # undecodable bytes under surrogateescape
 
 
+MAX_RID_BYTES = 200  # store keys are rid + node id, and LMDB keys stop at 511 bytes
+
+
 class _Bad(Exception):
     """One problem with one field of a record."""
 
@@ -76,8 +79,12 @@ def read_dataset(
     for index, (line, item) in enumerate(_iter_raw(path)):
         if isinstance(item, _Bad):
             yield RecordError(f"line-{line}", index, line, item.field, item.message)
-        else:
+            continue
+        try:
             yield _convert(item, index, line, root, seen)
+        except Exception as e:  # noqa: BLE001 - a last net: one bad record never ends a run
+            yield RecordError(f"line-{line}", index, line, "record",
+                              f"unreadable record: {type(e).__name__}: {str(e)[:200]}")
 
 
 def clean_captions(captions: Sequence[str], image_paths: Sequence[str]) -> tuple[str, ...]:
@@ -166,6 +173,8 @@ def _parse_line(raw: bytes) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         return _Bad("json", f"invalid JSON: {e.msg} (column {e.colno})")
+    except (RecursionError, ValueError) as e:  # absurd nesting, an integer over the digit limit
+        return _Bad("json", f"unreadable JSON: {type(e).__name__}: {str(e)[:200]}")
 
 
 def _iter_json_list(path: Path) -> Iterator[tuple[int, Any]]:
@@ -187,6 +196,10 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, Any]]:
         except json.JSONDecodeError as e:
             where = f"line {e.lineno}, column {e.colno}"
             yield e.lineno, _Bad("json", f"invalid JSON: {e.msg} ({where})")
+            return
+        except (RecursionError, ValueError) as e:
+            yield lines.at(pos), _Bad("json", f"unreadable JSON: {type(e).__name__}: "
+                                              f"{str(e)[:200]}")
             return
         yield lines.at(pos), _bad_bytes(text[pos:end]) or obj
         pos = _skip_ws(text, end)
@@ -250,12 +263,26 @@ def _convert(
         return RecordError(qid, index, line, e.field, e.message)
 
 
+def _storable(text: str, field: str) -> bytes:
+    """Text as UTF-8; a lone surrogate (unpaired \\ud800-\\udfff escape) cannot be stored."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Bad(field, "contains an unpaired surrogate escape (not valid Unicode)") from None
+
+
 def _build(obj: dict[str, Any], qid: str, index: int, root: Path) -> Question:
     question = _message(obj, 0, "**Question:**", " ")
     answer = _message(obj, 1, "**Correct Answer:**", "")
     entries = _image_entries(obj)
     scalars = [_scalar(obj, k) for k in ("presentation", "age_label", "gender_label")]
     raw_captions = _raw_captions(obj)
+    checks = [(question, "messages[0].content"), (answer, "messages[1].content"),
+              *((e, f"images[{i}]") for i, e in enumerate(entries)),
+              *zip(scalars, ("presentation", "age_label", "gender_label"), strict=True),
+              *((c, f"caption[{i}]") for i, c in enumerate(raw_captions))]
+    for text, field in checks:
+        _storable(text, field)
     images = tuple(_load_image(e, i, root) for i, e in enumerate(entries))
     captions = clean_captions(raw_captions, entries)
     return Question(
@@ -280,6 +307,8 @@ def _rid(obj: dict[str, Any]) -> str:
         raise _Bad("rid", f"rid must be a string or integer, got {_kind(rid)}")
     if not rid.strip():
         raise _Bad("rid", "rid is empty")
+    if "\x00" in rid or len(_storable(rid, "rid")) > MAX_RID_BYTES:
+        raise _Bad("rid", f"rid must be at most {MAX_RID_BYTES} UTF-8 bytes without NUL")
     return rid
 
 
@@ -364,16 +393,19 @@ def _load_image(entry: str, i: int, root: Path) -> ImageRef:
 
 
 def _resolve(entry: str, root: Path, field: str) -> Path:
-    candidate = Path(entry)
-    if not candidate.is_absolute():
-        candidate = root / candidate
-    path = candidate.resolve()
-    if not path.is_relative_to(root):
-        raise _Bad(field, f"image path {entry!r} escapes the image root {root}")
-    if not path.exists():
-        raise _Bad(field, f"image {entry!r} not found (looked for {path})")
-    if not path.is_file():
-        raise _Bad(field, f"image {entry!r} is not a regular file ({path})")
+    try:
+        candidate = Path(entry)
+        if not candidate.is_absolute():
+            candidate = root / candidate
+        path = candidate.resolve()
+        if not path.is_relative_to(root):
+            raise _Bad(field, f"image path {entry[:200]!r} escapes the image root {root}")
+        if not path.exists():
+            raise _Bad(field, f"image {entry[:200]!r} not found (looked for {path})")
+        if not path.is_file():
+            raise _Bad(field, f"image {entry[:200]!r} is not a regular file ({path})")
+    except (OSError, ValueError) as e:  # NUL bytes, names too long, ...
+        raise _Bad(field, f"invalid image path {entry[:200]!r}: {e}") from None
     return path
 
 
@@ -445,10 +477,18 @@ class _Numberer:
 
     def __init__(self, numbers: list[int]) -> None:
         self.numbers = iter(numbers)
+        self.extra = max(numbers, default=0)  # tags formed only by HTML removal count on
+
+    def _next(self) -> int:
+        number = next(self.numbers, None)
+        if number is None:
+            self.extra += 1
+            number = self.extra
+        return number
 
     def __call__(self, m: re.Match[str]) -> str:
         count = len(_IMAGE_TAG.findall(m.group(0)))
-        labels = ", ".join(f"image {next(self.numbers)}" for _ in range(count))
+        labels = ", ".join(f"image {self._next()}" for _ in range(count))
         if m.group(1):
             labels += ","
         following = m.string[m.end() : m.end() + 1]

@@ -535,7 +535,7 @@ def test_dataset_loader_fuzz(tmp_path: Path, images: ImageTree, lines: list[Plan
     check_loader(path, images, _write(path, images, lines, as_list))
 
 
-# Inputs that crash the loader today (minimal reproductions; see the xfail reasons).
+# Inputs that once crashed the loader (minimal reproductions).
 HOSTILE_LINES: dict[str, bytes] = {
     "nul-in-image-path": b'{"rid": "a", "messages": [{"content": "q"}, {"content": "a"}], '
                          b'"images": ["x\\u0000.png"]}',
@@ -546,15 +546,8 @@ HOSTILE_LINES: dict[str, bytes] = {
     "caption-tag-split-by-html": b'{"rid": "a", "messages": [{"content": "q"}, '
                                  b'{"content": "a"}], "caption": ["<ima<b>ge>"]}',
 }
-LOADER_CRASH = pytest.mark.xfail(strict=True, reason=(
-    "BUG (mics/dataset.py): an exception escapes read_dataset and ends the reading: "
-    "ValueError (NUL byte) / OSError ENAMETOOLONG from Path.resolve/exists in _resolve; "
-    "RecursionError and int-digit-limit ValueError from json.loads (only JSONDecodeError "
-    "is caught); RuntimeError(StopIteration) in _Numberer when HTML removal forms a new "
-    "<image> tag"))
 
 
-@LOADER_CRASH
 @pytest.mark.parametrize("name", sorted(HOSTILE_LINES))
 def test_loader_survives_hostile_line(tmp_path: Path, images: ImageTree, name: str) -> None:
     good = {"rid": "good", "messages": [{"content": "q"}, {"content": "a"}]}
@@ -565,7 +558,6 @@ def test_loader_survives_hostile_line(tmp_path: Path, images: ImageTree, name: s
     assert isinstance(items[1], Question) and items[1].qid == "good"
 
 
-@LOADER_CRASH
 @settings(max_examples=300, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @example(bits=["x\x00.png"])
@@ -654,11 +646,6 @@ UNSTORABLE: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (mics/dataset.py + engine/store): the loader accepts a record the store cannot hold "
-    "(rid with NUL or over 511 bytes: StoreError; lone surrogates: orjson TypeError / "
-    "UnicodeEncodeError); the whole search then crashes with a traceback instead of storing "
-    "that record as failed"))
 @pytest.mark.parametrize("name", sorted(UNSTORABLE))
 def test_search_survives_unstorable_record(tmp_path: Path, name: str) -> None:
     tree = build_image_tree(tmp_path)
