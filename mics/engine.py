@@ -33,6 +33,7 @@ from mics.types import (
 )
 
 FINISHED = ("succeeded", "failed")
+RETRYABLE = ("no_mentor", "no_intern", "no_judge")  # infrastructure failures: resume retries
 
 
 @dataclass
@@ -71,6 +72,7 @@ class _Tree:
     scores: dict[str, list[float]] = field(default_factory=dict)
     previous: list[str] = field(default_factory=list)
     verdicts: dict[str, str] = field(default_factory=dict)  # normalised answer -> verdict
+    judge_errors: list[str] = field(default_factory=list)  # causes of "judge-failed" verdicts
     mentor_errors: dict[str, dict[str, str]] = field(default_factory=dict)  # depth -> mentor
 
 
@@ -151,7 +153,7 @@ class Engine:
         outcome.details["attempts"] = attempt + 1
         self.store.put_question(q.qid, {
             "status": outcome.status, "index": q.index, "question": q.to_dict(),
-            "stop_reason": outcome.stop_reason, "retryable": outcome.stop_reason == "no_mentor",
+            "stop_reason": outcome.stop_reason, "retryable": outcome.stop_reason in RETRYABLE,
             "outcome": outcome.to_dict(),
         })
         self.on_done(outcome)
@@ -171,7 +173,7 @@ class Engine:
             if mentor_errors:
                 tree.mentor_errors[str(depth + 1)] = mentor_errors
             nodes = [self._node(tree, depth, p) for p in proposals]
-            await self._evaluate(q, nodes, tree.verdicts)
+            await self._evaluate(q, nodes, tree)
             self._check_stop()
             by_mentor = {n.mentor: n for n in nodes}
             for m in mentor_names:
@@ -210,6 +212,9 @@ class Engine:
                 search_id="1" if decision.kind == "full_score" else "0",
                 details={"node": best.node_id},
             )
+        if decision.kind == "all_zero" and (cause := self._infra_cause(tree, by_mentor, depth)):
+            cause.qid, cause.scores = q.qid, scores
+            return cause
         if decision.kind == "all_zero":
             return Outcome(qid=q.qid, status="failed", stop_reason="all_zero", stage="search",
                            error="All mentor scores are zero.", scores=scores,
@@ -219,6 +224,24 @@ class Engine:
                            error=f"no mentor produced a valid step at depth {depth + 1}",
                            scores=scores, final_depth=depth + 1,
                            details={"depth": depth, "mentor_errors": mentor_errors})
+        return None
+
+    def _infra_cause(self, tree: _Tree, by_mentor: dict[str | None, Node], depth: int
+                     ) -> Outcome | None:
+        """All-zero only because every intern call or every judge call failed: say which."""
+        samples = [s for n in by_mentor.values() for s in n.samples]
+        verdicts = {s.verdict for s in samples}
+        if verdicts == {"call-failed"}:
+            errors = {s.intern: s.usage.get("error", "") for s in samples}
+            return Outcome(qid="", status="failed", stop_reason="no_intern", stage="intern",
+                           error=f"every intern call failed at depth {depth + 1}",
+                           final_depth=depth + 1, details={"depth": depth, "errors": errors})
+        if "judge-failed" in verdicts and verdicts <= {"judge-failed", "call-failed",
+                                                       "no-answer"}:
+            return Outcome(qid="", status="failed", stop_reason="no_judge", stage="judge",
+                           error=f"the judge ({self.models.judge.config.name}) failed at depth "
+                                 f"{depth + 1}", final_depth=depth + 1,
+                           details={"depth": depth, "errors": sorted(set(tree.judge_errors))})
         return None
 
     # ---- mentors ---------------------------------------------------------------------------
@@ -285,8 +308,9 @@ class Engine:
 
     # ---- interns and judge -----------------------------------------------------------------
 
-    async def _evaluate(self, q: Question, nodes: list[Node], verdicts: dict[str, str]) -> None:
+    async def _evaluate(self, q: Question, nodes: list[Node], tree: _Tree) -> None:
         """All intern samples of all candidates at once, then the judge, then the scores."""
+        verdicts = tree.verdicts
         temps = self.search.intern_samples
         replies: dict[tuple[int, int, int], Reply | CallFailure] = {}
 
@@ -304,7 +328,7 @@ class Engine:
             for j, intern in enumerate(self.models.interns):
                 tg.start_soon(intern_batch, j, intern)
 
-        await self._judge_all(q, replies, verdicts)
+        await self._judge_all(q, replies, tree)
         for n_i, node in enumerate(nodes):
             for j, intern in enumerate(self.models.interns):
                 for t_i, temp in enumerate(temps):
@@ -320,9 +344,10 @@ class Engine:
                         top_k=self.search.intern_top_k, max_tokens=self.search.intern_max_tokens)
 
     async def _judge_all(self, q: Question, replies: dict[Any, Reply | CallFailure],
-                         verdicts: dict[str, str]) -> None:
+                         tree: _Tree) -> None:
         """Judge each distinct normalised answer once per question (the cache is keyed by the
-        question, the normalised answer and so the ground truth); fills `verdicts`."""
+        question, the normalised answer and so the ground truth); fills `tree.verdicts`."""
+        verdicts = tree.verdicts
         answers: dict[str, str] = {}
         for reply in replies.values():
             if isinstance(reply, Reply):
@@ -331,13 +356,15 @@ class Engine:
                     answers.setdefault(normalize_answer(ans), ans)
 
         async def judge_one(norm: str, ans: str) -> None:
-            verdicts[norm] = await self._judge(q, ans)
+            verdicts[norm], error = await self._judge(q, ans)
+            if error:
+                tree.judge_errors.append(error)
 
         async with anyio.create_task_group() as tg:
             for norm in sorted(answers):
                 tg.start_soon(judge_one, norm, answers[norm])
 
-    async def _judge(self, q: Question, answer: str) -> str:
+    async def _judge(self, q: Question, answer: str) -> tuple[str, str | None]:
         """Yes/no from the first word (B11); judge usage is accounted from the call log."""
         sampling = Sampling(temperature=self.search.judge_temperature,
                             max_tokens=self.search.judge_max_tokens)
@@ -346,11 +373,11 @@ class Engine:
             reply = await self.gate.chat(self.models.judge, Call(prompt, sampling, index),
                                          role="judge", qid=q.qid)
             if isinstance(reply, CallFailure):
-                return "judge-failed"
+                return "judge-failed", reply.error
             verdict = parse_verdict(reply.text)
             if verdict is not None:
-                return "yes" if verdict else "no"
-        return "unparsable"
+                return ("yes" if verdict else "no"), None
+        return "unparsable", None
 
     @staticmethod
     def _sample(intern: str, temp: float, reply: Reply | CallFailure,
