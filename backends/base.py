@@ -76,7 +76,10 @@ class RolloutModel(Protocol):
 
     def identity(self) -> dict[str, Any]: ...
 
-    async def rollout(self, calls: Sequence[Call]) -> list[Reply]: ...
+    async def rollout(self, calls: Sequence[Call]) -> list[Reply | BackendError]:
+        """One result per call, in order. A BackendError in a slot fails only that call (the
+        gate retries just those); raising one fails the whole batch."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -84,27 +87,18 @@ class RolloutModel(Protocol):
 T = TypeVar("T")
 
 
-async def gather(funcs: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
-    """Run concurrently, results in order. BackendErrors are raised plainly (never wrapped in
-    an ExceptionGroup) as one error for the batch: a permanent one wins over transient ones."""
+async def gather(funcs: Sequence[Callable[[], Awaitable[T]]]) -> list[T | BackendError]:
+    """Run concurrently, results in order; a call that raised a BackendError leaves that error
+    in its slot (never an ExceptionGroup), so one failure does not cost the others."""
     results: list[Any] = [None] * len(funcs)
-    errors: list[BackendError] = []
 
     async def one(i: int, fn: Callable[[], Awaitable[T]]) -> None:
         try:
             results[i] = await fn()
         except BackendError as e:
-            errors.append(e)
+            results[i] = e
 
-    if len(funcs) == 1:
-        return [await funcs[0]()]
     async with anyio.create_task_group() as tg:
         for i, fn in enumerate(funcs):
             tg.start_soon(one, i, fn)
-    if errors:
-        permanent = [e for e in errors if not e.retryable]
-        first = permanent[0] if permanent else errors[0]
-        retry_after = max((e.retry_after or 0.0 for e in errors), default=0.0) or None
-        raise type(first)(f"{len(errors)} of {len(funcs)} failed; {first}",
-                          retry_after=retry_after, status=first.status) from None
     return results

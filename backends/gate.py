@@ -16,7 +16,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -82,19 +82,21 @@ class CallGate:
         self, model: ChatModel, call: Call, *, role: str, qid: str
     ) -> Reply | CallFailure:
         """One chat call (mentor or judge)."""
-        [result] = await self._gated(model, [call], role=role, qid=qid,
-                                     send=lambda calls: self._send_chat(model, calls[0]))
+        [result] = await self._gated(model, [call], role=role, qid=qid)
         return result
 
     async def rollouts(
         self, model: RolloutModel, calls: Sequence[Call], *, qid: str
     ) -> list[Reply | CallFailure]:
         """A batch of intern rollouts; only calls not already stored are sent, as one batch."""
-        return await self._gated(model, list(calls), role="intern", qid=qid,
-                                 send=lambda pending: model.rollout(pending))
+        return await self._gated(model, list(calls), role="intern", qid=qid)
 
-    async def _send_chat(self, model: ChatModel, call: Call) -> list[Reply]:
-        return [await model.complete(call)]
+    @staticmethod
+    async def _send(model: Any, calls: list[Call], role: str) -> list[Reply | BackendError]:
+        """Interns get one batch; chat models one call. Items may be per-call errors."""
+        if role == "intern":
+            return list(await model.rollout(calls))
+        return [await model.complete(calls[0])]
 
     async def _gated(
         self,
@@ -103,7 +105,6 @@ class CallGate:
         *,
         role: str,
         qid: str,
-        send: Callable[[list[Call]], Awaitable[list[Reply]]],
     ) -> list[Reply | CallFailure]:
         identity = model.identity()
         keys = [call_key(identity, c) for c in calls]
@@ -126,7 +127,7 @@ class CallGate:
         if mine:
             done = await self._send_with_retries(
                 model, [calls[i] for i in mine], [keys[i] for i in mine],
-                role=role, qid=qid, send=send,
+                role=role, qid=qid,
             )
             for i in mine:
                 results[i] = done[keys[i]]
@@ -145,50 +146,66 @@ class CallGate:
         *,
         role: str,
         qid: str,
-        send: Callable[[list[Call]], Awaitable[list[Reply]]],
     ) -> dict[str, Reply | CallFailure]:
         cfg = model.config
         done: dict[str, Reply | CallFailure] = {}
+        history: dict[str, list[str]] = {key: [] for key in keys}
+        pending = list(range(len(calls)))
         attempt = 0
-        errors: list[str] = []
+        limiter = self._limiter(model)
         try:
-            while True:
+            while pending:
                 attempt += 1
-                limiter = self._limiter(model)
-                try:
-                    async with limiter.slots:
-                        await limiter.wait_turn()
-                        self.counts["sent"] += len(calls)
-                        replies = await send(calls)
-                    if len(replies) != len(calls):
-                        raise TransientError(
-                            f"{cfg.name}: {len(replies)} replies for {len(calls)} calls")
-                    limiter.spend_tokens(sum(r.usage.prompt_tokens + r.usage.completion_tokens
-                                             for r in replies))
-                except BackendError as e:
-                    errors.append(f"{type(e).__name__}: {e}")
+                outcome = await self._attempt_batch(model, limiter, [calls[i] for i in pending],
+                                                    role)
+                failed: list[tuple[int, BackendError]] = []
+                for i, result in zip(pending, outcome, strict=True):
+                    if isinstance(result, BackendError):
+                        history[keys[i]].append(f"{type(result).__name__}: {result}")
+                        failed.append((i, result))
+                    else:  # delivered replies are stored now; only the failed ones go again
+                        self._store_reply(model, keys[i], result, role=role, qid=qid,
+                                          attempts=attempt, errors=history[keys[i]])
+                        done[keys[i]] = result
+                pending = []
+                for i, e in failed:
                     if e.status == 429:
                         limiter.cool_down(self._backoff(cfg, attempt, e.retry_after))
                     if isinstance(e, FatalError):
-                        self._fail(model, keys, role=role, qid=qid, error=errors[-1],
-                                   attempts=attempt, retryable=False, history=errors)
+                        self._fail(model, [keys[i]], role=role, qid=qid, attempts=attempt,
+                                   retryable=False, history=history[keys[i]])
                         raise RunAborted(str(e)) from None
                     if not e.retryable or attempt > cfg.max_retries:
-                        failure = self._fail(model, keys, role=role, qid=qid, error=errors[-1],
-                                             attempts=attempt, retryable=e.retryable,
-                                             history=errors)
-                        return dict.fromkeys(keys, failure)
-                    self.counts["retries"] += 1
-                    await anyio.sleep(self._backoff(cfg, attempt, e.retry_after))
-                    continue
-                for key, reply in zip(keys, replies, strict=True):
-                    self._store_reply(model, key, reply, role=role, qid=qid,
-                                      attempts=attempt, errors=errors)
-                    done[key] = reply
-                return done
+                        done[keys[i]] = self._fail(model, [keys[i]], role=role, qid=qid,
+                                                   attempts=attempt, retryable=e.retryable,
+                                                   history=history[keys[i]])
+                    else:
+                        pending.append(i)
+                if pending:
+                    self.counts["retries"] += len(pending)
+                    wait = max((e.retry_after or 0.0 for _, e in failed), default=0.0) or None
+                    await anyio.sleep(self._backoff(cfg, attempt, wait))
+            return done
         finally:
             for key in keys:
                 self._inflight.pop(key).set()
+
+    async def _attempt_batch(self, model: Any, limiter: EndpointLimiter, calls: list[Call],
+                             role: str) -> list[Reply | BackendError]:
+        """One try: a Reply or the BackendError for each call (a raised error fails them all)."""
+        try:
+            async with limiter.slots:
+                await limiter.wait_turn()
+                self.counts["sent"] += len(calls)
+                results = await self._send(model, calls, role)
+            if len(results) != len(calls):
+                raise TransientError(
+                    f"{model.config.name}: {len(results)} replies for {len(calls)} calls")
+        except BackendError as e:
+            return [e] * len(calls)
+        limiter.spend_tokens(sum(r.usage.prompt_tokens + r.usage.completion_tokens
+                                 for r in results if isinstance(r, Reply)))
+        return results
 
     @staticmethod
     def _backoff(cfg: Any, attempt: int, retry_after: float | None) -> float:
@@ -207,8 +224,9 @@ class CallGate:
         if self._kill_after is not None and self._stored >= self._kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def _fail(self, model: Any, keys: list[str], *, role: str, qid: str, error: str,
-              attempts: int, retryable: bool, history: list[str]) -> CallFailure:
+    def _fail(self, model: Any, keys: list[str], *, role: str, qid: str, attempts: int,
+              retryable: bool, history: list[str]) -> CallFailure:
+        error = history[-1]
         self.counts["failed"] += len(keys)
         self.store.add_failure({
             "kind": "call", "role": role, "model": model.config.name, "qid": qid,

@@ -153,9 +153,8 @@ class OpenAIChat:
             finish_reason=str(choice.get("finish_reason") or "stop"),
         )
 
-    async def rollout(self, calls: Sequence[Call]) -> list[Reply]:
-        """Concurrent single completions, in order; any failure fails the batch (the gate
-        retries it): a permanent error wins over transient ones."""
+    async def rollout(self, calls: Sequence[Call]) -> list[Reply | BackendError]:
+        """Concurrent single completions, in order; a failed one leaves its error in its slot."""
         return await gather([lambda c=c: self.complete(c) for c in calls])
 
     async def aclose(self) -> None:

@@ -17,7 +17,7 @@ import anyio
 import httpx
 import orjson
 
-from backends.base import Call, PermanentError, TransientError, gather
+from backends.base import BackendError, Call, PermanentError, TransientError, gather
 from backends.http import api_key, check_response, make_client, transport_error
 from backends.images import data_url
 from mics.config import ModelConfig
@@ -211,22 +211,25 @@ class SGLangRollout:
         if len(distinct) < len(calls):  # some prompts are sampled more than once
             await self.generate(url, distinct, max_new_tokens=0)
 
-    async def rollout(self, calls: Sequence[Call]) -> list[Reply]:
-        """Group calls by server (one question's calls share a server), warm, then generate."""
+    async def rollout(self, calls: Sequence[Call]) -> list[Reply | BackendError]:
+        """Group calls by server (one question's calls share a server), warm, then generate.
+        A server that fails leaves its error in its calls' slots; other servers' replies stay."""
         groups: dict[str, list[int]] = {}
         for i, call in enumerate(calls):
             groups.setdefault(self.route(call.prompt), []).append(i)
-        out: list[Reply | None] = [None] * len(calls)
 
-        async def one(url: str, idx: list[int]) -> None:
+        async def one(url: str, idx: list[int]) -> list[Reply]:
             group = [calls[i] for i in idx]
             if self.options["warmup"]:
                 await self.warm(url, group)
-            for i, reply in zip(idx, await self.generate(url, group), strict=True):
-                out[i] = reply
+            return await self.generate(url, group)
 
-        await gather([lambda u=u, i=i: one(u, i) for u, i in groups.items()])
-        return out  # type: ignore[return-value]
+        out: list[Reply | BackendError] = [TransientError("not sent")] * len(calls)
+        results = await gather([lambda u=u, i=i: one(u, i) for u, i in groups.items()])
+        for idx, result in zip(groups.values(), results, strict=True):
+            for k, i in enumerate(idx):
+                out[i] = result if isinstance(result, BackendError) else result[k]
+        return out
 
     async def aclose(self) -> None:
         for client in self._clients.values():

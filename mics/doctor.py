@@ -34,7 +34,9 @@ async def _check(role: str, cfg: ModelConfig) -> Check:
         if role == "intern":
             model = build_rollout(cfg)
             try:
-                await model.rollout([PING])
+                [result] = await model.rollout([PING])
+                if isinstance(result, BackendError):
+                    raise result
             finally:
                 await model.aclose()
         else:

@@ -104,16 +104,16 @@ def test_wrong_model_and_unreachable_server_name_the_url(tokenizer_dir):
     with LoopbackServer({"other": "intern"}) as srv:
         url = srv.url_for("other")
         model = build_rollout(intern_cfg(url, tokenizer_dir))
-        with pytest.raises(PermanentError, match="serves") as e:
-            anyio.run(model.rollout, calls_for(q, ["p"]))
-        assert url in str(e.value)
+        results = anyio.run(model.rollout, calls_for(q, ["p"]))
+        assert all(isinstance(r, PermanentError) and "serves" in str(r) and url in str(r)
+                   for r in results)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     model = build_rollout(intern_cfg(dead, tokenizer_dir))
-    with pytest.raises(PermanentError, match="unreachable") as e:
-        anyio.run(model.rollout, calls_for(q, ["p"]))
-    assert dead in str(e.value)
+    results = anyio.run(model.rollout, calls_for(q, ["p"]))
+    assert all(isinstance(r, PermanentError) and "unreachable" in str(r) and dead in str(r)
+               for r in results)
 
 
 def test_several_servers_one_question_one_server(tokenizer_dir):
