@@ -1,0 +1,771 @@
+"""`mics bench loop`: one MICS workload run twice, in Chiron-o1's order and by the engine.
+
+Workload: N synthetic text-only questions; three simulated mentors, three interns and a judge
+served over real HTTP by the loopback server (mentors and judge: OpenAI chat; interns: SGLang
+`/generate`, one request per batch, or OpenAI chat with `interns="openai"`), so the client, the
+call gate's retries and the store all count. Each request is delayed by a latency drawn per role
+from a uniform range; each endpoint is capped at `cap` concurrent requests. The server runs in
+its own process, so its work does not share an interpreter with the client's.
+
+(a) The engine (`mics.run.search_run`) on all N questions.
+(b) Reference order: a faithful sequential baseline. One call at a time, in the order the
+    Chiron-o1 code issues them: per depth, for each mentor in order its call (or cached step),
+    then for each intern in order the T1 then the T2 sample, each judged at once. It uses the same
+    pure rules (`mics.policy`, `mics.prompts`, `mics.steps`), backends, call gate and store as the
+    engine, so its decisions and exports are the engine's. Its memo answers a repeated identical
+    judge prompt, which the Chiron code would send again: the baseline is, if anything, fast.
+    Sequential runs take minutes, so it runs on a few questions picked at evenly spaced
+    quantiles of their sequential work (known from the engine's trees); the whole set's
+    reference time is also modelled, as a cross-check of the extrapolation.
+
+Schedule bound: no schedule can beat max(the slowest question's critical path, sum of each
+endpoint's latencies / its cap). Latencies are the ones the server drew (recorded server side);
+a question's critical path follows MICS's dependencies: per depth, the longest chain
+mentor call -> intern sample -> judge call of a new answer. Efficiency = bound / engine time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from backends.base import Call
+from backends.gate import CallGate
+from backends.simulated import render_text
+from bench.common import sim_models, write_questions
+from bench.loopback import LoopbackServer, sim_text_from_generate
+from mics import policy
+from mics.config import RunConfig, SearchConfig, parse_config
+from mics.dataset import read_dataset
+from mics.engine import RETRYABLE, Models
+from mics.export import export_reference
+from mics.prompts import intern_prompt, judge_prompt, mentor_prompt, parse_verdict
+from mics.run import build_models, search_run, start_run
+from mics.steps import count_steps, extract_final_answer, normalize_answer, parse_chain
+from mics.types import (
+    ROOT_TEXT,
+    CallFailure,
+    Node,
+    Outcome,
+    Prompt,
+    Question,
+    Reply,
+    Sample,
+    Sampling,
+)
+from store import RunStore
+
+Latency = tuple[float, float]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What `mics bench loop` runs; latencies are uniform (low, high) seconds per call."""
+
+    questions: int = 200
+    cap: int = 16
+    # Paper-shaped (API mentors >> batched 7B interns > a chat judge), scaled down ~10x. Much
+    # shorter and the engine is CPU-bound on a 2-core machine: the HTTP client alone costs
+    # ~4 ms of CPU per request, and 200 questions make ~4,000 requests.
+    mentor_latency: Latency = (1.0, 2.0)
+    intern_latency: Latency = (0.25, 0.5)
+    judge_latency: Latency = (0.1, 0.2)
+    reference_questions: int = 3
+    concurrency: int = 0  # questions the engine searches at once; 0: all of them
+    interns: str = "sglang"  # "sglang": batched /generate (the paper's setup), or "openai"
+    seed: int = 0
+
+    def latency(self) -> dict[str, Latency]:
+        return {"mentor": self.mentor_latency, "intern": self.intern_latency,
+                "judge": self.judge_latency}
+
+
+# ---------------------------------------------------------------- the timed server
+
+
+def served_key(model: str, text: str, temperature: float, sample: int) -> str:
+    """What identifies one request's reply: model, the text a simulator reads, sampling."""
+    raw = f"{model}\x00{float(temperature)!r}\x00{int(sample)}\x00{text}"
+    return hashlib.sha1(raw.encode()).hexdigest()
+
+
+Served = tuple[str, list[str], float, float]  # model, served_key per item, delay, arrival
+
+
+class TimedLoopback(LoopbackServer):
+    """The loopback server, recording the latency it served for every answered model call."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.served: list[Served] = []
+
+    def _model_call(self, path: str, headers: Any, raw: bytes, model: str) -> Any:
+        arrival = time.time()
+        resp = super()._model_call(path, headers, raw, model)
+        if resp.status != 200:
+            return resp
+        body = json.loads(raw)
+        if path == "/generate":  # one batch: one delay for every item
+            texts = body["text"] if isinstance(body["text"], list) else [body["text"]]
+            params = body.get("sampling_params") or {}
+            params = params if isinstance(params, list) else [params] * len(texts)
+            keys = [served_key(model, sim_text_from_generate(t),
+                               sp.get("temperature", 1.0),
+                               (sp.get("custom_params") or {}).get("sample_index", 0))
+                    for t, sp in zip(texts, params, strict=True)]
+        else:
+            model = body.get("model", model)
+            system = "".join(m["content"] for m in body["messages"] if m["role"] == "system")
+            rest = "".join(m["content"] for m in body["messages"] if m["role"] != "system")
+            sample = int(headers.get("X-Mics-Sample") or 0)
+            keys = [served_key(model, f"{system}\n{rest}", body.get("temperature", 1.0), sample)]
+        with self._lock:
+            self.served.append((model, keys, resp.delay_s, arrival))
+        return resp
+
+
+def serve(spec: dict[str, Any]) -> None:
+    """Server process: print the URL, then answer `served` / `stop` lines on stdin."""
+    latency = {role: tuple(v) for role, v in spec["latency"].items()}
+    srv = TimedLoopback(spec["models"], latency=latency, seed=spec["seed"]).start()
+    print(srv.url, flush=True)
+    try:
+        for line in sys.stdin:
+            if line.strip() != "served":
+                break
+            with srv._lock:
+                served = list(srv.served)
+            print(json.dumps(served), flush=True)
+    finally:
+        srv.stop()
+
+
+class ServerProcess:
+    """A TimedLoopback in a child process (its own interpreter and GIL)."""
+
+    def __init__(self, models: dict[str, Any], latency: dict[str, Latency], seed: int) -> None:
+        spec = json.dumps({"models": models, "latency": latency, "seed": seed})
+        self._proc = subprocess.Popen([sys.executable, "-m", "bench.loop", "--serve", spec],
+                                      cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True)
+        assert self._proc.stdout is not None and self._proc.stdin is not None
+        self._in, self._out = self._proc.stdin, self._proc.stdout
+        url = self._out.readline().strip()
+        if not url.startswith("http"):
+            self.close()
+            raise RuntimeError("the loopback server process did not start")
+        self.url = url
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used so far (Linux /proc; 0 elsewhere)."""
+        try:
+            with open(f"/proc/{self._proc.pid}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def served(self) -> list[Served]:
+        self._in.write("served\n")
+        self._in.flush()
+        return [(m, keys, d, t) for m, keys, d, t in json.loads(self._out.readline())]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._in.write("stop\n")
+            self._in.close()
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+CHATML = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def write_chat_tokenizer(out: Path) -> Path:
+    """A minimal tokenizer folder whose only job is the ChatML chat template the sglang
+    backend renders prompts with (no training, no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "[UNK]": 3}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                      pad_token="<|endoftext|>", unk_token="[UNK]")
+    wrapped.chat_template = CHATML
+    wrapped.save_pretrained(out)
+    # The sglang backend imports AutoTokenizer on its first render, inside the event loop: a
+    # one-off stall of seconds per process. Import it here, before anything is timed.
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(out)
+    return out
+
+
+def loop_config(url: str, cap: int, concurrency: int, seed: int,
+                tokenizer: Path | None = None) -> RunConfig:
+    """The paper-shaped cast on the server: OpenAI-compatible mentors and judge; interns on
+    SGLang's /generate (one request per batch) given a tokenizer, else OpenAI chat too."""
+    models = sim_models()
+    common = {"max_concurrency": cap, "timeout_s": 60.0, "max_retries": 4, "backoff_s": 0.05}
+
+    def chat(name: str) -> dict[str, Any]:
+        return {"name": name, "model": name, "backend": "openai", "base_url": f"{url}/v1",
+                **common}
+
+    def intern(name: str) -> dict[str, Any]:
+        if tokenizer is None:
+            return chat(name)
+        return {"name": name, "model": name, "backend": "sglang",
+                "base_url": f"{url}/m/{name}", **common,
+                "options": {"tokenizer": str(tokenizer), "family": "text", "warmup": False}}
+
+    return parse_config({
+        "search": {"seed": seed, "concurrency": concurrency},
+        "mentors": [chat(n) for n, m in models.items() if m["role"] == "mentor"],
+        "interns": [intern(n) for n, m in models.items() if m["role"] == "intern"],
+        "judge": chat("judge"),
+    })
+
+
+# ---------------------------------------------------------------- the reference order
+
+
+@dataclass
+class _Chain:
+    chain: str
+    parsed: Any
+
+
+@dataclass
+class _RefState:
+    attempt: int
+    prefix: str = ROOT_TEXT
+    parent_id: str = ""
+    author: str | None = None
+    chains: dict[str, _Chain] = field(default_factory=dict)
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    previous: list[str] = field(default_factory=list)
+    judge_errors: list[str] = field(default_factory=list)
+    mentor_errors: dict[str, dict[str, str]] = field(default_factory=dict)  # depth -> mentor
+
+
+class ReferenceOrder:
+    """MICS as Chiron-o1 schedules it: strictly one call at a time (see module docstring)."""
+
+    def __init__(self, config: RunConfig, store: RunStore, models: Models, gate: CallGate):
+        self.s: SearchConfig = config.search
+        self.store, self.models, self.gate = store, models, gate
+
+    async def run(self, questions: Iterable[Question]) -> int:
+        n = 0
+        for q in questions:
+            await self.question(q)
+            n += 1
+        return n
+
+    async def question(self, q: Question) -> Outcome:
+        self.store.delete_nodes(q.qid)
+        self.store.put_question(q.qid, {"status": "running", "index": q.index,
+                                        "question": q.to_dict()})
+        for attempt in range(self.s.restarts + 1):
+            outcome = await self._attempt(q, attempt)
+            if outcome.stop_reason != "all_zero" or attempt == self.s.restarts:
+                break
+        outcome.details["attempts"] = attempt + 1
+        self.store.put_question(q.qid, {
+            "status": outcome.status, "index": q.index, "question": q.to_dict(),
+            "stop_reason": outcome.stop_reason, "retryable": outcome.stop_reason in RETRYABLE,
+            "outcome": outcome.to_dict(),
+        })
+        return outcome
+
+    async def _attempt(self, q: Question, attempt: int) -> Outcome:
+        rng = policy.question_rng(self.s.seed, q.qid, attempt)
+        names = [m.config.name for m in self.models.mentors]
+        st = _RefState(attempt=attempt, scores={m: [] for m in names})
+        root = Node(node_id=f"a{attempt}.root", parent_id=None, attempt=attempt, depth=-1,
+                    mentor=None, step=ROOT_TEXT, prefix=ROOT_TEXT, chain=ROOT_TEXT, chosen=True)
+        self.store.put_nodes(q.qid, [(root.node_id, root.to_dict())])
+        st.parent_id = root.node_id
+        for depth in range(self.s.max_depth):
+            nodes: list[Node] = []
+            errors: dict[str, str] = {}
+            for mentor in self.models.mentors:  # Chiron order: a mentor, then its evaluation
+                node = await self._propose(q, st, depth, mentor)
+                if isinstance(node, str):
+                    errors[mentor.config.name] = node
+                    continue
+                for intern in self.models.interns:
+                    for temp in self.s.intern_samples:
+                        node.samples.append(await self._sample(q, st, node.prefix, intern, temp))
+                node.total = len(node.samples)
+                node.correct = sum(s.correct for s in node.samples)
+                nodes.append(node)
+            if errors:
+                st.mentor_errors[str(depth + 1)] = errors
+            by_mentor = {n.mentor: n for n in nodes}
+            for m in names:
+                st.scores[m].append(by_mentor[m].score if m in by_mentor else 0.0)
+            scored = [policy.Scored(n.mentor or "", n.correct, n.total) for n in nodes]
+            decision = policy.decide(scored, depth=depth, max_depth=self.s.max_depth,
+                                     previous=st.previous, past_scores=st.scores, rng=rng)
+            if decision.chosen:
+                by_mentor[decision.chosen].chosen = True
+            self.store.put_nodes(q.qid, [(n.node_id, n.to_dict()) for n in nodes])
+            outcome = _outcome(q, st, depth, decision, by_mentor, errors,
+                               self.models.judge.config.name)
+            if outcome is not None:
+                if st.mentor_errors:  # mentors skipped along the way, with their causes
+                    outcome.details["mentor_errors_by_depth"] = st.mentor_errors
+                return outcome
+            chosen = by_mentor[decision.chosen]  # type: ignore[index]
+            st.previous.append(chosen.mentor or "")
+            st.prefix, st.parent_id, st.author = chosen.prefix, chosen.node_id, chosen.mentor
+        raise AssertionError("unreachable: the last depth always decides")
+
+    async def _propose(self, q: Question, st: _RefState, depth: int, mentor: Any) -> Node | str:
+        name = mentor.config.name
+        first = count_steps(st.prefix) + 1
+        need = policy.root_step_count(depth, self.s.root_steps)
+        cached = st.chains.get(name)
+        if self.s.reuse_cached_step and depth > 0 and name == st.author and cached is not None:
+            steps = cached.parsed.run(first, need)
+            if steps is not None:
+                return self._node(st, depth, name, steps, cached.chain, reused=True, usage={})
+        prompt = mentor_prompt(q, st.prefix)
+        sampling = Sampling(temperature=self.s.mentor_temperature, top_p=self.s.mentor_top_p,
+                            max_tokens=self.s.mentor_max_tokens)
+        tries = self.s.mentor_malformed_retries + 1
+        error = ""
+        for k in range(tries):
+            call = Call(prompt, sampling, st.attempt * tries + k)
+            reply = await self.gate.chat(mentor, call, role="mentor", qid=q.qid)
+            if isinstance(reply, CallFailure):
+                return f"call failed after {reply.attempts} attempt(s): {reply.error}"
+            parsed = parse_chain(reply.text)
+            steps = parsed.run(first, need)
+            if steps is not None:
+                chain = f"{st.prefix}\n\n{parsed.continuation(first)}"
+                st.chains[name] = _Chain(chain, parsed)
+                return self._node(st, depth, name, steps, chain, reused=False,
+                                  usage={"mentor": _usage(reply)})
+            error = f"reply has no '### Step {first}'" + (
+                f" to '### Step {first + need - 1}'" if need > 1 else "")
+        return f"malformed after {tries} tries: {error}"
+
+    @staticmethod
+    def _node(st: _RefState, depth: int, mentor: str, steps: list[str], chain: str, *,
+              reused: bool, usage: dict[str, Any]) -> Node:
+        step = "\n\n".join(steps)
+        return Node(node_id=f"a{st.attempt}.d{depth}.{mentor}", parent_id=st.parent_id,
+                    attempt=st.attempt, depth=depth, mentor=mentor, step=step,
+                    prefix=f"{st.prefix}\n\n{step}", chain=chain, reused=reused, usage=usage)
+
+    async def _sample(self, q: Question, st: _RefState, prefix: str, intern: Any, temp: float
+                      ) -> Sample:
+        """One intern sample, judged at once when it has an answer."""
+        name = intern.config.name
+        sampling = Sampling(temperature=temp, top_p=self.s.intern_top_p,
+                            top_k=self.s.intern_top_k, max_tokens=self.s.intern_max_tokens)
+        [reply] = await self.gate.rollouts(intern, [Call(intern_prompt(q, prefix), sampling)],
+                                           qid=q.qid)
+        if isinstance(reply, CallFailure):
+            return Sample(name, temp, None, None, False, "call-failed", {"error": reply.error})
+        answer = extract_final_answer(reply.text)
+        usage = {"intern": _usage(reply)}
+        if answer is None:
+            return Sample(name, temp, None, reply.text, False, "no-answer", usage)
+        verdict, error = await self._judge(q, answer)
+        if error:
+            st.judge_errors.append(error)
+        return Sample(name, temp, answer, reply.text, verdict == "yes", verdict, usage)
+
+    async def _judge(self, q: Question, answer: str) -> tuple[str, str | None]:
+        sampling = Sampling(temperature=self.s.judge_temperature,
+                            max_tokens=self.s.judge_max_tokens)
+        prompt = judge_prompt(q, answer)
+        for index in range(2):  # an unparsable verdict is asked once more
+            reply = await self.gate.chat(self.models.judge, Call(prompt, sampling, index),
+                                         role="judge", qid=q.qid)
+            if isinstance(reply, CallFailure):
+                return "judge-failed", reply.error
+            verdict = parse_verdict(reply.text)
+            if verdict is not None:
+                return ("yes" if verdict else "no"), None
+        return "unparsable", None
+
+
+def _usage(reply: Reply) -> dict[str, Any]:
+    u = reply.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "cached_tokens": u.cached_tokens, "latency_s": u.latency_s}
+
+
+def _outcome(q: Question, st: _RefState, depth: int, decision: policy.Decision,
+             by_mentor: dict[str | None, Node], errors: dict[str, str], judge: str
+             ) -> Outcome | None:
+    scores = {m: list(s) for m, s in st.scores.items()}
+    if decision.kind in ("full_score", "max_depth"):
+        best = by_mentor[decision.chosen]
+        return Outcome(
+            qid=q.qid, status="succeeded", stop_reason=decision.kind, reasoning=best.chain,
+            scores=scores, final_depth=depth + 1,
+            generated_by=[*st.previous, decision.chosen or ""],
+            search_id="1" if decision.kind == "full_score" else "0",
+            details={"node": best.node_id},
+        )
+    samples = [smp for n in by_mentor.values() for smp in n.samples]
+    verdicts = {smp.verdict for smp in samples}
+    if decision.kind == "all_zero" and verdicts == {"call-failed"}:
+        return Outcome(qid=q.qid, status="failed", stop_reason="no_intern", stage="intern",
+                       error=f"every intern call failed at depth {depth + 1}", scores=scores,
+                       final_depth=depth + 1, details={
+                           "depth": depth,
+                           "errors": {smp.intern: smp.usage.get("error", "") for smp in samples}})
+    if (decision.kind == "all_zero" and "judge-failed" in verdicts
+            and verdicts <= {"judge-failed", "call-failed", "no-answer"}):
+        return Outcome(qid=q.qid, status="failed", stop_reason="no_judge", stage="judge",
+                       error=f"the judge ({judge}) failed at depth {depth + 1}", scores=scores,
+                       final_depth=depth + 1,
+                       details={"depth": depth, "errors": sorted(set(st.judge_errors))})
+    if decision.kind == "all_zero":
+        return Outcome(qid=q.qid, status="failed", stop_reason="all_zero", stage="search",
+                       error="All mentor scores are zero.", scores=scores,
+                       final_depth=depth + 1, details={"depth": depth})
+    if decision.kind == "no_candidates":
+        return Outcome(qid=q.qid, status="failed", stop_reason="no_mentor", stage="mentor",
+                       error=f"no mentor produced a valid step at depth {depth + 1}",
+                       scores=scores, final_depth=depth + 1,
+                       details={"depth": depth, "mentor_errors": errors})
+    return None
+
+
+async def run_reference(run_dir: Path, config: RunConfig, questions: Sequence[Question]
+                        ) -> dict[str, Any]:
+    """The reference order over `questions` in its own run store; wall time and call counts."""
+    t0 = time.perf_counter()
+    with RunStore.open(run_dir, write=True, create=True) as store:
+        store.put_meta("config", config.to_dict())
+        models = build_models(config)
+        gate = CallGate(store, session=f"reference-{uuid.uuid4().hex[:8]}")
+        try:
+            await ReferenceOrder(config, store, models, gate).run(questions)
+        finally:
+            await models.aclose()
+    return {"seconds": time.perf_counter() - t0, "calls": dict(gate.counts)}
+
+
+# ---------------------------------------------------------------- the schedule bound
+
+
+def _delay_map(served: Iterable[Served]) -> dict[str, float]:
+    """served_key -> the latency its call waited (a batch's delay for each of its items)."""
+    out: dict[str, float] = defaultdict(float)
+    for _model, keys, delay, _t in served:
+        for key in keys:
+            out[key] += delay
+    return dict(out)
+
+
+def endpoint_loads(served: Iterable[Served], caps: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """Per endpoint: requests, items, summed latency, cap, and summed latency / cap."""
+    calls: dict[str, int] = defaultdict(int)
+    items: dict[str, int] = defaultdict(int)
+    total: dict[str, float] = defaultdict(float)
+    for model, keys, delay, _t in served:
+        calls[model] += 1
+        items[model] += len(keys)
+        total[model] += delay
+    return {m: {"calls": calls[m], "items": items[m], "latency_s": round(total[m], 3),
+                "cap": caps[m], "load_s": round(total[m] / caps[m], 3)} for m in sorted(calls)}
+
+
+class _Lookup:
+    """Served latency of a call the engine made, found by the text the simulator read."""
+
+    def __init__(self, delays: dict[str, float]) -> None:
+        self.delays = delays
+        self.misses = 0
+
+    def __call__(self, model: str, prompt: Prompt, temperature: float, sample: int = 0,
+                 *, required: bool = True) -> float:
+        got = self.delays.get(served_key(model, render_text(prompt), temperature, sample))
+        if got is None:
+            self.misses += required
+            return 0.0
+        return got
+
+
+def utilisation(served: Iterable[Served], model: str, t0: float, t1: float, slices: int = 10
+                ) -> list[float]:
+    """Mean requests in flight at `model` in each of `slices` equal slices of [t0, t1]."""
+    spans = [(t, t + d) for m, _k, d, t in served if m == model]
+    width = (t1 - t0) / slices
+    out = []
+    for i in range(slices):
+        a0, a1 = t0 + i * width, t0 + (i + 1) * width
+        busy = sum(max(0.0, min(b, a1) - max(a, a0)) for a, b in spans)
+        out.append(round(busy / width, 1) if width > 0 else 0.0)
+    return out
+
+
+def _cpu_self() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def critical_paths(store: RunStore, config: RunConfig, delays: dict[str, float]
+                   ) -> tuple[dict[str, float], int]:
+    """Per question, the longest dependency chain of served latencies; and lookup misses.
+
+    Per depth: max over candidates of (its mentor call(s), 0 for a cached step) + max over its
+    samples of (the intern call + the judge call of an answer not judged before in the
+    question). Depths, then attempts, add up.
+    """
+    s = config.search
+    model_of = {m.name: m.model for m in (*config.mentors, *config.interns, config.judge)}
+    judge = config.judge.model
+    tries = s.mentor_malformed_retries + 1
+    look = _Lookup(delays)
+    out: dict[str, float] = {}
+    for qid, rec in store.iter_questions():
+        if "question" not in rec:
+            continue
+        q = Question.from_dict(rec["question"])
+        nodes = store.get_nodes(qid)
+        prefix_of = {n["node_id"]: n["prefix"] for n in nodes}
+        layers: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+        for n in nodes:
+            if n["depth"] >= 0:
+                layers[(n["attempt"], n["depth"])].append(n)
+        judged: set[str] = set()
+        total = 0.0
+        for key in sorted(layers):
+            new: dict[str, float] = {}
+            for n in layers[key]:
+                for smp in n["samples"]:
+                    ans = smp["answer"]
+                    if ans is None or normalize_answer(ans) in judged:
+                        continue
+                    prompt = judge_prompt(q, ans)
+                    lat = look(judge, prompt, s.judge_temperature, 0, required=False)
+                    lat += look(judge, prompt, s.judge_temperature, 1, required=False)
+                    norm = normalize_answer(ans)
+                    new[norm] = max(new.get(norm, 0.0), lat)
+            worst = 0.0
+            for n in layers[key]:
+                mentor = 0.0
+                if not n["reused"]:
+                    prompt = mentor_prompt(q, prefix_of[n["parent_id"]])
+                    base = n["attempt"] * tries
+                    mentor = sum(look(model_of[n["mentor"]], prompt, s.mentor_temperature,
+                                      base + k, required=k == 0) for k in range(tries))
+                tail = 0.0
+                for smp in n["samples"]:
+                    intern = look(model_of[smp["intern"]], intern_prompt(q, n["prefix"]),
+                                  smp["temperature"])
+                    ans = smp["answer"]
+                    jud = new.get(normalize_answer(ans), 0.0) if ans is not None else 0.0
+                    tail = max(tail, intern + jud)
+                worst = max(worst, mentor + tail)
+            judged.update(new)
+            total += worst
+        out[qid] = total
+    return out, look.misses
+
+
+# ---------------------------------------------------------------- exports
+
+
+def _export_lines(store_dir: Path, out: Path, keep: set[str] | None = None
+                  ) -> dict[str, list[bytes]]:
+    with RunStore.open(store_dir, write=False) as store:
+        export_reference(store, out)
+    lines = {}
+    for name in ("results.jsonl", "failed.jsonl"):
+        rows = (out / name).read_bytes().splitlines()
+        lines[name] = [r for r in rows if keep is None or json.loads(r)["rid"] in keep]
+    return lines
+
+
+# ---------------------------------------------------------------- the bench
+
+
+def sequential_work(store: RunStore, latency: dict[str, Latency]) -> dict[str, float]:
+    """Per question, the latency the reference order would wait, from the engine's tree: its
+    mentor calls, one call per intern sample, one judge call per new answer; mean latencies."""
+    mean = {role: (lo + hi) / 2 for role, (lo, hi) in latency.items()}
+    out: dict[str, float] = {}
+    for qid, rec in store.iter_questions():
+        if "question" not in rec:
+            continue
+        nodes = [n for n in store.get_nodes(qid) if n["depth"] >= 0]
+        mentors = sum(not n["reused"] for n in nodes)
+        samples = [smp for n in nodes for smp in n["samples"]]
+        answers = {smp["answer"] for smp in samples if smp["answer"] is not None}
+        out[qid] = (mentors * mean["mentor"] + len(samples) * mean["intern"]
+                    + len(answers) * mean["judge"])
+    return out
+
+
+def representative(work: dict[str, float], k: int) -> list[str]:
+    """k questions at evenly spaced quantiles of their sequential work (a stratified sample,
+    so the reference's questions/hour on them stands for the whole set)."""
+    ranked = sorted(work, key=lambda q: (work[q], q))
+    k = max(1, min(k, len(ranked)))
+    return sorted({ranked[int((i + 0.5) * len(ranked) / k)] for i in range(k)})
+
+
+def run_loop(settings: LoopSettings, work_dir: Path | None = None,
+             progress: Any = None) -> dict[str, Any]:
+    """Run both orders on the same workload and return the `loop` section of the report."""
+    say = progress or (lambda _msg: None)
+    tmp = None
+    if work_dir is None:
+        tmp = tempfile.mkdtemp(prefix="mics-bench-loop-")
+        work_dir = Path(tmp)
+    try:
+        return _run_loop(settings, Path(work_dir), say)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_loop(st: LoopSettings, work: Path, say: Any) -> dict[str, Any]:
+    n = st.questions
+    data = write_questions(work / "questions.jsonl", n, st.seed)
+    models = sim_models()
+    concurrency = st.concurrency or n
+    if st.interns not in ("sglang", "openai"):
+        raise ValueError(f"interns must be 'sglang' or 'openai', got {st.interns!r}")
+    tok = write_chat_tokenizer(work / "tokenizer") if st.interns == "sglang" else None
+
+    say(f"engine: {n} questions, {concurrency} at a time, cap {st.cap} per endpoint")
+    with ServerProcess(models, st.latency(), st.seed) as srv:
+        config = loop_config(srv.url, st.cap, concurrency, st.seed, tok)
+        start_run(work / "engine", config, data, None, None)
+        cpu0, srv_cpu0, wall0 = _cpu_self(), srv.cpu_s(), time.time()
+        t0 = time.perf_counter()
+        summary = anyio.run(search_run, work / "engine")
+        engine_s = time.perf_counter() - t0
+        engine_cpu, server_cpu = _cpu_self() - cpu0, srv.cpu_s() - srv_cpu0
+        eng_served = srv.served()
+
+    with RunStore.open(work / "engine", write=False) as store:
+        work_by_q = sequential_work(store, st.latency())
+    picked = set(representative(work_by_q, st.reference_questions))
+    ref_questions = [q for q in read_dataset(data) if isinstance(q, Question) and q.qid in picked]
+    say(f"reference order: {len(ref_questions)} of {n} questions (spread over the engine's "
+        "per-question work), one call at a time")
+    with ServerProcess(models, st.latency(), st.seed) as srv:
+        config = loop_config(srv.url, st.cap, concurrency, st.seed, tok)
+        ref = anyio.run(run_reference, work / "reference", config, ref_questions)
+        ref_served = srv.served()
+
+    say("bound and exports")
+    caps = {m.model: m.max_concurrency for m in (*config.mentors, *config.interns, config.judge)}
+    loads = endpoint_loads(eng_served, caps)
+    with RunStore.open(work / "engine", write=False) as store:
+        cps, misses = critical_paths(store, config, _delay_map(eng_served))
+    cp_max = max(cps.values(), default=0.0)
+    load_max = max((v["load_s"] for v in loads.values()), default=0.0)
+    bound = max(cp_max, load_max)
+    bottleneck = max(loads, key=lambda m: loads[m]["load_s"]) if loads else ""
+    keep = {q.qid for q in ref_questions}
+    ref_lines = _export_lines(work / "reference", work / "export-reference")
+    eng_lines = _export_lines(work / "engine", work / "export-engine", keep)
+    identical = ref_lines == eng_lines and sum(map(len, ref_lines.values())) == len(keep)
+
+    ref_s = ref["seconds"]
+    ref_latency = sum(d for _m, _k, d, _t in ref_served)
+    ref_calls = len(ref_served)
+    per_call = (ref_s - ref_latency) / ref_calls if ref_calls else 0.0
+    # The reference order over all n questions: its latency (modelled per question from the
+    # engine's trees, scaled by what the measured subset really waited) + per-call overhead.
+    eng_latency = sum(d for _m, _k, d, _t in eng_served)
+    modelled = sum(work_by_q[q.qid] for q in ref_questions)
+    scale = ref_latency / modelled if modelled else 1.0
+    full_calls = ref_calls * sum(work_by_q.values()) / modelled if modelled else 0.0
+    full_estimate = scale * sum(work_by_q.values()) + per_call * full_calls
+    engine_qph = n / engine_s * 3600
+    reference_qph = len(ref_questions) / ref_s * 3600
+    return {
+        "speedup": round(engine_qph / reference_qph, 2),
+        "efficiency": round(bound / engine_s, 3),
+        "engine_qph": round(engine_qph, 1),
+        "reference_qph": round(reference_qph, 1),
+        "exports_identical": identical,
+        "questions": n,
+        "reference_questions": len(ref_questions),
+        "reference_rids": sorted(keep),
+        "engine_s": round(engine_s, 3),
+        "reference_s": round(ref_s, 3),
+        "bound_s": round(bound, 3),
+        "bound_by": "critical_path" if cp_max >= load_max else bottleneck,
+        "critical_path_max_s": round(cp_max, 3),
+        "critical_path_mean_s": round(sum(cps.values()) / len(cps), 3) if cps else 0.0,
+        "critical_path_lookup_misses": misses,
+        "endpoint_load_max_s": round(load_max, 3),
+        "endpoints": loads,
+        "bottleneck": bottleneck,
+        "bottleneck_in_flight_by_tenth": utilisation(eng_served, bottleneck, wall0,
+                                                     wall0 + engine_s) if bottleneck else [],
+        "engine_cpu_s": round(engine_cpu, 2),
+        "engine_cpu_ms_per_request": round(engine_cpu / max(1, len(eng_served)) * 1000, 2),
+        "server_cpu_s": round(server_cpu, 2),
+        "engine_calls": len(eng_served),
+        "engine_latency_sum_s": round(eng_latency, 3),
+        "engine_succeeded": summary.succeeded,
+        "engine_failed": summary.failed,
+        "engine_gate": summary.calls,
+        "reference_calls": ref_calls,
+        "reference_latency_sum_s": round(ref_latency, 3),
+        "reference_overhead_per_call_ms": round(per_call * 1000, 3),
+        "reference_gate": ref["calls"],
+        "reference_full_estimate_s": round(full_estimate, 1),
+        "reference_qph_full_estimate": (round(n / full_estimate * 3600, 1)
+                                        if full_estimate else None),
+        "settings": {**asdict(st), "concurrency": concurrency,
+                     "backends": {"mentors": "openai", "judge": "openai",
+                                  "interns": st.interns},
+                     "server": "bench.loopback in its own process"},
+    }
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve":
+        serve(json.loads(sys.argv[2]))
+    else:
+        raise SystemExit("usage: python -m bench.loop --serve SPEC_JSON (use `mics bench loop`)")

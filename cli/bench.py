@@ -1,0 +1,219 @@
+"""`mics bench ...`: loop, overhead, resume and prefix benchmarks, each one command, one run.
+
+Every command prints a rich table and, with `--json FILE`, writes the figures with the machine
+(cores, RAM, Python, package versions) and the exact command (see bench/common.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bench.common import fmt, print_machine, report, table, write_json
+
+bench_app = typer.Typer(no_args_is_help=True, add_completion=False,
+                        help="Benchmarks: engine vs reference order, overhead, resume, prefix.")
+console = Console()
+
+JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")]
+WorkDir = Annotated[Path | None, typer.Option(
+    "--work-dir", help="Keep the runs here (default: a temporary directory, removed after).")]
+
+
+def _latency(text: str, option: str) -> tuple[float, float]:
+    try:
+        parts = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{option}: expected SECONDS or LOW,HIGH, got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 0 or parts[0] > parts[1]:
+        raise typer.BadParameter(f"{option}: expected SECONDS or LOW,HIGH with 0 <= LOW <= HIGH")
+    return parts[0], parts[1]
+
+
+def _finish(section: str, figures: dict[str, Any], json_out: Path | None) -> dict[str, Any]:
+    payload = report(section, figures)
+    print_machine(console, payload["machine"])
+    if json_out is not None:
+        write_json(json_out, payload)
+        console.print(f"wrote {json_out}")
+    return payload
+
+
+@bench_app.command("loop")
+def loop(
+    questions: Annotated[int, typer.Option(min=1, help="Questions the engine searches.")] = 200,
+    cap: Annotated[int, typer.Option(min=1, help="Concurrent requests per endpoint.")] = 16,
+    reference_questions: Annotated[int, typer.Option(
+        min=1, help="Questions the sequential reference order runs (evenly spaced).")] = 3,
+    concurrency: Annotated[int, typer.Option(
+        min=0, help="Questions the engine searches at once (0: all).")] = 0,
+    mentor_latency: Annotated[str, typer.Option(help="Seconds per mentor call: S or LO,HI.")
+                              ] = "1.0,2.0",
+    intern_latency: Annotated[str, typer.Option(help="Seconds per intern batch.")] = "0.25,0.5",
+    judge_latency: Annotated[str, typer.Option(help="Seconds per judge call.")] = "0.1,0.2",
+    interns: Annotated[str, typer.Option(
+        help="Intern backend: sglang (one /generate per batch) or openai.")] = "sglang",
+    seed: int = 0,
+    json_out: JsonOut = None,
+    work_dir: WorkDir = None,
+) -> None:
+    """Same workload in Chiron-o1's sequential order and by the engine: speedup and efficiency."""
+    from bench.loop import LoopSettings, run_loop
+
+    settings = LoopSettings(
+        questions=questions, cap=cap, reference_questions=reference_questions,
+        concurrency=concurrency, seed=seed, interns=interns,
+        mentor_latency=_latency(mentor_latency, "--mentor-latency"),
+        intern_latency=_latency(intern_latency, "--intern-latency"),
+        judge_latency=_latency(judge_latency, "--judge-latency"))
+    r = run_loop(settings, work_dir, progress=lambda m: console.print(f"[dim]{m}[/]"))
+    console.print(table("mics bench loop", [
+        ("speedup (engine / reference q/h)", r["speedup"], "acceptance: >= 50 at 200 q, cap 16"),
+        ("efficiency (bound / engine time)", r["efficiency"], "acceptance: >= 0.9"),
+        ("exports identical", r["exports_identical"],
+         f"on the {r['reference_questions']} questions both ran"),
+        ("engine questions/hour", r["engine_qph"], f"{r['questions']} questions"),
+        ("reference questions/hour", r["reference_qph"],
+         f"{r['reference_questions']} questions run one call at a time"),
+        ("engine time (s)", r["engine_s"], f"{r['engine_calls']} HTTP calls"),
+        ("schedule bound (s)", r["bound_s"], f"set by {r['bound_by']}"),
+        ("slowest critical path (s)", r["critical_path_max_s"],
+         f"mean {fmt(r['critical_path_mean_s'])} s"),
+        ("reference time (s)", r["reference_s"],
+         f"{r['reference_calls']} calls, {fmt(r['reference_latency_sum_s'])} s of latency"),
+        ("reference q/h, full-run estimate", r["reference_qph_full_estimate"],
+         "all questions' work, modelled from the engine's trees"),
+        ("engine CPU per HTTP request (ms)", r["engine_cpu_ms_per_request"],
+         f"engine {fmt(r['engine_cpu_s'])} s, server {fmt(r['server_cpu_s'])} s of CPU"),
+        (f"{r['bottleneck']} in flight, by tenth of the run",
+         " ".join(fmt(x) for x in r["bottleneck_in_flight_by_tenth"]),
+         f"busiest endpoint; cap {r['settings']['cap']}"),
+    ]))
+    loads = Table(title="endpoint load (engine run)", header_style="bold")
+    for col in ("endpoint", "calls", "latency sum (s)", "cap", "sum / cap (s)"):
+        loads.add_column(col, justify="left" if col == "endpoint" else "right")
+    for name, v in r["endpoints"].items():
+        loads.add_row(name, fmt(v["calls"]), fmt(v["latency_s"]), fmt(v["cap"]),
+                      fmt(v["load_s"]))
+    console.print(loads)
+    _finish("loop", r, json_out)
+    if not r["exports_identical"]:
+        console.print("[bold red]the two orders exported different results[/]")
+        raise typer.Exit(1)
+
+
+@bench_app.command("overhead")
+def overhead(
+    questions: Annotated[int, typer.Option(min=1, help="Questions streamed through.")] = 10_000,
+    concurrency: Annotated[int, typer.Option(min=1, help="Questions at once.")] = 8,
+    seed: int = 0,
+    json_out: JsonOut = None,
+    work_dir: WorkDir = None,
+) -> None:
+    """Zero-latency models, full persistence: calls/s, commits/s, peak RSS (child process)."""
+    from bench.overhead import run_overhead
+
+    with console.status(f"searching {questions:,} questions with zero-latency models"):
+        r = run_overhead(questions, concurrency, seed, work_dir)
+    rss = r["rss_samples"]
+    console.print(table("mics bench overhead", [
+        ("model calls per second", r["calls_per_s"], "acceptance: >= 2,000 with persistence"),
+        ("model calls per CPU second", r["calls_per_cpu_s"],
+         f"{fmt(r['cpu_s'])} s of CPU: independent of other load"),
+        ("store commits per second", r["commits_per_s"], f"{r['commits']:,} commits"),
+        ("peak RSS (MB)", r["peak_rss_mb"], "acceptance: < 400 at 10,000 questions"),
+        ("peak RSS before the closing summary (MB)", r["peak_rss_search_mb"],
+         "search_run ends by reading every question"),
+        ("heap (RssAnon) first -> last sample (MB)",
+         f"{fmt(rss[0]['anon_mb'])} -> {fmt(rss[-1]['anon_mb'])}" if rss else None,
+         f"{len(rss)} samples as questions finish"),
+        ("questions", r["questions"], f"{r['succeeded']:,} succeeded, {r['failed']:,} failed"),
+        ("model calls", r["model_calls"], f"{r['joined']:,} joined in flight"),
+        ("seconds", r["seconds"], f"concurrency {r['concurrency']}"),
+        ("store size (MB)", r["store_bytes"] / 2**20, ""),
+    ]))
+    _finish("overhead", r, json_out)
+
+
+@bench_app.command("resume")
+def resume(
+    nodes: Annotated[int, typer.Option(min=1, help="Stored tree nodes, at least.")] = 10_000,
+    concurrency: Annotated[int, typer.Option(min=1, help="Questions at once.")] = 8,
+    seed: int = 0,
+    json_out: JsonOut = None,
+    work_dir: WorkDir = None,
+) -> None:
+    """Time to open an interrupted run of >= NODES nodes and resume it (fresh process)."""
+    from bench.resume import run_resume
+
+    with console.status(f"building an interrupted run of >= {nodes:,} nodes"):
+        r = run_resume(nodes, concurrency, seed, work_dir)
+    console.print(table("mics bench resume", [
+        ("open + resume (s)", r["open_resume_s"], "acceptance: < 1 s at 10,000 nodes"),
+        ("open store + load run (s)", r["open_s"], ""),
+        ("whole resume process (s)", r["process_s"], "interpreter start and imports included"),
+        ("nodes", r["nodes"], f"{r['questions']:,} questions, {fmt(r['store_mb'])} MB store"),
+        ("questions interrupted", r["interrupted_questions"], "left mid-search by SIGINT"),
+        ("calls sent / memo hits on resume",
+         f"{r['calls_sent_on_resume']:,} / {r['memo_hits_on_resume']:,}", ""),
+        ("unfinished after resume", r["pending_after_resume"], ""),
+    ]))
+    _finish("resume", r, json_out)
+
+
+@bench_app.command("prefix")
+def prefix(
+    models: Annotated[str, typer.Option(help="Comma-separated bench.models names.")] = "",
+    questions: int = 8,
+    depths: int = 3,
+    candidates: int = 3,
+    temperatures: str = "1.2,0.2",
+    new_tokens: int = 16,
+    sglang_url: Annotated[str | None, typer.Option(help="Also run against this SGLang.")] = None,
+    vlm: Annotated[bool, typer.Option("--vlm/--no-vlm", help="Add the tiny VL model.")] = True,
+    seed: int = 0,
+    json_out: JsonOut = None,
+) -> None:
+    """Prefix KV reuse off vs on, on a MICS-shaped intern workload (bench/prefix.py)."""
+    try:
+        from bench.prefix import run_prefix_bench
+    except ImportError as e:
+        console.print(f"[red]bench/prefix.py is not available: {e}[/]")
+        raise typer.Exit(2) from None
+    from bench.common import command_line
+
+    wanted: dict[str, Any] = {
+        "questions": questions, "depths": depths, "candidates": candidates,
+        "temperatures": tuple(float(t) for t in temperatures.split(",") if t),
+        "new_tokens": new_tokens, "sglang_url": sglang_url, "vlm": vlm, "seed": seed,
+        "command": command_line(),
+    }
+    if models:
+        wanted["models"] = [m for m in models.split(",") if m]
+    accepted = inspect.signature(run_prefix_bench).parameters
+    out = run_prefix_bench(**{k: v for k, v in wanted.items() if k in accepted})
+    results = out.get("results", []) if isinstance(out, dict) else []
+    t = Table(title="mics bench prefix", header_style="bold")
+    keys = ["prefill_token_ratio", "wall_speedup", "greedy_equal"]
+    t.add_column("model")
+    for k in keys:
+        t.add_column(k, justify="right")
+    for res in results:
+        t.add_row(str(res.get("model", res.get("name", "?"))), *(fmt(res.get(k)) for k in keys))
+    console.print(t)
+    # its own machine facts (torch, threads) stay in the section, next to the figures
+    figures = ({k: v for k, v in out.items() if k != "command"} if isinstance(out, dict)
+               else {"results": out})
+    _finish("prefix", figures, json_out)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `bench` command group to the mics app."""
+    app.add_typer(bench_app, name="bench")
