@@ -17,7 +17,6 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import Any
 
 import anyio
@@ -47,7 +46,7 @@ def call_key(identity: dict[str, Any], call: Call) -> str:
     material = {
         "model": identity,
         "prompt": call.prompt.key_material(),
-        "sampling": asdict(call.sampling),
+        "sampling": call.sampling.to_dict(),
         "sample": call.sample_index,
     }
     return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()

@@ -110,7 +110,12 @@ class SGLangRollout:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     async def check(self, url: str) -> None:
-        """/health and /model_info once per server; a clear error naming the URL otherwise."""
+        """/health and /model_info once per server; a clear error naming the URL otherwise.
+        The tokenizer is loaded here too, in a worker thread, never on the event loop."""
+        if self._template is None:
+            async with self._check_lock:
+                if self._template is None:
+                    await anyio.to_thread.run_sync(self._tokenizer)
         if url in self._checked:
             return
         async with self._check_lock:
@@ -220,6 +225,7 @@ class SGLangRollout:
 
         async def one(url: str, idx: list[int]) -> list[Reply]:
             group = [calls[i] for i in idx]
+            await self.check(url)  # also loads the tokenizer off the event loop
             if self.options["warmup"]:
                 await self.warm(url, group)
             return await self.generate(url, group)

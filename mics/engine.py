@@ -96,14 +96,18 @@ class Engine:
 
     # ---- run level -------------------------------------------------------------------------
 
-    async def run(self, items: Iterable[Question | RecordError]) -> list[Outcome]:
-        """Search every question not already finished; bad records are stored as failed."""
+    async def run(self, items: Iterable[Question | RecordError], *, collect: bool = True
+                  ) -> list[Outcome]:
+        """Search every question not already finished; bad records are stored as failed.
+        Outcomes are returned when `collect` (the store has them either way)."""
         outcomes: list[Outcome] = []
         slots = anyio.Semaphore(self.search.concurrency)
 
         async def one(q: Question) -> None:
             try:
-                outcomes.append(await self.search_question(q))
+                outcome = await self.search_question(q)
+                if collect:
+                    outcomes.append(outcome)
             except StopRequested:
                 pass  # left "running": a resume replays it from the memo
             finally:
@@ -114,7 +118,9 @@ class Engine:
                 if self.gate.stopping:
                     break
                 if isinstance(item, RecordError):
-                    outcomes.append(self._record_failed(item))
+                    failed = self._record_failed(item)
+                    if collect:
+                        outcomes.append(failed)
                     continue
                 existing = self.store.get_question(item.qid)
                 if existing and existing["status"] in FINISHED and not existing.get("retryable"):

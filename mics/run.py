@@ -162,7 +162,7 @@ async def search_run(
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_watch_interrupts, gate, on_interrupt)
-                await engine.run(items)
+                await engine.run(items, collect=False)
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             fatal = _first(group, (RunAborted, StoreError))
@@ -203,17 +203,16 @@ def summarize(store: RunStore) -> RunSummary:
     """Counts by status and stop reason, computed from the store."""
     summary = RunSummary(run_dir=str(store.run_dir))
     reasons: Counter[str] = Counter()
-    for _qid, rec in store.iter_questions():
+    for _qid, status, stop_reason in store.question_statuses():
         summary.questions += 1
-        status = rec["status"]
         if status == "succeeded":
             summary.succeeded += 1
         elif status == "failed":
             summary.failed += 1
         else:
             summary.pending += 1
-        if rec.get("stop_reason"):
-            reasons[rec["stop_reason"]] += 1
+        if stop_reason:
+            reasons[stop_reason] += 1
     summary.stop_reasons = dict(sorted(reasons.items()))
     return summary
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 ROOT_TEXT = "Let's think about how to solve this problem clearly and reasonably step by step."
@@ -112,6 +112,10 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "max_tokens": self.max_tokens, "stop": list(self.stop)}
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -129,8 +133,12 @@ class Reply:
     usage: Usage = field(default_factory=Usage)
     finish_reason: str = "stop"
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:  # by hand: dataclasses.asdict is slow on a hot path
+        u = self.usage
+        return {"text": self.text, "finish_reason": self.finish_reason,
+                "usage": {"prompt_tokens": u.prompt_tokens,
+                          "completion_tokens": u.completion_tokens,
+                          "cached_tokens": u.cached_tokens, "latency_s": u.latency_s}}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Reply:
@@ -186,8 +194,9 @@ class Node:
     def score(self) -> float:
         return self.correct / self.total if self.total else 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+    def to_dict(self) -> dict[str, Any]:  # by hand: dataclasses.asdict is slow on a hot path
+        d = {f: getattr(self, f) for f in _NODE_FIELDS}
+        d["samples"] = [{f: getattr(s, f) for f in _SAMPLE_FIELDS} for s in self.samples]
         d["score"] = self.score
         return d
 
@@ -221,3 +230,7 @@ class Outcome:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Outcome:
         return Outcome(**d)
+
+
+_NODE_FIELDS = tuple(f.name for f in fields(Node) if f.name != "samples")
+_SAMPLE_FIELDS = tuple(f.name for f in fields(Sample))

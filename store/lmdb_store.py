@@ -480,6 +480,17 @@ class RunStore:
 
         return sorted(self._read(fn), key=lambda kv: (kv[1].get("index", 0), kv[0]))
 
+    def question_statuses(self) -> list[tuple[str, str, str | None]]:
+        """``(qid, status, stop_reason)`` of every question, without keeping whole records."""
+        def fn(txn: lmdb.Transaction, dbs: dict[str, Any]) -> list[tuple[str, str, str | None]]:
+            out = []
+            for k, v in txn.cursor(db=dbs["questions"]):
+                rec = orjson.loads(v)
+                out.append((k.decode(), rec.get("status", ""), rec.get("stop_reason")))
+            return out
+
+        return self._read(fn)
+
     def question_count(self) -> int:
         """Number of stored questions."""
         return self._count("questions")
