@@ -18,6 +18,7 @@ import httpx
 import orjson
 
 from backends.base import BackendError, Call, PermanentError, TransientError, gather
+from backends.hf import LOAD_LOCK
 from backends.http import api_key, check_response, make_client, transport_error
 from backends.images import data_url
 from mics.config import ModelConfig
@@ -60,9 +61,10 @@ class SGLangRollout:
         if self._template is None:
             path = self.options["tokenizer"] or self.config.model
             try:
-                from transformers import AutoTokenizer
+                with LOAD_LOCK:
+                    from transformers import AutoTokenizer
 
-                self._template = AutoTokenizer.from_pretrained(path)
+                    self._template = AutoTokenizer.from_pretrained(path)
             except Exception as e:  # noqa: BLE001 - any load failure is a config problem
                 raise PermanentError(f"{self.config.name}: cannot load the tokenizer/chat template "
                                      f"from {path!r} ({type(e).__name__}: {e})") from None
