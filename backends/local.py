@@ -1,9 +1,10 @@
 """The `local` backend: interns run in-process with HF transformers (text LMs and Qwen2(.5)-VL).
 
 Concurrent `rollout()` calls are queued; whoever holds the model lock takes the oldest group of
-calls with identical sampling parameters (up to `max_batch`) and runs it as one left-padded
-`generate` in a worker thread, so the event loop never blocks. torch and transformers are imported
-lazily (on the first rollout, in the worker), never at package import.
+calls with the same `max_tokens` (up to `max_batch`) and runs it as one batched `generate` in a
+worker thread, so the event loop never blocks. Greedy and sampled calls share a batch: every row
+is sampled with its own parameters and generator (see `_RowSampler`). torch and transformers are
+imported lazily (on the first rollout, in the worker), never at package import.
 
 Options (`[[interns]].options`):
   device      "auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:N", "mps"
@@ -13,25 +14,48 @@ Options (`[[interns]].options`):
   min_pixels, max_pixels  image processor pixel budget (default 256*28*28 / 1280*28*28)
   seed        base of every call's sampling seed (default 0)
   kind        "auto" (a `vision_config` in config.json means "vl"), "text", "vl"
+  prefix_cache       reuse the KV cache of shared prompt prefixes (default true)
+  prefix_cache_size  prefix caches kept across batches, LRU (default 8; 0: within a batch only)
 
 Rendering: one system message, then one user message whose content is the prompt's parts in
 order (images as {"type": "image"}), with `add_generation_prompt=True`. A text LM cannot see
 images: its image parts are dropped and the user message is the concatenated text.
 
+Prefix KV reuse (`prefix_cache`): each distinct prompt of a batch is tokenized on its own, and the
+prompts minus their last token form a token trie. Every trie node (the system + images + question
+block shared by one question's rows, the selected path shared by one depth's candidates, then each
+row) is prefilled once, level by level (one forward pass per level, or a few when segment lengths
+differ a lot), starting from its parent's KV or from a longer match in a bounded LRU of earlier
+nodes (an entry longer than the match is cropped); a shared node saving under 32 tokens is not
+worth its own level. Then ONE batched `generate` runs with every row's cache left-padded to a
+common length (attention mask 0 on the padding) and only each row's last prompt token uncached;
+explicit position ids keep every token at its unpadded position. Shared nodes go into the LRU (an
+entry that is a prefix of another is dropped, as cropping the longer one gives it). Qwen2-VL works
+the same way: image tokens are keyed by the image's content hash, the rows' 3D mrope positions
+come from the model's `get_rope_index`, and pixel values go with the segment holding the image;
+greedy outputs matched reuse-off exactly (Qwen2-VL in the tests, Qwen2.5-VL in a one-off check).
+Other VL architectures, and models whose KV cache is not a plain `DynamicCache` (sliding-window
+layers), run without reuse. `LocalRollout.stats` counts prompt tokens, prefill tokens actually
+computed (padding included), cached tokens and LRU hits/misses; `Usage.cached_tokens` is the
+number of a reply's prompt tokens served from the LRU.
+
 Determinism: greedy calls use no randomness, so a reply is exactly reproducible for the same batch;
-across batch compositions it matched one-at-a-time generation in every test (only floating-point
-reassociation under different padding could ever move an argmax tie). Sampled calls draw every
-token from their own torch.Generator, seeded from (seed, hash of prompt, sampling, sample index),
-so on a given device and dtype a sampled reply does not depend on which calls shared its batch.
-The folder's generation_config sampling defaults are never used: every parameter is explicit (B8).
+across batch compositions and with or without prefix reuse it matched one-at-a-time generation in
+every test (only floating-point reassociation under different padding could ever move an argmax
+tie). Sampled calls draw every token from their own torch.Generator, seeded from (seed, hash of
+prompt, sampling, sample index), so on a given device and dtype a sampled reply does not depend on
+which calls shared its batch. The folder's generation_config sampling defaults are never used:
+every parameter is explicit (B8).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -42,16 +66,25 @@ import anyio.to_thread
 import orjson
 
 from backends.base import BackendError, Call, PermanentError, TransientError
+from backends.hf import LOAD_LOCK
 from mics.config import ModelConfig
 from mics.types import Image, Prompt, Reply, Sampling, Usage
 
 _OPTIONS: dict[str, Any] = {
     "device": "auto", "dtype": "auto", "max_batch": 16, "min_pixels": 256 * 28 * 28,
-    "max_pixels": 1280 * 28 * 28, "seed": 0, "kind": "auto",
+    "max_pixels": 1280 * 28 * 28, "seed": 0, "kind": "auto", "prefix_cache": True,
+    "prefix_cache_size": 8,
 }
 _REPLY_OPTIONS = ("dtype", "kind", "max_pixels", "min_pixels", "seed")
+_TWIN_OPTIONS = ("max_batch", "prefix_cache", "prefix_cache_size", "seed")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _KINDS = ("auto", "text", "vl")
+_MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl")  # VL models whose positions come from get_rope_index
+# LocalRollout.stats: prefill_tokens counts positions the model computed (padding included);
+# prefix_hits / prefix_misses count lookups of batch roots and shared trie nodes.
+_MIN_SHARED = 32  # tokens a trie level or a separate forward pass must save to be worth it
+_STATS = ("batches", "calls", "prompt_tokens", "prefill_tokens", "cached_tokens", "prefix_hits",
+          "prefix_misses", "prefix_entries", "prefix_evictions", "fallbacks")
 _IDENTITY_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
                    "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "preprocessor_config.json")
@@ -67,11 +100,15 @@ def _validate_options(cfg: ModelConfig) -> dict[str, Any]:
         raise ValueError(f"{where}: unknown local option(s) {', '.join(unknown)}; "
                          f"allowed: {', '.join(sorted(_OPTIONS))}")
     opts = {**_OPTIONS, **cfg.options}
-    for key in ("max_batch", "min_pixels", "max_pixels", "seed"):
+    for key in ("max_batch", "min_pixels", "max_pixels", "seed", "prefix_cache_size"):
         if not isinstance(opts[key], int) or isinstance(opts[key], bool):
             raise ValueError(f"{where}: option {key} must be an integer, got {opts[key]!r}")
     if opts["max_batch"] < 1 or opts["min_pixels"] < 1 or opts["max_pixels"] < opts["min_pixels"]:
         raise ValueError(f"{where}: need max_batch >= 1 and 1 <= min_pixels <= max_pixels")
+    if not isinstance(opts["prefix_cache"], bool):
+        raise ValueError(f"{where}: option prefix_cache must be true or false")
+    if opts["prefix_cache_size"] < 0:
+        raise ValueError(f"{where}: option prefix_cache_size must be >= 0")
     if opts["dtype"] not in _DTYPES:
         raise ValueError(f"{where}: option dtype must be one of {', '.join(_DTYPES)}")
     if opts["kind"] not in _KINDS:
@@ -129,11 +166,10 @@ def call_seed(base: int, digest: str) -> int:
     return int.from_bytes(raw[:8], "big") & (2**63 - 1)
 
 
-def _group_key(s: Sampling) -> tuple[Any, ...]:
-    """Calls with equal keys share a `generate` (stop strings are trimmed per call)."""
-    if s.greedy:
-        return ("greedy", s.max_tokens)
-    return ("sample", s.temperature, s.top_p, s.top_k, s.max_tokens)
+def _group_key(s: Sampling) -> int:
+    """Calls with equal keys share a `generate`: rows sample with their own parameters, and stop
+    strings are trimmed per call, so only the length budget must match."""
+    return s.max_tokens
 
 
 def _messages(prompt: Prompt, vl: bool) -> list[dict[str, Any]]:
@@ -170,40 +206,199 @@ def _image_only_processor_class() -> type:
     return ImageOnlyQwen2VLProcessor
 
 
-_LOAD_LOCK = threading.Lock()  # one model load at a time, in any worker thread
 
 class _RowSampler:
-    """Logits processor that samples each row with its own generator and returns a one-hot.
+    """Logits processor that picks each row's token with its own parameters; returns a one-hot.
 
-    It applies temperature, top-k and top-p itself, so the draw depends only on the row's seed
-    and logits; `generate`'s own warpers and multinomial then keep that single token.
+    Greedy rows take the argmax; sampled rows apply their temperature, top-k and top-p and draw
+    from their own generator, so a draw depends only on the row's seed and logits. `generate`'s
+    own warpers and multinomial then keep that single token.
     """
 
-    def __init__(self, sampling: Sampling, seeds: Sequence[int], device: Any) -> None:
+    def __init__(self, samplings: Sequence[Sampling], seeds: Sequence[int], device: Any) -> None:
         import torch
-        from transformers import (
-            LogitsProcessorList,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
 
-        warpers: list[Any] = [TemperatureLogitsWarper(sampling.temperature)]
-        if sampling.top_k > 0:
-            warpers.append(TopKLogitsWarper(top_k=sampling.top_k))
-        if sampling.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p=sampling.top_p))
-        self._warp = LogitsProcessorList(warpers)
+        self._groups: dict[Sampling, list[int]] = {}
+        for i, s in enumerate(samplings):
+            self._groups.setdefault(s, []).append(i)
+        self._warps = {s: _warpers(s) for s in self._groups if not s.greedy}
         self._gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
-        probs = torch.softmax(self._warp(input_ids, scores).float(), dim=-1)
-        picks = torch.stack([torch.multinomial(probs[i], 1, generator=g)
-                             for i, g in enumerate(self._gens)])
+        picks = torch.empty(scores.shape[0], 1, dtype=torch.long, device=scores.device)
+        for sampling, rows in self._groups.items():
+            if sampling.greedy:
+                picks[rows] = scores[rows].argmax(dim=-1, keepdim=True)
+                continue
+            idx = torch.tensor(rows, device=scores.device)
+            warped = self._warps[sampling](input_ids[idx], scores[idx])
+            probs = torch.softmax(warped.float(), dim=-1)
+            for j, i in enumerate(rows):
+                picks[i] = torch.multinomial(probs[j], 1, generator=self._gens[i])
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, picks, 0.0)
+
+
+def _warpers(sampling: Sampling) -> Any:
+    from transformers import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    warpers: list[Any] = [TemperatureLogitsWarper(sampling.temperature)]
+    if sampling.top_k > 0:
+        warpers.append(TopKLogitsWarper(top_k=sampling.top_k))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=sampling.top_p))
+    return LogitsProcessorList(warpers)
+
+
+# --- prefix KV reuse (worker threads only) -------------------------------------------------------
+
+KV = list[tuple[Any, Any]]  # per layer: (keys, values), each [1, kv_heads, length, head_dim]
+
+
+class _NoReuse(Exception):
+    """This batch cannot take the prefix path; it runs without reuse."""
+
+
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    return len(os.path.commonprefix([a, b]))  # type: ignore[type-var]
+
+
+class PrefixLRU:
+    """A bounded LRU of prefix KV caches: token key -> per-layer KV of exactly that prefix.
+
+    `match` returns the longest common prefix with any entry and that entry's KV cropped to it.
+    `put` keeps only maximal keys: an entry that is a prefix of another is redundant.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.evictions = 0
+        self._entries: OrderedDict[tuple[int, ...], KV] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[tuple[int, ...]]:
+        return list(self._entries)
+
+    def match(self, key: tuple[int, ...]) -> tuple[int, KV | None]:
+        best, best_key = 0, None
+        for k in self._entries:
+            n = _lcp(k, key)
+            if n > best:
+                best, best_key = n, k
+        if best_key is None:
+            return 0, None
+        self._entries.move_to_end(best_key)
+        kv = self._entries[best_key]
+        if best < len(best_key):  # crop: a view of the first `best` positions
+            kv = [(k[:, :, :best], v[:, :, :best]) for k, v in kv]
+        return best, kv
+
+    def put(self, key: tuple[int, ...], kv: KV) -> None:
+        if self.size <= 0 or not key:
+            return
+        for k in list(self._entries):
+            if len(k) >= len(key) and k[: len(key)] == key:
+                self._entries.move_to_end(k)  # already covered by a longer entry
+                return
+            if key[: len(k)] == k:
+                del self._entries[k]
+        self._entries[key] = [(k.contiguous(), v.contiguous()) for k, v in kv]
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+            self.evictions += 1
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+@dataclass
+class _Row:
+    """One distinct prompt, tokenized on its own."""
+
+    key: tuple[int, ...]  # token ids; image tokens replaced by a negative id per image content
+    ids: Any  # LongTensor [n]
+    pos: Any  # LongTensor [R, n]: R=1 text positions; R=4 text + mrope (t, h, w) positions
+    spans: list[tuple[int, int]]  # image token spans, in prompt order
+    pixels: list[Any]  # per image: its rows of pixel_values
+    grids: list[Any]  # per image: its grid_thw
+
+
+@dataclass
+class _Node:
+    """A trie node: the first `length` tokens shared by the contexts `rows`."""
+
+    length: int
+    rows: list[int]
+    children: list[_Node]
+    kv: KV | None = None
+    cached: int = 0  # tokens of this prefix served from the LRU
+
+
+def _plan(keys: Sequence[tuple[int, ...]], idx: list[int], start: int = 0,
+          root: bool = True) -> list[_Node]:
+    """The compacted token trie of the distinct contexts `keys[idx]` below position `start`.
+
+    A shared node that would save fewer than `_MIN_SHARED` tokens is left out (its rows hang
+    from its parent), since every trie level costs a forward pass.
+    """
+    if len(idx) == 1:
+        length = len(keys[idx[0]])
+    else:
+        length = len(os.path.commonprefix([keys[i] for i in idx]))  # type: ignore[type-var]
+    buckets: dict[int, list[int]] = {}
+    for i in idx:
+        if len(keys[i]) > length:
+            buckets.setdefault(keys[i][length], []).append(i)
+    children = [n for b in buckets.values() for n in _plan(keys, b, length, root=False)]
+    if not root and len(idx) > 1 and (len(idx) - 1) * (length - start) < _MIN_SHARED:
+        ends = [i for i in idx if len(keys[i]) == length]  # at most one: keys are distinct
+        return children + [_Node(length, ends, [])] if ends else children
+    return [_Node(length, idx, children)]
+
+
+def _walk(node: _Node) -> list[_Node]:
+    return [node, *(n for child in node.children for n in _walk(child))]
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """[start, end) of every run of True."""
+    out, start = [], None
+    for i, f in enumerate([*flags, False]):
+        if f and start is None:
+            start = i
+        elif not f and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def _chunks(items: list[Any], size: Callable[[Any], int]) -> list[list[Any]]:
+    """Items grouped by similar size (longest first), one forward pass per group, so that right
+    padding wastes at most about half a pass: an item joins the current group while it is at
+    least half as long as the group's longest (or at most `_MIN_SHARED` shorter)."""
+    groups: list[list[Any]] = []
+    top = 0
+    for item in sorted(items, key=size, reverse=True):
+        if groups and (2 * size(item) >= top or top - size(item) <= _MIN_SHARED):
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+            top = size(item)
+    return groups
+
+
+def _image_marker(sha256: str) -> int:
+    """The key of an image's tokens: negative, so never a real token id."""
+    return -1 - int(sha256[:15], 16)
 
 
 @dataclass
@@ -215,26 +410,31 @@ class _Loaded:
     dtype: Any
     eos_ids: list[int]
     pad_id: int
+    reuse: bool = False  # prefix KV reuse is possible for this model
+    kv_layers: int = 0
 
 
 class _Runner:
-    """Owns the model; every method runs in a worker thread under `lock`.
+    """Owns the model and its prefix LRU; every method runs in a worker thread under `lock`.
 
-    `run` is the batch executor: encode -> `_generate` -> decode. A prefix KV cache would slot
-    into `_generate` (prefill the shared prefix once, pass `past_key_values`).
+    `run` is the batch executor: either encode -> `_generate` (no reuse), or `_generate_reuse`
+    (prefix trie prefill + one batched generate); then decode.
     """
 
     def __init__(self, name: str, path: Path, kind: str, options: dict[str, Any]) -> None:
         self.name, self.path, self.kind, self.options = name, path, kind, options
         self.lock = threading.Lock()
         self.loaded: _Loaded | None = None
+        self.lru = PrefixLRU(options["prefix_cache_size"])
+        self.stats: dict[str, int] = dict.fromkeys(_STATS, 0)
+        self.last_fallback = ""  # why the last batch ran without reuse
 
     # loading
 
     def load(self) -> _Loaded:
         if self.loaded is None:
             try:
-                with _LOAD_LOCK:  # transformers' lazy imports are not thread-safe
+                with LOAD_LOCK:  # transformers' lazy imports are not thread-safe
                     self.loaded = self._load()
             except BackendError:
                 raise
@@ -264,7 +464,19 @@ class _Runner:
         pad = model.generation_config.pad_token_id
         pad = pad if pad is not None else tok.pad_token_id
         pad = pad if pad is not None else eos_ids[0]
-        return _Loaded(model, tok, proc, device, dtype, eos_ids, int(pad))
+        loaded = _Loaded(model, tok, proc, device, dtype, eos_ids, int(pad))
+        loaded.kv_layers, loaded.reuse = self._reusable(model, proc is not None)
+        return loaded
+
+    def _reusable(self, model: Any, vl: bool) -> tuple[int, bool]:
+        """(KV layers, whether prefix reuse works): plain dynamic layers; mrope VL models only."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        layers = DynamicCache(config=model.config).layers
+        plain = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+        mrope = not vl or model.config.model_type in _MROPE_TYPES
+        return len(layers), self.options["prefix_cache"] and plain and mrope
 
     def _load_vl(self, dtype: Any) -> tuple[Any, Any, Any]:
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
@@ -296,7 +508,7 @@ class _Runner:
     # the batch executor
 
     def run(self, calls: Sequence[Call], seeds: Sequence[int]) -> list[Reply | BackendError]:
-        """One group of calls with identical sampling: a reply or an error per call."""
+        """One batch of calls (same max_tokens): a reply or an error per call."""
         with self.lock:
             m = self.load()
             results: list[Reply | BackendError | None] = [None] * len(calls)
@@ -332,15 +544,33 @@ class _Runner:
     def _run_batch(self, m: _Loaded, calls: Sequence[Call], images: Sequence[list[Any]],
                    seeds: Sequence[int]) -> list[Reply | BackendError]:
         start = time.perf_counter()
+        samplings = [c.sampling for c in calls]
         try:
-            inputs = self._encode(m, calls, images)
-            new = self._generate(m, inputs, calls[0].sampling, seeds)
+            try:
+                if not m.reuse:
+                    raise _NoReuse("prefix reuse is off")
+                new, prompt_tokens, cached = self._generate_reuse(m, calls, images, seeds)
+            except _NoReuse as e:
+                if m.reuse:
+                    self.stats["fallbacks"] += 1
+                    self.last_fallback = str(e)
+                inputs = self._encode(m, calls, images)
+                new = self._generate(m, inputs, samplings, seeds)
+                prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+                cached = [0] * len(calls)
+                self.stats["prefill_tokens"] += int(inputs["input_ids"].numel())
         except Exception as e:
             return [self._error(e)] * len(calls)
         latency = round(time.perf_counter() - start, 6)
-        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-        return [self._reply(m, call, row, int(n), latency)
-                for call, row, n in zip(calls, new.tolist(), prompt_tokens, strict=True)]
+        self.stats["batches"] += 1
+        self.stats["calls"] += len(calls)
+        self.stats["prompt_tokens"] += int(sum(prompt_tokens))
+        self.stats["cached_tokens"] += int(sum(cached))
+        self.stats["prefix_entries"] = len(self.lru)
+        self.stats["prefix_evictions"] = self.lru.evictions
+        return [self._reply(m, call, row[: call.sampling.max_tokens], int(n), latency, int(c))
+                for call, row, n, c in zip(calls, new.tolist(), prompt_tokens, cached,
+                                           strict=True)]
 
     def _encode(self, m: _Loaded, calls: Sequence[Call], images: Sequence[list[Any]]) -> Any:
         vl = m.processor is not None
@@ -357,27 +587,234 @@ class _Runner:
             enc["pixel_values"] = enc["pixel_values"].to(m.dtype)
         return enc
 
-    def _generate(self, m: _Loaded, inputs: Any, sampling: Sampling, seeds: Sequence[int]) -> Any:
-        """New token ids [batch, steps]; the place for a prefix KV cache later."""
-        import torch
+    def _generation_args(self, m: _Loaded, samplings: Sequence[Sampling],
+                         seeds: Sequence[int]) -> tuple[Any, Any]:
+        """An explicit GenerationConfig and, unless every row is greedy, the row sampler."""
         from transformers import GenerationConfig, LogitsProcessorList
 
-        explicit: dict[str, Any] = {"do_sample": not sampling.greedy}
+        first = samplings[0]
+        explicit: dict[str, Any] = {"do_sample": False}
         processors = None
-        if not sampling.greedy:
-            explicit.update(temperature=sampling.temperature, top_p=sampling.top_p,
-                            top_k=sampling.top_k if sampling.top_k > 0 else 0)  # 0: no top-k
-            processors = LogitsProcessorList([_RowSampler(sampling, seeds, m.device)])
+        if not all(s.greedy for s in samplings):
+            if all(s == first for s in samplings):
+                explicit.update(temperature=first.temperature, top_p=first.top_p,
+                                top_k=first.top_k if first.top_k > 0 else 0)  # 0: no top-k
+            else:  # mixed rows: the row sampler does all the work, generate's warpers are no-ops
+                explicit.update(temperature=1.0, top_p=1.0, top_k=0)
+            explicit["do_sample"] = True
+            processors = LogitsProcessorList([_RowSampler(samplings, seeds, m.device)])
         gen = GenerationConfig(
-            max_new_tokens=sampling.max_tokens, eos_token_id=m.eos_ids, pad_token_id=m.pad_id,
-            repetition_penalty=1.0, no_repeat_ngram_size=0, **explicit,
+            max_new_tokens=max(s.max_tokens for s in samplings), eos_token_id=m.eos_ids,
+            pad_token_id=m.pad_id, repetition_penalty=1.0, no_repeat_ngram_size=0, **explicit,
         )
+        return gen, processors
+
+    def _generate(self, m: _Loaded, inputs: Any, samplings: Sequence[Sampling],
+                  seeds: Sequence[int]) -> Any:
+        """New token ids [batch, steps] from one left-padded generate (no prefix reuse)."""
+        import torch
+
+        gen, processors = self._generation_args(m, samplings, seeds)
         with torch.inference_mode():
             out = m.model.generate(**inputs, generation_config=gen, logits_processor=processors)
         return out[:, inputs["input_ids"].shape[1]:].cpu()
 
+    # prefix reuse
+
+    def _generate_reuse(self, m: _Loaded, calls: Sequence[Call], images: Sequence[list[Any]],
+                        seeds: Sequence[int]) -> tuple[Any, list[int], list[int]]:
+        """New token ids [batch, steps], prompt and cached tokens per call, with prefix reuse.
+
+        Distinct prompts minus their last token form a trie; `_fill` gives every node its KV
+        (from the LRU or computed once); then one generate runs over left-padded row caches.
+        """
+        import torch
+
+        with torch.inference_mode():
+            rows: list[_Row] = []
+            index: dict[tuple[int, ...], int] = {}
+            call_rows: list[int] = []
+            for call, imgs in zip(calls, images, strict=True):
+                row = self._encode_row(m, call.prompt, imgs)
+                if row.key not in index:
+                    index[row.key] = len(rows)
+                    rows.append(row)
+                call_rows.append(index[row.key])
+            if any(len(r.key) < 2 for r in rows):
+                raise _NoReuse("a prompt of fewer than two tokens")
+            ctx = [r.key[:-1] for r in rows]
+            [root] = _plan(ctx, list(range(len(rows))))
+            leaves = self._fill(m, rows, ctx, root)
+            shared = [n for n in _walk(root) if len(n.rows) > 1 and n.length > 0]
+            for node in shared or [root]:
+                assert node.kv is not None
+                self.lru.put(ctx[node.rows[0]][: node.length], node.kv)
+
+            lengths = [len(ctx[r]) for r in call_rows]
+            width = max(lengths)
+            cache = self._batched_cache(m, [(leaves[r].kv, n) for r, n in
+                                            zip(call_rows, lengths, strict=True)], width)
+            ids, mask, pos = self._layout(m, [(rows[r], 0, len(ctx[r]) + 1, width - len(ctx[r]))
+                                              for r in call_rows], width + 1)
+            gen, processors = self._generation_args(m, [c.sampling for c in calls], seeds)
+            self.stats["prefill_tokens"] += len(calls)  # each row's last prompt token
+            out = m.model.generate(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                   past_key_values=cache, generation_config=gen,
+                                   logits_processor=processors)
+        prompt_tokens = [len(rows[r].key) for r in call_rows]
+        return out[:, width + 1:].cpu(), prompt_tokens, [leaves[r].cached for r in call_rows]
+
+    def _encode_row(self, m: _Loaded, prompt: Prompt, imgs: list[Any]) -> _Row:
+        """One prompt tokenized alone, exactly as `_encode` renders it, with its positions."""
+        import torch
+
+        vl = m.processor is not None
+        renderer = m.processor if vl else m.tokenizer
+        [text] = renderer.apply_chat_template([_messages(prompt, vl)], tokenize=False,
+                                              add_generation_prompt=True)
+        if not vl:
+            ids = m.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+            return _Row(tuple(ids.tolist()), ids, torch.arange(len(ids))[None], [], [], [])
+        enc = m.processor(text=[text], images=imgs or None, return_tensors="pt")
+        ids = enc["input_ids"][0]
+        n = len(ids)
+        text_pos = torch.arange(n)[None]
+        if not imgs:
+            return _Row(tuple(ids.tolist()), ids, text_pos.expand(4, n), [], [], [])
+        grids = list(enc["image_grid_thw"])
+        sizes = [int(g.prod()) for g in grids]
+        pixels = list(enc["pixel_values"].to(m.dtype).split(sizes))
+        image_id = m.processor.image_token_id
+        is_image = (ids == image_id).tolist()
+        spans = _runs(is_image)
+        refs = prompt.images()
+        if len(spans) != len(refs):
+            raise _NoReuse("image placeholders do not match the prompt's images")
+        key = ids.tolist()
+        for (i, j), ref in zip(spans, refs, strict=True):
+            key[i:j] = [_image_marker(ref.sha256)] * (j - i)
+        base = getattr(m.model, "model", m.model)
+        try:
+            pos3, _ = base.get_rope_index(ids[None], mm_token_type_ids=enc["mm_token_type_ids"],
+                                          image_grid_thw=enc["image_grid_thw"])
+        except Exception as e:  # an architecture whose positions this path cannot build
+            raise _NoReuse(f"no 3D positions: {type(e).__name__}: {e}") from None
+        return _Row(tuple(key), ids, torch.cat([text_pos, pos3[:, 0]]), spans, pixels, grids)
+
+    def _fill(self, m: _Loaded, rows: list[_Row], ctx: list[tuple[int, ...]],
+              root: _Node) -> dict[int, _Node]:
+        """Give every trie node its KV, level by level, one forward per level; returns the node
+        that ends at each context."""
+        ends: dict[int, _Node] = {}
+        level: list[tuple[_Node, _Node | None]] = [(root, None)]
+        while level:
+            todo: list[tuple[_Node, KV | None, int]] = []
+            for node, parent in level:
+                key = ctx[node.rows[0]][: node.length]
+                plen = parent.length if parent is not None else 0
+                hit, kv = self.lru.match(key)
+                if hit > plen:
+                    base, blen, node.cached = kv, hit, hit
+                elif parent is not None:
+                    base, blen, node.cached = parent.kv, plen, parent.cached
+                else:
+                    base, blen = None, 0
+                if parent is None or len(node.rows) > 1:
+                    self.stats["prefix_hits" if hit > plen else "prefix_misses"] += 1
+                if blen == node.length:
+                    node.kv = base
+                else:
+                    todo.append((node, base, blen))
+                for r in node.rows:
+                    if len(ctx[r]) == node.length:
+                        ends[r] = node
+            for chunk in _chunks(todo, lambda t: t[0].length - t[2]):
+                kvs = self._extend(m, [(base, blen, rows[node.rows[0]], node.length)
+                                       for node, base, blen in chunk])
+                for (node, _, _), kv in zip(chunk, kvs, strict=True):
+                    node.kv = kv
+            level = [(child, node) for node, _ in level for child in node.children]
+        return ends
+
+    def _extend(self, m: _Loaded, items: list[tuple[KV | None, int, _Row, int]]) -> list[KV]:
+        """One forward pass: each item's base KV (length b) plus its row's tokens [b, end)."""
+        width = max(b for _, b, _, _ in items)
+        steps = max(end - b for _, b, _, end in items)
+        cache = self._batched_cache(m, [(kv, b) for kv, b, _, _ in items], width)
+        ids, mask, pos = self._layout(m, [(row, b, end, width - b) for _, b, row, end in items],
+                                      width + steps)
+        extra: dict[str, Any] = {}
+        pixels, grids = [], []
+        for _, b, row, end in items:
+            for (i, j), px, grid in zip(row.spans, row.pixels, row.grids, strict=True):
+                if b <= i and j <= end:
+                    pixels.append(px)
+                    grids.append(grid)
+                elif i < end and j > b:
+                    raise _NoReuse("an image straddles a prefix boundary")
+        if pixels:
+            import torch
+
+            extra = {"pixel_values": torch.cat(pixels).to(m.device),
+                     "image_grid_thw": torch.stack(grids).to(m.device)}
+        m.model(input_ids=ids[:, width:], attention_mask=mask, position_ids=pos[..., width:],
+                past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+        self.stats["prefill_tokens"] += len(items) * steps
+        return [[(layer.keys[i:i + 1, :, width - b:width - b + end],
+                  layer.values[i:i + 1, :, width - b:width - b + end]) for layer in cache.layers]
+                for i, (_, b, _, end) in enumerate(items)]
+
+    def _batched_cache(self, m: _Loaded, bases: list[tuple[KV | None, int]], width: int) -> Any:
+        """A DynamicCache of `width` positions: every base KV left-padded with zeros."""
+        import torch
+        from transformers import DynamicCache
+
+        config = m.model.config
+        if width == 0:
+            return DynamicCache(config=config)
+        first = bases[0][0]
+        if all(kv is first and n == width for kv, n in bases) and first is not None:
+            data = [(k.expand(len(bases), -1, -1, -1), v.expand(len(bases), -1, -1, -1))
+                    for k, v in first]
+            return DynamicCache(ddp_cache_data=data, config=config)
+        ref = next(kv for kv, n in bases if kv is not None and n > 0)
+        data = []
+        for layer in range(m.kv_layers):
+            keys, values = [], []
+            for kv, n in bases:
+                k0, v0 = ref[layer]
+                pad_k = k0.new_zeros(1, k0.shape[1], width - n, k0.shape[3])
+                pad_v = v0.new_zeros(1, v0.shape[1], width - n, v0.shape[3])
+                if kv is None or n == 0:
+                    keys.append(pad_k)
+                    values.append(pad_v)
+                else:
+                    k, v = kv[layer]
+                    keys.append(torch.cat([pad_k, k[:, :, :n]], dim=2))
+                    values.append(torch.cat([pad_v, v[:, :, :n]], dim=2))
+            data.append((torch.cat(keys), torch.cat(values)))
+        return DynamicCache(ddp_cache_data=data, config=config)
+
+    def _layout(self, m: _Loaded, items: list[tuple[_Row, int, int, int]],
+                total: int) -> tuple[Any, Any, Any]:
+        """input_ids, attention_mask, position_ids over `total` columns for items
+        (row, start, end, offset): row position p sits in column offset + p, tokens [start, end)
+        are filled in, the mask is 1 on [0, end) (cached positions included) and 0 on padding,
+        and positions are the row's own ([4, batch, total] for mrope: text + t/h/w)."""
+        import torch
+
+        n_pos = items[0][0].pos.shape[0]
+        ids = torch.full((len(items), total), m.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), total), dtype=torch.long)
+        pos = torch.zeros((n_pos, len(items), total), dtype=torch.long)
+        for i, (row, start, end, offset) in enumerate(items):
+            ids[i, offset + start:offset + end] = row.ids[start:end]
+            pos[:, i, offset + start:offset + end] = row.pos[:, start:end]
+            mask[i, offset:offset + end] = 1
+        return ids.to(m.device), mask.to(m.device), (pos if n_pos > 1 else pos[0]).to(m.device)
+
     def _reply(self, m: _Loaded, call: Call, row: list[int], prompt_tokens: int,
-               latency: float) -> Reply:
+               latency: float, cached: int = 0) -> Reply:
         eos = set(m.eos_ids)
         end = next((i for i, t in enumerate(row) if t in eos), None)
         kept = row if end is None else row[:end]
@@ -386,7 +823,7 @@ class _Runner:
         completion = len(row) if end is None else end + 1
         finish = "stop" if end is not None or stopped else "length"
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                      latency_s=latency)
+                      cached_tokens=cached, latency_s=latency)
         return Reply(text=text, usage=usage, finish_reason=finish)
 
     def _error(self, e: Exception) -> BackendError:
@@ -403,6 +840,7 @@ class _Runner:
     def close(self) -> None:
         with self.lock:
             self.loaded = None
+            self.lru.clear()
 
 
 # --- the async side ---------------------------------------------------------------------------
@@ -441,6 +879,35 @@ class LocalRollout:
 
     def identity(self) -> dict[str, Any]:
         return dict(self._identity)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Live counters (see `_STATS`): prefill_tokens, prefix_hits, prefix_misses, ..."""
+        return self._runner.stats
+
+    def reset_stats(self) -> None:
+        """Zero the counters (the LRU is kept)."""
+        for key in self._runner.stats:
+            self._runner.stats[key] = 0
+
+    def twin(self, **options: Any) -> LocalRollout:
+        """The same model with batching options changed (e.g. `prefix_cache=False`), sharing
+        this rollout's weights and model lock (benchmarks, tests): loads the weights now if
+        needed, blocking, so not from the event loop. Each twin keeps its own LRU and stats."""
+        from dataclasses import replace
+
+        bad = sorted(set(options) - set(_TWIN_OPTIONS))
+        if bad:
+            raise ValueError(f"a twin can change only {', '.join(_TWIN_OPTIONS)}, not {bad}")
+        other = LocalRollout(replace(self.config, options={**self.config.options, **options}),
+                             self.role)
+        m = self._runner.load()
+        vl = m.processor is not None
+        other._runner.loaded = replace(m)
+        other._runner.lock = self._runner.lock  # one model: never two generates at once
+        other._runner.loaded.kv_layers, other._runner.loaded.reuse = other._runner._reusable(
+            m.model, vl)
+        return other
 
     async def rollout(self, calls: Sequence[Call]) -> list[Reply]:
         """One reply per call, in order; concurrent callers share batched `generate`s."""
