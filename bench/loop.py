@@ -8,12 +8,13 @@ from a uniform range; each endpoint is capped at `cap` concurrent requests. The 
 its own process, so its work does not share an interpreter with the client's.
 
 (a) The engine (`mics.run.search_run`) on all N questions.
-(b) Reference order: a faithful sequential baseline. One call at a time, in the order the
-    Chiron-o1 code issues them: per depth, for each mentor in order its call (or cached step),
-    then for each intern in order the T1 then the T2 sample, each judged at once. It uses the same
-    pure rules (`mics.policy`, `mics.prompts`, `mics.steps`), backends, call gate and store as the
-    engine, so its decisions and exports are the engine's. Its memo answers a repeated identical
-    judge prompt, which the Chiron code would send again: the baseline is, if anything, fast.
+(b) Reference order: a faithful sequential baseline, the same engine with
+    `schedule="reference"` and one question at a time: per depth, for each mentor in order its
+    call (or cached step), then for each intern in order the T1 then the T2 sample, each judged
+    at once, one call at a time, as the Chiron-o1 code issues them. Same rules, backends, gate
+    and store, so its decisions and exports are the engine's. Its memo and verdict cache answer
+    a repeated judge question, which the Chiron code would send again: the baseline is, if
+    anything, fast.
     Sequential runs take minutes, so it runs on a few questions picked at evenly spaced
     quantiles of their sequential work (known from the engine's trees); the whole set's
     reference time is also modelled, as a cross-check of the extrapolation.
@@ -39,35 +40,26 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from backends.base import Call
 from backends.gate import CallGate
 from backends.simulated import render_text
 from bench.common import sim_models, write_questions
 from bench.loopback import LoopbackServer, sim_text_from_generate
-from mics import policy
-from mics.config import RunConfig, SearchConfig, parse_config
+from mics.config import RunConfig, parse_config
 from mics.dataset import read_dataset
-from mics.engine import RETRYABLE, Models
+from mics.engine import Engine
 from mics.export import export_reference
-from mics.prompts import intern_prompt, judge_prompt, mentor_prompt, parse_verdict
+from mics.prompts import intern_prompt, judge_prompt, mentor_prompt
 from mics.run import build_models, search_run, start_run
-from mics.steps import count_steps, extract_final_answer, normalize_answer, parse_chain
+from mics.steps import normalize_answer
 from mics.types import (
-    ROOT_TEXT,
-    CallFailure,
-    Node,
-    Outcome,
     Prompt,
     Question,
-    Reply,
-    Sample,
-    Sampling,
 )
 from store import RunStore
 
@@ -262,216 +254,6 @@ def loop_config(url: str, cap: int, concurrency: int, seed: int,
 # ---------------------------------------------------------------- the reference order
 
 
-@dataclass
-class _Chain:
-    chain: str
-    parsed: Any
-
-
-@dataclass
-class _RefState:
-    attempt: int
-    prefix: str = ROOT_TEXT
-    parent_id: str = ""
-    author: str | None = None
-    chains: dict[str, _Chain] = field(default_factory=dict)
-    scores: dict[str, list[float]] = field(default_factory=dict)
-    previous: list[str] = field(default_factory=list)
-    judge_errors: list[str] = field(default_factory=list)
-    mentor_errors: dict[str, dict[str, str]] = field(default_factory=dict)  # depth -> mentor
-
-
-class ReferenceOrder:
-    """MICS as Chiron-o1 schedules it: strictly one call at a time (see module docstring)."""
-
-    def __init__(self, config: RunConfig, store: RunStore, models: Models, gate: CallGate):
-        self.s: SearchConfig = config.search
-        self.store, self.models, self.gate = store, models, gate
-
-    async def run(self, questions: Iterable[Question]) -> int:
-        n = 0
-        for q in questions:
-            await self.question(q)
-            n += 1
-        return n
-
-    async def question(self, q: Question) -> Outcome:
-        self.store.delete_nodes(q.qid)
-        self.store.put_question(q.qid, {"status": "running", "index": q.index,
-                                        "question": q.to_dict()})
-        for attempt in range(self.s.restarts + 1):
-            outcome = await self._attempt(q, attempt)
-            if outcome.stop_reason != "all_zero" or attempt == self.s.restarts:
-                break
-        outcome.details["attempts"] = attempt + 1
-        self.store.put_question(q.qid, {
-            "status": outcome.status, "index": q.index, "question": q.to_dict(),
-            "stop_reason": outcome.stop_reason, "retryable": outcome.stop_reason in RETRYABLE,
-            "outcome": outcome.to_dict(),
-        })
-        return outcome
-
-    async def _attempt(self, q: Question, attempt: int) -> Outcome:
-        rng = policy.question_rng(self.s.seed, q.qid, attempt)
-        names = [m.config.name for m in self.models.mentors]
-        st = _RefState(attempt=attempt, scores={m: [] for m in names})
-        root = Node(node_id=f"a{attempt}.root", parent_id=None, attempt=attempt, depth=-1,
-                    mentor=None, step=ROOT_TEXT, prefix=ROOT_TEXT, chain=ROOT_TEXT, chosen=True)
-        self.store.put_nodes(q.qid, [(root.node_id, root.to_dict())])
-        st.parent_id = root.node_id
-        for depth in range(self.s.max_depth):
-            nodes: list[Node] = []
-            errors: dict[str, str] = {}
-            for mentor in self.models.mentors:  # Chiron order: a mentor, then its evaluation
-                node = await self._propose(q, st, depth, mentor)
-                if isinstance(node, str):
-                    errors[mentor.config.name] = node
-                    continue
-                for intern in self.models.interns:
-                    for temp in self.s.intern_samples:
-                        node.samples.append(await self._sample(q, st, node.prefix, intern, temp))
-                node.total = len(node.samples)
-                node.correct = sum(s.correct for s in node.samples)
-                nodes.append(node)
-            if errors:
-                st.mentor_errors[str(depth + 1)] = errors
-            by_mentor = {n.mentor: n for n in nodes}
-            for m in names:
-                st.scores[m].append(by_mentor[m].score if m in by_mentor else 0.0)
-            scored = [policy.Scored(n.mentor or "", n.correct, n.total) for n in nodes]
-            decision = policy.decide(scored, depth=depth, max_depth=self.s.max_depth,
-                                     previous=st.previous, past_scores=st.scores, rng=rng)
-            if decision.chosen:
-                by_mentor[decision.chosen].chosen = True
-            self.store.put_nodes(q.qid, [(n.node_id, n.to_dict()) for n in nodes])
-            outcome = _outcome(q, st, depth, decision, by_mentor, errors,
-                               self.models.judge.config.name)
-            if outcome is not None:
-                if st.mentor_errors:  # mentors skipped along the way, with their causes
-                    outcome.details["mentor_errors_by_depth"] = st.mentor_errors
-                return outcome
-            chosen = by_mentor[decision.chosen]  # type: ignore[index]
-            st.previous.append(chosen.mentor or "")
-            st.prefix, st.parent_id, st.author = chosen.prefix, chosen.node_id, chosen.mentor
-        raise AssertionError("unreachable: the last depth always decides")
-
-    async def _propose(self, q: Question, st: _RefState, depth: int, mentor: Any) -> Node | str:
-        name = mentor.config.name
-        first = count_steps(st.prefix) + 1
-        need = policy.root_step_count(depth, self.s.root_steps)
-        cached = st.chains.get(name)
-        if self.s.reuse_cached_step and depth > 0 and name == st.author and cached is not None:
-            steps = cached.parsed.run(first, need)
-            if steps is not None:
-                return self._node(st, depth, name, steps, cached.chain, reused=True, usage={})
-        prompt = mentor_prompt(q, st.prefix)
-        sampling = Sampling(temperature=self.s.mentor_temperature, top_p=self.s.mentor_top_p,
-                            max_tokens=self.s.mentor_max_tokens)
-        tries = self.s.mentor_malformed_retries + 1
-        error = ""
-        for k in range(tries):
-            call = Call(prompt, sampling, st.attempt * tries + k)
-            reply = await self.gate.chat(mentor, call, role="mentor", qid=q.qid)
-            if isinstance(reply, CallFailure):
-                return f"call failed after {reply.attempts} attempt(s): {reply.error}"
-            parsed = parse_chain(reply.text)
-            steps = parsed.run(first, need)
-            if steps is not None:
-                chain = f"{st.prefix}\n\n{parsed.continuation(first)}"
-                st.chains[name] = _Chain(chain, parsed)
-                return self._node(st, depth, name, steps, chain, reused=False,
-                                  usage={"mentor": _usage(reply)})
-            error = f"reply has no '### Step {first}'" + (
-                f" to '### Step {first + need - 1}'" if need > 1 else "")
-        return f"malformed after {tries} tries: {error}"
-
-    @staticmethod
-    def _node(st: _RefState, depth: int, mentor: str, steps: list[str], chain: str, *,
-              reused: bool, usage: dict[str, Any]) -> Node:
-        step = "\n\n".join(steps)
-        return Node(node_id=f"a{st.attempt}.d{depth}.{mentor}", parent_id=st.parent_id,
-                    attempt=st.attempt, depth=depth, mentor=mentor, step=step,
-                    prefix=f"{st.prefix}\n\n{step}", chain=chain, reused=reused, usage=usage)
-
-    async def _sample(self, q: Question, st: _RefState, prefix: str, intern: Any, temp: float
-                      ) -> Sample:
-        """One intern sample, judged at once when it has an answer."""
-        name = intern.config.name
-        sampling = Sampling(temperature=temp, top_p=self.s.intern_top_p,
-                            top_k=self.s.intern_top_k, max_tokens=self.s.intern_max_tokens)
-        [reply] = await self.gate.rollouts(intern, [Call(intern_prompt(q, prefix), sampling)],
-                                           qid=q.qid)
-        if isinstance(reply, CallFailure):
-            return Sample(name, temp, None, None, False, "call-failed", {"error": reply.error})
-        answer = extract_final_answer(reply.text)
-        usage = {"intern": _usage(reply)}
-        if answer is None:
-            return Sample(name, temp, None, reply.text, False, "no-answer", usage)
-        verdict, error = await self._judge(q, answer)
-        if error:
-            st.judge_errors.append(error)
-        return Sample(name, temp, answer, reply.text, verdict == "yes", verdict, usage)
-
-    async def _judge(self, q: Question, answer: str) -> tuple[str, str | None]:
-        sampling = Sampling(temperature=self.s.judge_temperature,
-                            max_tokens=self.s.judge_max_tokens)
-        prompt = judge_prompt(q, answer)
-        for index in range(2):  # an unparsable verdict is asked once more
-            reply = await self.gate.chat(self.models.judge, Call(prompt, sampling, index),
-                                         role="judge", qid=q.qid)
-            if isinstance(reply, CallFailure):
-                return "judge-failed", reply.error
-            verdict = parse_verdict(reply.text)
-            if verdict is not None:
-                return ("yes" if verdict else "no"), None
-        return "unparsable", None
-
-
-def _usage(reply: Reply) -> dict[str, Any]:
-    u = reply.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "cached_tokens": u.cached_tokens, "latency_s": u.latency_s}
-
-
-def _outcome(q: Question, st: _RefState, depth: int, decision: policy.Decision,
-             by_mentor: dict[str | None, Node], errors: dict[str, str], judge: str
-             ) -> Outcome | None:
-    scores = {m: list(s) for m, s in st.scores.items()}
-    if decision.kind in ("full_score", "max_depth"):
-        best = by_mentor[decision.chosen]
-        return Outcome(
-            qid=q.qid, status="succeeded", stop_reason=decision.kind, reasoning=best.chain,
-            scores=scores, final_depth=depth + 1,
-            generated_by=[*st.previous, decision.chosen or ""],
-            search_id="1" if decision.kind == "full_score" else "0",
-            details={"node": best.node_id},
-        )
-    samples = [smp for n in by_mentor.values() for smp in n.samples]
-    verdicts = {smp.verdict for smp in samples}
-    if decision.kind == "all_zero" and verdicts == {"call-failed"}:
-        return Outcome(qid=q.qid, status="failed", stop_reason="no_intern", stage="intern",
-                       error=f"every intern call failed at depth {depth + 1}", scores=scores,
-                       final_depth=depth + 1, details={
-                           "depth": depth,
-                           "errors": {smp.intern: smp.usage.get("error", "") for smp in samples}})
-    if (decision.kind == "all_zero" and "judge-failed" in verdicts
-            and verdicts <= {"judge-failed", "call-failed", "no-answer"}):
-        return Outcome(qid=q.qid, status="failed", stop_reason="no_judge", stage="judge",
-                       error=f"the judge ({judge}) failed at depth {depth + 1}", scores=scores,
-                       final_depth=depth + 1,
-                       details={"depth": depth, "errors": sorted(set(st.judge_errors))})
-    if decision.kind == "all_zero":
-        return Outcome(qid=q.qid, status="failed", stop_reason="all_zero", stage="search",
-                       error="All mentor scores are zero.", scores=scores,
-                       final_depth=depth + 1, details={"depth": depth})
-    if decision.kind == "no_candidates":
-        return Outcome(qid=q.qid, status="failed", stop_reason="no_mentor", stage="mentor",
-                       error=f"no mentor produced a valid step at depth {depth + 1}",
-                       scores=scores, final_depth=depth + 1,
-                       details={"depth": depth, "mentor_errors": errors})
-    return None
-
-
 async def run_reference(run_dir: Path, config: RunConfig, questions: Sequence[Question]
                         ) -> dict[str, Any]:
     """The reference order over `questions` in its own run store; wall time and call counts."""
@@ -480,8 +262,9 @@ async def run_reference(run_dir: Path, config: RunConfig, questions: Sequence[Qu
         store.put_meta("config", config.to_dict())
         models = build_models(config)
         gate = CallGate(store, session=f"reference-{uuid.uuid4().hex[:8]}")
+        one_at_a_time = replace(config, search=replace(config.search, concurrency=1))
         try:
-            await ReferenceOrder(config, store, models, gate).run(questions)
+            await Engine(one_at_a_time, store, models, gate, schedule="reference").run(questions)
         finally:
             await models.aclose()
     return {"seconds": time.perf_counter() - t0, "calls": dict(gate.counts)}

@@ -86,7 +86,11 @@ class Engine:
         models: Models,
         gate: CallGate,
         on_done: Callable[[Outcome], None] | None = None,
+        schedule: str = "concurrent",
     ) -> None:
+        if schedule not in ("concurrent", "reference"):
+            raise ValueError(f"unknown schedule {schedule!r}")
+        self.schedule = schedule
         self.cfg = config
         self.search = config.search
         self.store = store
@@ -174,13 +178,10 @@ class Engine:
         self.store.put_nodes(q.qid, [(root.node_id, root.to_dict())])
         tree.parent_id = root.node_id
         for depth in range(self.search.max_depth):
-            proposals, mentor_errors = await self._propose(q, tree, depth)
+            nodes, mentor_errors = await self._depth(q, tree, depth)
             self._check_stop()
             if mentor_errors:
                 tree.mentor_errors[str(depth + 1)] = mentor_errors
-            nodes = [self._node(tree, depth, p) for p in proposals]
-            await self._evaluate(q, nodes, tree)
-            self._check_stop()
             by_mentor = {n.mentor: n for n in nodes}
             for m in mentor_names:
                 tree.scores[m].append(by_mentor[m].score if m in by_mentor else 0.0)
@@ -199,6 +200,28 @@ class Engine:
             tree.previous.append(chosen.mentor or "")
             tree.prefix, tree.parent_id, tree.author = chosen.prefix, chosen.node_id, chosen.mentor
         raise AssertionError("unreachable: the last depth always decides")
+
+    async def _depth(self, q: Question, tree: _Tree, depth: int
+                     ) -> tuple[list[Node], dict[str, str]]:
+        """Propose and evaluate one depth's candidates: all at once, or in the reference order
+        (Chiron-o1: a mentor, then each intern at each temperature, each answer judged at once,
+        one call at a time; used as the baseline by `mics bench loop`)."""
+        if self.schedule == "reference":
+            nodes, errors = [], {}
+            for mentor in self.models.mentors:
+                proposal = await self._propose_one(q, tree, depth, mentor)
+                if isinstance(proposal, str):
+                    errors[mentor.config.name] = proposal
+                    continue
+                tree.chains[proposal.mentor] = proposal
+                nodes.append(node := self._node(tree, depth, proposal))
+                await self._evaluate_in_order(q, node, tree)
+            return nodes, errors
+        proposals, errors = await self._propose(q, tree, depth)
+        self._check_stop()
+        nodes = [self._node(tree, depth, p) for p in proposals]
+        await self._evaluate(q, nodes, tree)
+        return nodes, errors
 
     def _check_stop(self) -> None:
         """After a phase (no call of this question in flight): abandon it if stopping."""
@@ -340,10 +363,26 @@ class Engine:
                 for t_i, temp in enumerate(temps):
                     reply = replies[(n_i, j, t_i)]
                     node.samples.append(self._sample(intern.config.name, temp, reply, verdicts))
+        self._tally(nodes, tree)
+
+    async def _evaluate_in_order(self, q: Question, node: Node, tree: _Tree) -> None:
+        """The reference order for one candidate: one intern call at a time, judged at once."""
+        prompt = intern_prompt(q, node.prefix)
+        for intern in self.models.interns:
+            for temp in self.search.intern_samples:
+                call = Call(prompt, self._intern_sampling(temp))
+                [reply] = await self.gate.rollouts(intern, [call], qid=q.qid)
+                await self._judge_all(q, {0: reply}, tree)
+                node.samples.append(self._sample(intern.config.name, temp, reply, tree.verdicts))
+        self._tally([node], tree)
+
+    @staticmethod
+    def _tally(nodes: list[Node], tree: _Tree) -> None:
+        for node in nodes:
             node.total = len(node.samples)
             node.correct = sum(s.correct for s in node.samples)
-        for norm in [n for n, v in verdicts.items() if v == "judge-failed"]:
-            del verdicts[norm]  # a failed judge call is tried again at the next depth
+        for norm in [n for n, v in tree.verdicts.items() if v == "judge-failed"]:
+            del tree.verdicts[norm]  # a failed judge call is tried again later
 
     def _intern_sampling(self, temp: float) -> Sampling:
         return Sampling(temperature=temp, top_p=self.search.intern_top_p,

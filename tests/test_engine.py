@@ -25,6 +25,7 @@ class Recording(SimulatedModel):
     def __init__(self, config, role):
         super().__init__(config, role)
         self.calls: list[Call] = []
+        self.batches: list[int] = []
 
     async def complete(self, call: Call):
         self.calls.append(call)
@@ -32,6 +33,7 @@ class Recording(SimulatedModel):
 
     async def rollout(self, calls: Sequence[Call]):
         self.calls.extend(calls)
+        self.batches.append(len(calls))
         return await super().rollout(calls)
 
 
@@ -210,3 +212,21 @@ def test_all_zero_fail_or_restart(tmp_path, mode):
     attempts = {n["attempt"] for n in nodes}
     assert attempts == ({0} if mode == "fail" else {0, 1, 2})
     assert o.details["attempts"] == len(attempts)
+
+
+def test_reference_schedule_builds_the_same_trees_one_call_at_a_time(tmp_path):
+    qs = make_questions(5)
+    dumps = []
+    for i, schedule in enumerate(("concurrent", "reference")):
+        cfg = parse_config(sim_config(concurrency=1 if schedule == "reference" else 8))
+        models = recording_models(cfg)
+        with RunStore.open(tmp_path / f"r{i}", create=True) as store:
+            engine = Engine(cfg, store, models, CallGate(store, session="test"), schedule=schedule)
+            anyio.run(engine.run, qs)
+            dumps.append(tree_dump(store, [q.qid for q in qs]))
+        batches = [b for intern in models.interns for b in intern.batches]
+        if schedule == "reference":  # every intern call went out alone
+            assert set(batches) == {1}
+        else:  # all candidates x temperatures of a depth in one batch per intern
+            assert max(batches) > 1
+    assert dumps[0] == dumps[1]
