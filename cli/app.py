@@ -128,16 +128,22 @@ def status(
 ) -> None:
     """Show a run's progress and intern prefix-cache hit rates (works during a search)."""
 
-    def read() -> tuple[RunSummary, float | None, dict[str, tuple[int, int]]]:
+    def read() -> tuple[RunSummary, float | None, dict[str, tuple[int, int]], list[str]]:
         with RunStore.open(run, write=False) as store:
             summary = summarize(store)
             summary.calls = {"stored calls": store.call_count(),
                              "recorded call failures": len(store.iter_failures())}
             rate, per_q = cache_hit_rates(store)
-            return summary, rate, per_q
+            cfg = store.get_meta("config") or {}
+            models = [*cfg.get("mentors", []), *cfg.get("interns", []), cfg.get("judge") or {}]
+            simulated = [m["name"] for m in models if m.get("backend") == "simulated"]
+            return summary, rate, per_q, simulated
 
-    summary, rate, per_q = _guarded(read)
+    summary, rate, per_q, simulated = _guarded(read)
     _print_summary(summary, title="run status")
+    if simulated:
+        console.print(f"[yellow]SIMULATED models[/] (no real model was called): "
+                      f"{', '.join(simulated)}")
     if rate is None:
         console.print("intern cache hit rate: — (no intern calls with token counts)")
         return

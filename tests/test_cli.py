@@ -134,6 +134,7 @@ def test_status_reads_a_run(tmp_path, demo_data):
          "--limit", "3")
     proc = mics("status", tmp_path / "R")
     assert "questions searched" in proc.stdout and "stored calls" in proc.stdout
+    assert "SIMULATED" in proc.stdout and "sim-judge" in proc.stdout
 
 
 def test_first_sigint_stops_gracefully_and_resume_completes(tmp_path, demo_data):
