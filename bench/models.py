@@ -2,8 +2,8 @@
 
 The builders are deterministic: the same seed writes byte-identical folders. Weights use
 `initializer_range=0.2` and an untied output head, so greedy output is not degenerate.
-torch/transformers are imported inside the builders only. `tests/tiny_models.py` re-exports
-everything here.
+torch/transformers are imported inside the builders only. Tests get them through the
+session fixtures in `tests/conftest.py`.
 """
 
 from __future__ import annotations

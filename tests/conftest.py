@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mics.config import parse_config
+from mics.config import ModelConfig, parse_config
 from mics.types import Question
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,6 +50,43 @@ def make_questions(n: int = 6) -> list[Question]:
                            "Image analysis:\nCaptions: None")
         for i in range(n)
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2 text model with its tokenizer, built once per test session."""
+    pytest.importorskip("torch")
+    from bench.models import build_tiny_lm
+
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2-VL model with tokenizer and image processor, built once."""
+    pytest.importorskip("torch")
+    from bench.models import build_tiny_qwen2_vl
+
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ChatML tokenizer with Qwen-VL image tokens (for the sglang backend)."""
+    pytest.importorskip("transformers")
+    from bench.models import VL_SPECIALS, build_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    build_tokenizer(VL_SPECIALS).save_pretrained(out)
+    return out
+
+
+def local_rollout(path: Path, **options: Any):  # noqa: ANN201 - LocalRollout, imported lazily
+    """The local backend on a model folder (no weights load until the first rollout)."""
+    from backends.local import LocalRollout
+
+    return LocalRollout(ModelConfig(name="tiny", backend="local", model=str(path),
+                                    options=options))
 
 
 @pytest.fixture

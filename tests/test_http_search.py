@@ -23,14 +23,6 @@ MODELS = {**{f"m{i}": {"role": "mentor", "quality": q} for i, q in enumerate((0.
           "judge": "judge"}
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    from tiny_models import VL_SPECIALS, build_tokenizer
-
-    out = tmp_path_factory.mktemp("tok")
-    build_tokenizer(VL_SPECIALS).save_pretrained(out)
-    return out
-
 
 def paper_config(srv: LoopbackServer, tok: Path, intern_urls: dict[str, str] | None = None
                  ) -> str:
@@ -167,10 +159,8 @@ def test_doctor_reports_a_down_endpoint(tmp_path, tokenizer_dir):
     assert down.stdout.count("yes") == 6
 
 
-def test_local_backend_search_on_image_questions(tmp_path, chiron):
-    from tiny_models import build_tiny_qwen2_vl
-
-    model = build_tiny_qwen2_vl(tmp_path / "tiny-vl")
+def test_local_backend_search_on_image_questions(tmp_path, chiron, tiny_vl):
+    model = tiny_vl
     cfg = (ROOT / "examples" / "simulated.toml").read_text()
     head, _, tail = cfg.partition("[[interns]]")
     interns = "".join(

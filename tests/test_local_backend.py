@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tiny_models import build_tiny_lm, build_tiny_qwen2_vl  # noqa: E402
+from conftest import local_rollout as local  # noqa: E402
 
 from backends.base import Call, PermanentError  # noqa: E402
 from backends.local import LocalRollout  # noqa: E402
@@ -24,19 +24,7 @@ SMALL_PIXELS = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64}
 GREEDY = Sampling(temperature=0.0, max_tokens=24)
 
 
-@pytest.fixture(scope="session")
-def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
 
-
-@pytest.fixture(scope="session")
-def tiny_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"))
-
-
-def local(path: Path, **options: Any) -> LocalRollout:
-    return LocalRollout(ModelConfig(name="tiny", backend="local", model=str(path),
-                                    options=options))
 
 
 def text_call(i: int, sampling: Sampling = GREEDY, sample_index: int = 0) -> Call:

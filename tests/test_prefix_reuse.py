@@ -13,27 +13,18 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from conftest import local_rollout as local  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from tiny_models import build_tiny_lm, build_tiny_qwen2_vl  # noqa: E402
 
-from backends.local import LocalRollout, PrefixLRU, _messages  # noqa: E402
+from backends.local import PrefixLRU, _messages  # noqa: E402
 from bench.prefix import Workload, build_workload, compare, run_prefix_bench  # noqa: E402
-from mics.config import ModelConfig  # noqa: E402
 from mics.prompts import INTERN_INSTRUCTION, intern_prompt  # noqa: E402
 from mics.types import ROOT_TEXT, ImageRef, Question, Reply  # noqa: E402
 
 VL_PIXELS = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64}
 
 
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
-
-
-@pytest.fixture(scope="module")
-def vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-vl"))
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +41,6 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[ImageRef]:
     return out
 
 
-def local(path: Path, **options: Any) -> LocalRollout:
-    return LocalRollout(ModelConfig(name="tiny", backend="local", model=str(path),
-                                    options=options))
-
 
 def both(path: Path, workload: Workload, **options: Any) -> dict[str, dict[str, Any]]:
     reuse = local(path, **options)
@@ -66,10 +53,10 @@ def texts(replies: list[Reply]) -> list[str]:
 
 # --- equality and savings ----------------------------------------------------------------------
 
-def test_reuse_is_greedy_equal_and_prefills_under_a_quarter(lm_dir: Path) -> None:
+def test_reuse_is_greedy_equal_and_prefills_under_a_quarter(tiny_lm: Path) -> None:
     # 2 questions x 3 depths x 3 candidates, greedy and sampled rows mixed in every batch
     work = build_workload(2, 3, 3, (0.0, 1.0), 6, seed=1)
-    got = both(lm_dir, work)
+    got = both(tiny_lm, work)
     naive, reuse = got["naive"], got["reuse"]
     greedy = [i for i, c in enumerate(c for d in range(3) for q in work for c in q[d])
               if c.sampling.greedy]
@@ -87,17 +74,17 @@ def test_reuse_is_greedy_equal_and_prefills_under_a_quarter(lm_dir: Path) -> Non
     assert sr["cached_tokens"] == sum(u.cached_tokens for u in usage)
 
 
-def test_vl_reuse_with_images_in_the_prefix_is_greedy_equal(vl_dir: Path, tmp_path: Path) -> None:
+def test_vl_reuse_with_images_in_the_prefix_is_greedy_equal(tiny_vl: Path, tmp_path: Path) -> None:
     work = build_workload(2, 2, 3, (0.0,), 8, seed=2, image_dir=tmp_path)
-    got = both(vl_dir, work, **VL_PIXELS)
+    got = both(tiny_vl, work, **VL_PIXELS)
     assert texts(got["naive"]["replies"]) == texts(got["reuse"]["replies"])
     sn, sr = got["naive"]["stats"], got["reuse"]["stats"]
     assert sr["fallbacks"] == 0 and sr["prefill_tokens"] < 0.5 * sn["prefill_tokens"]
 
 
-def test_lru_stays_bounded_and_outputs_stay_equal(lm_dir: Path) -> None:
+def test_lru_stays_bounded_and_outputs_stay_equal(tiny_lm: Path) -> None:
     work = build_workload(3, 2, 2, (0.0,), 4, seed=3)
-    reuse = local(lm_dir, prefix_cache_size=2, max_batch=4)
+    reuse = local(tiny_lm, prefix_cache_size=2, max_batch=4)
     sizes: list[int] = []
     run = reuse._runner.run
 
@@ -136,14 +123,14 @@ def test_prefix_lru_crops_keeps_maximal_keys_and_evicts_oldest() -> None:
     assert len(PrefixLRU(0)) == 0
 
 
-def test_reuse_options_are_validated(lm_dir: Path) -> None:
+def test_reuse_options_are_validated(tiny_lm: Path) -> None:
     with pytest.raises(ValueError, match="prefix_cache must be"):
-        local(lm_dir, prefix_cache="yes")
+        local(tiny_lm, prefix_cache="yes")
     with pytest.raises(ValueError, match="prefix_cache_size"):
-        local(lm_dir, prefix_cache_size=-1)
+        local(tiny_lm, prefix_cache_size=-1)
     with pytest.raises(ValueError, match="twin can change only"):
-        local(lm_dir).twin(dtype="float16")
-    assert local(lm_dir, prefix_cache=False).identity() == local(lm_dir).identity()
+        local(tiny_lm).twin(dtype="float16")
+    assert local(tiny_lm, prefix_cache=False).identity() == local(tiny_lm).identity()
 
 
 # --- prefix-stable layout (property test) ------------------------------------------------------
@@ -169,11 +156,11 @@ def _expanded(text: str, counts: list[int]) -> str:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(question=_TEXT, path=st.lists(_STEP, max_size=3), a=_STEP, b=_STEP,
        picks=st.lists(st.integers(0, 2), max_size=2), vl=st.booleans())
-def test_intern_prompts_share_a_tokenized_prefix(lm_dir: Path, vl_dir: Path,
+def test_intern_prompts_share_a_tokenized_prefix(tiny_lm: Path, tiny_vl: Path,
                                                  images: list[ImageRef], question: str,
                                                  path: list[str], a: str, b: str,
                                                  picks: list[int], vl: bool) -> None:
-    model = local(vl_dir, **VL_PIXELS) if vl else local(lm_dir)
+    model = local(tiny_vl, **VL_PIXELS) if vl else local(tiny_lm)
     runner = model._runner
     m = runner.load()
     refs = tuple(images[i] for i in picks) if vl else ()

@@ -778,15 +778,6 @@ def _per_model_config(servers: dict[str, QuietLoopbackServer], tokenizer: Path |
     return "\n".join(lines)
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("transformers")
-    from bench.models import VL_SPECIALS, build_tokenizer
-
-    out = tmp_path_factory.mktemp("tok")
-    build_tokenizer(VL_SPECIALS).save_pretrained(out)
-    return out
-
 
 def _secret_search(tmp_path: Path, tokenizer: Path | None, server_cls: type,
                    echo: set[str], read_side: bool = True, n: int = 4) -> list[Session]:

@@ -21,15 +21,6 @@ from mics.types import ImageRef, Sampling
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    from tiny_models import VL_SPECIALS, build_tokenizer
-
-    out = tmp_path_factory.mktemp("tok")
-    build_tokenizer(VL_SPECIALS).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def image(tmp_path_factory) -> ImageRef:
     import hashlib
 
