@@ -8,7 +8,6 @@ a model without a price gives a cost of None, shown as "—".
 
 from __future__ import annotations
 
-import tomllib
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from itertools import combinations
@@ -17,6 +16,7 @@ from typing import Any
 
 import networkx as nx
 
+from mics.config import read_toml
 from mics.steps import normalize_answer
 
 __all__ = [
@@ -156,12 +156,7 @@ def load_prices(path: str | Path) -> dict[str, dict[str, float]]:
     Raises ValueError naming the problem.
     """
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"price file not found: {p}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{p}: invalid TOML: {e}") from None
+    data = read_toml(p, "price file")
     if set(data) == {"prices"} and isinstance(data["prices"], dict):
         data = data["prices"]
     out: dict[str, dict[str, float]] = {}

@@ -171,13 +171,17 @@ def parse_config(data: dict[str, Any], where: str = "config") -> RunConfig:
     return RunConfig(search=search, mentors=mentors, interns=interns, judge=judge)
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a TOML config file."""
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML file as a mapping; ConfigError (a ValueError) when missing or invalid."""
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        return tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {p}") from None
+        raise ConfigError(f"{what} not found: {p}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
-    return parse_config(data, where=str(p))
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a TOML config file."""
+    return parse_config(read_toml(path), where=str(path))
