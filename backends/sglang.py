@@ -49,6 +49,7 @@ class SGLangRollout:
         self._checked: set[str] = set()
         self._check_lock = anyio.Lock()
         self._template: Any = None
+        self._rendered: dict[Prompt, str] = {}  # bounded, oldest dropped first
         self._warm_roots: dict[str, None] = {}  # insertion-ordered, bounded: an LRU of roots
 
     # ---- identity and rendering ------------------------------------------------------------
@@ -71,7 +72,14 @@ class SGLangRollout:
         return self._template
 
     def render(self, prompt: Prompt) -> str:
-        """The exact prompt text sent to /generate, with one image placeholder per image."""
+        """The exact prompt text sent to /generate, with one image placeholder per image.
+        Memoised: warm-up, routing and the fan-out all need the same rendering."""
+        text = self._rendered.get(prompt)
+        if text is None:
+            text = _remember(self._rendered, prompt, self._render(prompt))
+        return text
+
+    def _render(self, prompt: Prompt) -> str:
         family = self.options["family"]
         content: list[dict[str, str]] = []
         for part in prompt.parts:
@@ -211,9 +219,7 @@ class SGLangRollout:
         if roots:
             await self.generate(url, list(roots.values()), max_new_tokens=0, raw_root=True)
             for key in roots:
-                self._warm_roots[key] = None
-            while len(self._warm_roots) > 4096:
-                self._warm_roots.pop(next(iter(self._warm_roots)))
+                _remember(self._warm_roots, key, None)
         distinct = list({self.render(c.prompt): c for c in calls}.values())
         if len(distinct) < len(calls):  # some prompts are sampled more than once
             await self.generate(url, distinct, max_new_tokens=0)
@@ -242,6 +248,14 @@ class SGLangRollout:
     async def aclose(self) -> None:
         for client in self._clients.values():
             await client.aclose()
+
+
+def _remember(bounded: dict[Any, Any], key: Any, value: Any, limit: int = 4096) -> Any:
+    """Insert into an insertion-ordered dict, dropping the oldest entries past `limit`."""
+    bounded[key] = value
+    while len(bounded) > limit:
+        bounded.pop(next(iter(bounded)))
+    return value
 
 
 def _with_url(config: ModelConfig, url: str) -> ModelConfig:
