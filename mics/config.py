@@ -7,6 +7,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mics.prompts import DEFAULT_PACK, MEDICAL, PACKS, pack_templates
+from mics.templates import TEMPLATE_KEYS, PromptTemplates, TemplateError, check_template
+
+DATASET_FORMATS = ("chiron", "generic")  # mics.dataset.read_dataset(fmt=...); docs/datasets.md
+
 
 class ConfigError(ValueError):
     """A configuration problem, reported before any model call."""
@@ -58,11 +63,20 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class DatasetConfig:
+    """How dataset records are read: "chiron" (Chiron/MMRP) or "generic" (docs/datasets.md)."""
+
+    format: str = "chiron"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     search: SearchConfig
     mentors: tuple[ModelConfig, ...]
     interns: tuple[ModelConfig, ...]
     judge: ModelConfig
+    prompts: PromptTemplates = MEDICAL  # stored in full, so a resume renders the same prompts
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,9 +162,43 @@ def _parse_model(table: Any, where: str) -> ModelConfig:
     return cfg
 
 
+def _parse_prompts(table: Any) -> PromptTemplates:
+    """A pack (default "medical") with any templates the table overrides, all validated."""
+    if not isinstance(table, dict):
+        raise ConfigError("[prompts]: expected a table")
+    known = ("pack", *TEMPLATE_KEYS)
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise ConfigError(f"[prompts]: unknown key(s) {', '.join(unknown)}; "
+                          f"allowed: {', '.join(known)}")
+    pack = table.get("pack", DEFAULT_PACK)
+    if not isinstance(pack, str) or pack not in PACKS:
+        raise ConfigError(f"[prompts].pack: unknown pack {pack!r}; bundled packs: "
+                          f"{', '.join(PACKS)}")
+    base = pack_templates(pack)
+    values = {k: table.get(k, getattr(base, k)) for k in TEMPLATE_KEYS}
+    for key, template in values.items():
+        try:
+            check_template(key, template)
+        except TemplateError as e:
+            raise ConfigError(f"[prompts].{e.key}: {e.message}") from None
+    return PromptTemplates(pack=pack, **values)
+
+
+def _parse_dataset(table: Any) -> DatasetConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("[dataset]: expected a table")
+    _check_keys(table, DatasetConfig, "[dataset]")
+    fmt = table.get("format", DatasetConfig.format)
+    if fmt not in DATASET_FORMATS:
+        raise ConfigError(f"[dataset].format: expected one of {', '.join(DATASET_FORMATS)}, "
+                          f"got {fmt!r}")
+    return DatasetConfig(format=fmt)
+
+
 def parse_config(data: dict[str, Any], where: str = "config") -> RunConfig:
     """Validate a config mapping (as read from TOML). Raises ConfigError naming the key."""
-    allowed = {"search", "mentors", "interns", "judge"}
+    allowed = {"search", "mentors", "interns", "judge", "prompts", "dataset"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}")
@@ -168,7 +216,10 @@ def parse_config(data: dict[str, Any], where: str = "config") -> RunConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"[[{group}]]: duplicate name(s) {', '.join(dupes)}")
-    return RunConfig(search=search, mentors=mentors, interns=interns, judge=judge)
+    prompts = _parse_prompts(data.get("prompts", {}))
+    dataset = _parse_dataset(data.get("dataset", {}))
+    return RunConfig(search=search, mentors=mentors, interns=interns, judge=judge,
+                     prompts=prompts, dataset=dataset)
 
 
 def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:

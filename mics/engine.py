@@ -304,7 +304,7 @@ class Engine:
             steps = cached.parsed.run(first, need)
             if steps is not None:  # a real next "### Step", never the final line (B3)
                 return _Proposal(name, steps, cached.chain, cached.parsed, first, reused=True)
-        prompt = mentor_prompt(q, tree.prefix)
+        prompt = mentor_prompt(q, tree.prefix, self.cfg.prompts)
         sampling = Sampling(temperature=self.search.mentor_temperature,
                             top_p=self.search.mentor_top_p,
                             max_tokens=self.search.mentor_max_tokens)
@@ -346,7 +346,7 @@ class Engine:
         async def intern_batch(j: int, intern: RolloutModel) -> None:
             calls, slots = [], []
             for n_i, node in enumerate(nodes):
-                prompt = intern_prompt(q, node.prefix)  # built per call, nothing shared (B9)
+                prompt = intern_prompt(q, node.prefix, self.cfg.prompts)  # per call (B9)
                 for t_i, temp in enumerate(temps):
                     calls.append(Call(prompt, self._intern_sampling(temp)))
                     slots.append((n_i, j, t_i))
@@ -367,7 +367,7 @@ class Engine:
 
     async def _evaluate_in_order(self, q: Question, node: Node, tree: _Tree) -> None:
         """The reference order for one candidate: one intern call at a time, judged at once."""
-        prompt = intern_prompt(q, node.prefix)
+        prompt = intern_prompt(q, node.prefix, self.cfg.prompts)
         for intern in self.models.interns:
             for temp in self.search.intern_samples:
                 call = Call(prompt, self._intern_sampling(temp))
@@ -413,7 +413,7 @@ class Engine:
         """Yes/no from the first word (B11); judge usage is accounted from the call log."""
         sampling = Sampling(temperature=self.search.judge_temperature,
                             max_tokens=self.search.judge_max_tokens)
-        prompt = judge_prompt(q, answer)
+        prompt = judge_prompt(q, answer, self.cfg.prompts)
         for index in range(2):  # an unparsable verdict is asked once more
             reply = await self.gate.chat(self.models.judge, Call(prompt, sampling, index),
                                          role="judge", qid=q.qid)

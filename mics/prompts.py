@@ -3,10 +3,16 @@
 Intern prompts are laid out prefix-stable: system, images, question, fixed instruction, and the
 reasoning prefix last, so every sample of a question shares everything before the prefix.
 Each prompt is built from its inputs alone; nothing shared is mutated (B9).
+
+The texts are templates (mics.templates): the constants below are the default "medical" pack,
+and a run's `[prompts]` config table picks another pack or overrides single templates.
 """
 
 from __future__ import annotations
 
+from importlib import resources
+
+from mics.templates import PromptTemplates, check_templates
 from mics.types import Image, Prompt, Question, Text
 
 MENTOR_SYSTEM = (
@@ -60,27 +66,59 @@ Does the model answer semantically match the correct answer? Reply "Yes" only if
 "No" if it does not, or if its correctness is unclear. Reply with one word: Yes or No."""
 
 
-def mentor_prompt(q: Question, prefix: str) -> Prompt:
+MEDICAL = PromptTemplates(
+    pack="medical",
+    mentor_system=MENTOR_SYSTEM,
+    mentor=MENTOR_TEMPLATE,
+    intern_system=INTERN_SYSTEM,
+    intern="Question: {question}" + INTERN_INSTRUCTION + "{prefix}",
+    judge_system=JUDGE_SYSTEM,
+    judge=JUDGE_TEMPLATE,
+)
+"""The default pack: the Chiron-o1 medical prompts, rendered byte for byte as before packs."""
+
+DEFAULT_PACK = "medical"
+PACKS = ("medical", "math")  # "math": resources/prompts-math.toml (math and chart reading)
+
+
+def pack_templates(name: str) -> PromptTemplates:
+    """The templates of a bundled pack; KeyError naming the packs when there is none."""
+    if name == "medical":
+        return MEDICAL
+    if name not in PACKS:
+        raise KeyError(f"unknown prompt pack {name!r}; bundled packs: {', '.join(PACKS)}")
+    import tomllib
+
+    text = resources.files("mics").joinpath(f"resources/prompts-{name}.toml").read_text("utf-8")
+    table = dict(tomllib.loads(text)["prompts"])
+    table.pop("pack", None)
+    return check_templates(PromptTemplates(pack=name, **table))
+
+
+def mentor_prompt(q: Question, prefix: str, templates: PromptTemplates = MEDICAL) -> Prompt:
     """The mentor sees case info, the question, the correct answer, the prefix and the images."""
-    text = MENTOR_TEMPLATE.format(
-        case_info=q.case_info, question=q.question, answer=q.gt_answer, prefix=prefix
+    text = templates.mentor.format(
+        case_info=q.case_info, context=q.case_info, question=q.question, answer=q.gt_answer,
+        prefix=prefix,
     )
-    return Prompt(system=MENTOR_SYSTEM, parts=(*(Image(i) for i in q.images), Text(text)))
+    return Prompt(system=templates.system("mentor"),
+                  parts=(*(Image(i) for i in q.images), Text(text)))
 
 
-def intern_prompt(q: Question, prefix: str) -> Prompt:
+def intern_prompt(q: Question, prefix: str, templates: PromptTemplates = MEDICAL) -> Prompt:
     """Interns see only images, question and prefix (no case info, no answer: B10)."""
-    head = f"Question: {q.question}{INTERN_INSTRUCTION}"
+    head = templates.intern_head.format(question=q.question)
     return Prompt(
-        system=INTERN_SYSTEM,
+        system=templates.system("intern"),
         parts=(*(Image(i) for i in q.images), Text(head), Text(prefix)),
     )
 
 
-def judge_prompt(q: Question, model_answer: str) -> Prompt:
+def judge_prompt(q: Question, model_answer: str, templates: PromptTemplates = MEDICAL) -> Prompt:
     """The judge gets the clean question, never an intern's rendered prompt (B9)."""
-    text = JUDGE_TEMPLATE.format(question=q.question, model_answer=model_answer, answer=q.gt_answer)
-    return Prompt(system=JUDGE_SYSTEM, parts=(Text(text),))
+    text = templates.judge.format(question=q.question, model_answer=model_answer,
+                                  answer=q.gt_answer)
+    return Prompt(system=templates.system("judge"), parts=(Text(text),))
 
 
 def parse_verdict(text: str | None) -> bool | None:
