@@ -20,7 +20,7 @@ import io
 import json
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +66,15 @@ class _TooLarge(Exception):
 
 
 def read_dataset(
-    path: str | Path, image_root: str | Path | None = None
+    path: str | Path, image_root: str | Path | None = None, fmt: str = "chiron"
 ) -> Iterator[Question | RecordError]:
     """Yield one Question or RecordError per record of a JSONL or JSON-list file, lazily.
 
     Image paths are resolved against ``image_root`` (default: the dataset file's directory)
     and must stay inside it. ``index`` counts every non-blank line / list item, valid or not.
+    ``fmt`` picks the record schema: "chiron" (this module) or "generic" (mics.dataset_generic).
     """
+    adapter = _adapter(fmt)
     path = Path(path)
     root = Path(image_root if image_root is not None else path.parent).resolve()
     seen: dict[str, int] = {}
@@ -81,7 +83,7 @@ def read_dataset(
             yield RecordError(f"line-{line}", index, line, item.field, item.message)
             continue
         try:
-            yield _convert(item, index, line, root, seen)
+            yield _convert(item, index, line, root, seen, adapter)
         except Exception as e:  # noqa: BLE001 - a last net: one bad record never ends a run
             yield RecordError(f"line-{line}", index, line, "record",
                               f"unreadable record: {type(e).__name__}: {str(e)[:200]}")
@@ -247,18 +249,31 @@ class _LineCounter:
 # ---------------------------------------------------------------- record -> Question
 
 
+def _adapter(fmt: str) -> tuple[Callable[..., str], Callable[..., Question], str]:
+    """(record id reader, record builder, id field name) of a dataset format."""
+    if fmt == "chiron":
+        return _rid, _build, "rid"
+    if fmt == "generic":
+        from mics.dataset_generic import build_generic, generic_id  # it imports this module
+
+        return generic_id, build_generic, "id"
+    raise ValueError(f"unknown dataset format {fmt!r}; expected chiron or generic")
+
+
 def _convert(
-    obj: Any, index: int, line: int, root: Path, seen: dict[str, int]
+    obj: Any, index: int, line: int, root: Path, seen: dict[str, int],
+    adapter: tuple[Callable[..., str], Callable[..., Question], str] | None = None,
 ) -> Question | RecordError:
+    read_id, build, id_field = adapter or _adapter("chiron")
     qid = f"line-{line}"
     try:
         if not isinstance(obj, dict):
             raise _Bad("record", f"expected a JSON object, got {_kind(obj)}")
-        qid = _rid(obj)
+        qid = read_id(obj)
         if qid in seen:
-            raise _Bad("rid", f"duplicate rid {qid!r}; first seen on line {seen[qid]}")
+            raise _Bad(id_field, f"duplicate {id_field} {qid!r}; first seen on line {seen[qid]}")
         seen[qid] = line
-        return _build(obj, qid, index, root)
+        return build(obj, qid, index, root)
     except _Bad as e:
         return RecordError(qid, index, line, e.field, e.message)
 

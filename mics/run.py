@@ -121,15 +121,17 @@ def load_run(store: RunStore) -> tuple[RunConfig, dict[str, Any]]:
     return RunConfig.from_dict(cfg), dataset
 
 
-def dataset_items(dataset: dict[str, Any]) -> Iterator[Question | RecordError]:
-    """The run's records, read lazily; refuses a dataset changed since the run started."""
+def dataset_items(dataset: dict[str, Any], fmt: str = "chiron"
+                  ) -> Iterator[Question | RecordError]:
+    """The run's records, read lazily (`fmt`: [dataset].format); refuses a dataset changed
+    since the run started."""
     path = Path(dataset["path"])
     if not path.is_file():
         raise RunError(f"the run's dataset is gone: {path}")
     if file_sha256(path) != dataset["sha256"]:
         raise RunError(f"the run's dataset changed since it started: {path}; "
                        "start a new run for the new data")
-    items = read_dataset(path, dataset["image_root"])
+    items = read_dataset(path, dataset["image_root"], fmt)
     limit = dataset.get("limit")
     return itertools.islice(items, limit) if limit is not None else items
 
@@ -151,7 +153,7 @@ async def search_run(
     started = time.perf_counter()
     with contextlib.nullcontext(store) if store else RunStore.open(run_dir, write=True) as store:
         config, dataset = load_run(store)
-        items = dataset_items(dataset)
+        items = dataset_items(dataset, config.dataset.format)
         if on_start:
             total = count_records(Path(dataset["path"]))
             limit = dataset.get("limit")

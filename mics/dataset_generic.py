@@ -1,0 +1,80 @@
+"""The generic dataset schema: one JSON object per record, for any domain (docs/datasets.md).
+
+    {"id": "q1", "question": "...", "answer": "...", "images": ["a.png"], "context": "..."}
+
+``id``, ``question`` and ``answer`` are required; ``images`` (paths, resolved like the Chiron
+reader's) and ``context`` (shown to mentors only, never to interns) are optional; ``meta`` may
+hold anything and is ignored. Any other key is an error naming it, so a misspelt optional field
+is never dropped silently. Selected by ``[dataset] format = "generic"``; the Chiron/MMRP reader
+in mics.dataset is the other adapter, and both share the image checks and error reporting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mics.dataset import (
+    MAX_RID_BYTES,
+    _Bad,
+    _image_entries,
+    _kind,
+    _load_image,
+    _storable,
+)
+from mics.types import Question
+
+FIELDS = ("id", "question", "answer", "images", "context", "meta")
+NO_CONTEXT = "None"  # what {context} renders to when a record has none
+
+
+def generic_id(obj: dict[str, Any]) -> str:
+    """The record's ``id`` as a string: a non-empty string or an integer."""
+    if "id" not in obj:
+        raise _Bad("id", "missing id")
+    rid = obj["id"]
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        return str(rid)
+    if not isinstance(rid, str):
+        raise _Bad("id", f"id must be a string or integer, got {_kind(rid)}")
+    if not rid.strip():
+        raise _Bad("id", "id is empty")
+    if "\x00" in rid or len(_storable(rid, "id")) > MAX_RID_BYTES:
+        raise _Bad("id", f"id must be at most {MAX_RID_BYTES} UTF-8 bytes without NUL")
+    return rid
+
+
+def build_generic(obj: dict[str, Any], qid: str, index: int, root: Path) -> Question:
+    """A validated Question from one generic record (raises _Bad naming the field)."""
+    unknown = sorted(set(obj) - set(FIELDS))
+    if unknown:
+        raise _Bad(unknown[0], f"unknown field(s) {', '.join(map(repr, unknown))}; the generic "
+                               f"schema has {', '.join(FIELDS)} (put extras under \"meta\")")
+    question = _text(obj, "question", required=True)
+    answer = _text(obj, "answer", required=True)
+    context = _text(obj, "context", required=False)
+    entries = _image_entries(obj)
+    for i, entry in enumerate(entries):
+        _storable(entry, f"images[{i}]")
+    images = tuple(_load_image(e, i, root) for i, e in enumerate(entries))
+    return Question(qid=qid, index=index, question=question, gt_answer=answer, images=images,
+                    image_paths=tuple(entries), case_info=context or NO_CONTEXT)
+
+
+def _text(obj: dict[str, Any], key: str, *, required: bool) -> str:
+    value = obj.get(key)
+    if value is None and not required:
+        return ""
+    if value is None:
+        raise _Bad(key, f"missing {key}")
+    if key == "answer" and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # integer answers are common in math data: 42 reads as "42"
+    if key == "answer" and isinstance(value, float):
+        raise _Bad(key, f"answer {value!r} is a JSON float; write it as a string (\"{value}\") "
+                        "so its exact form is kept")
+    if not isinstance(value, str):
+        raise _Bad(key, f"{key} must be a string, got {_kind(value)}")
+    text = value.strip()
+    if required and not text:
+        raise _Bad(key, f"empty {key}")
+    return _storable(text, key).decode("utf-8")
