@@ -10,6 +10,8 @@ and a run's `[prompts]` config table picks another pack or overrides single temp
 
 from __future__ import annotations
 
+import tomllib
+from functools import cache
 from importlib import resources
 
 from mics.templates import PromptTemplates, check_templates
@@ -81,14 +83,13 @@ DEFAULT_PACK = "medical"
 PACKS = ("medical", "math")  # "math": resources/prompts-math.toml (math and chart reading)
 
 
+@cache
 def pack_templates(name: str) -> PromptTemplates:
     """The templates of a bundled pack; KeyError naming the packs when there is none."""
     if name == "medical":
         return MEDICAL
     if name not in PACKS:
         raise KeyError(f"unknown prompt pack {name!r}; bundled packs: {', '.join(PACKS)}")
-    import tomllib
-
     text = resources.files("mics").joinpath(f"resources/prompts-{name}.toml").read_text("utf-8")
     table = dict(tomllib.loads(text)["prompts"])
     table.pop("pack", None)

@@ -117,9 +117,8 @@ def check_template(key: str, template: Any) -> str:
     missing = sorted(required - set(names))
     if missing:
         raise TemplateError(key, f"missing placeholder(s) {_braced(missing)}")
-    if "prefix" in required and key == "intern" and (
-            names.count("prefix") != 1 or not template.endswith(PREFIX_FIELD)
-            or list(string.Formatter().parse(template))[-1][1] != "prefix"):
+    if key == "intern" and (names.count("prefix") != 1 or not template.endswith(PREFIX_FIELD)
+                            or list(string.Formatter().parse(template))[-1][1] != "prefix"):
         raise TemplateError(key, "{prefix} must appear once, as the very end of the template "
                                  "(it goes last so samples share the prompt before it)")
     return template

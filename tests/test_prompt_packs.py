@@ -91,6 +91,7 @@ def test_templates_are_stored_in_full_and_round_trip():
     assert stored["prompts"]["intern"] == pack_templates("math").intern
     assert RunConfig.from_dict(stored) == cfg
     assert cfg.prompts.system("intern") == "Be {brief}."  # doubled braces are literal
+    assert parse_config(with_prompts(judge_system="")).prompts.system("judge") == ""
     legacy = {k: v for k, v in parse_config(sim_config()).to_dict().items()
               if k not in ("prompts", "dataset")}  # a run stored before templates existed
     assert RunConfig.from_dict(legacy).prompts == MEDICAL
