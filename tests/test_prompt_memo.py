@@ -11,14 +11,14 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import make_questions
+from conftest import make_questions, sim_config
 
 from backends.gate import CallGate
 from bench.loopback import LoopbackServer
 from mics.config import RunConfig, parse_config
 from mics.engine import Engine
 from mics.prompts import JUDGE_TEMPLATE, MENTOR_TEMPLATE
-from mics.run import build_models
+from mics.run import RunError, build_models, record_run
 from store import RunStore
 
 MODELS = {"m0": {"role": "mentor", "quality": 0.6}, "m1": {"role": "mentor", "quality": 0.4},
@@ -136,3 +136,15 @@ def test_a_changed_mentor_template_replays_no_mentor_reply(served, tmp_path):
         srv, lambda: search(tmp_path / "cold", cfg, "E"))
     assert cold_sent["mentor"] == sent["mentor"]
     assert cold_outcomes == outcomes
+
+
+def test_a_run_directory_refuses_other_templates(tmp_path):
+    dataset = {"path": "d.jsonl", "sha256": "0" * 64, "image_root": None, "limit": None}
+    base = parse_config(sim_config())
+    with RunStore.open(tmp_path / "R", write=True, create=True) as store:
+        record_run(store, base, dataset)
+        record_run(store, parse_config(sim_config()), dataset)  # the same config is accepted
+        with pytest.raises(RunError, match="different config"):
+            record_run(store, parse_config({**sim_config(), "prompts": {"judge": NEW_JUDGE}}),
+                       dataset)
+        assert RunConfig.from_dict(store.get_meta("config")).prompts == base.prompts
