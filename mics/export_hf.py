@@ -94,7 +94,7 @@ def export_hf(store: Any, out_dir: Path, filters: Filters | None = None,
               answer_in_target: bool = False, image_root: Path | None = None,
               prm_label: str = "positive") -> dict[str, int]:
     """Write ``out_dir/hf`` (replacing it whole); returns the row count of each set."""
-    _datasets()
+    datasets = _datasets()
     if prm_label not in PRM_LABELS:
         raise ValueError(f"unknown PRM label rule {prm_label!r}; "
                          f"choose from {', '.join(PRM_LABELS)}")
@@ -104,11 +104,17 @@ def export_hf(store: Any, out_dir: Path, filters: Filters | None = None,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     counts = {}
-    for name in HF_SETS:
-        ds = _dataset(_rows(store, name, filters, answer_in_target, root, prm_label), root)
-        ds.save_to_disk(str(tmp / name))
-        ds.to_parquet(str(tmp / f"{name}.parquet"))
-        counts[f"hf/{name}"] = len(ds)
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # the CLI prints its own counts
+    try:
+        for name in HF_SETS:
+            ds = _dataset(_rows(store, name, filters, answer_in_target, root, prm_label), root)
+            ds.save_to_disk(str(tmp / name))
+            ds.to_parquet(str(tmp / f"{name}.parquet"))
+            counts[f"hf/{name}"] = len(ds)
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
     shutil.rmtree(final, ignore_errors=True)
     tmp.replace(final)
     return counts
