@@ -63,15 +63,16 @@ def _rows(store: Any, name: str, filters: Filters, answer_in_target: bool,
     return rows
 
 
-def _embed(paths: list[str], root: Path | None) -> list[dict[str, Any]]:
+def _embed(rid: str, paths: list[str], root: Path | None) -> list[dict[str, Any]]:
     out = []
     for p in paths:
         full = root / p if root is not None else Path(p)
         try:
             data = full.read_bytes()
         except OSError as e:
-            raise ValueError(f"image {p} (under {root}) cannot be read for --format hf: "
-                             f"{e.strerror}; pass the image root with --image-root") from None
+            raise ValueError(f"question {rid}: image {p} (under {root}) cannot be read for "
+                             f"--format hf: {e.strerror}; pass the image root with "
+                             "--image-root") from None
         out.append({"bytes": data, "path": p})
     return out
 
@@ -81,7 +82,7 @@ def _dataset(rows: list[dict[str, Any]], root: Path | None) -> Any:
     digest = hashlib.sha256()
     for r in rows:
         digest.update(orjson.dumps(r, option=orjson.OPT_SORT_KEYS))
-        r["images"] = _embed(r["images"], root)
+        r["images"] = _embed(r.get("id") or r["metadata"]["rid"], r["images"], root)
     fingerprint = digest.hexdigest()[:16]
     ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({"images": []})
     feature = datasets.List(datasets.Image()) if hasattr(datasets, "List") else \
@@ -112,6 +113,9 @@ def export_hf(store: Any, out_dir: Path, filters: Filters | None = None,
             ds.save_to_disk(str(tmp / name))
             ds.to_parquet(str(tmp / f"{name}.parquet"))
             counts[f"hf/{name}"] = len(ds)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
+        raise
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()

@@ -364,3 +364,46 @@ def test_cli_export_all_and_errors(fixed_run, exported, tmp_path):
     res = runner.invoke(app, ["export", str(fixed_run), "--out", str(tmp_path / "y"),
                               "-f", "bogus"])
     assert res.exit_code == 2 and "bogus" in res.output
+
+
+def test_cli_image_root_override_and_hf_errors(fixed_run, tmp_path):
+    runner = CliRunner()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    res = runner.invoke(app, ["export", str(fixed_run), "--out", str(tmp_path / "o"),
+                              "-f", "sharegpt", "-f", "sft", "--image-root", str(moved)])
+    assert res.exit_code == 0, res.output
+    [q0] = [r for r in read_jsonl(tmp_path / "o" / "sharegpt.jsonl") if r["id"] == "q0"]
+    assert q0["images"] == [str(moved / p) for p in ("q0/ct_group1/0.png", "q0/ct_group1/1.png",
+                                                     "q0/mri_group2/0.png")]
+    meta = orjson.loads((tmp_path / "o" / INTERNVL_META).read_bytes())
+    assert meta["mics"]["root"] == str(moved)
+    res = runner.invoke(app, ["export", str(fixed_run), "--out", str(tmp_path / "x"),
+                              "--image-root", str(tmp_path / "absent"), "-f", "sft"])
+    assert res.exit_code == 2 and "--image-root" in res.output
+    res = runner.invoke(app, ["export", str(fixed_run), "--out", str(tmp_path / "x"),
+                              "-f", "prm", "--prm-label", "most"])
+    assert res.exit_code == 2 and "--prm-label" in res.output
+    pytest.importorskip("datasets")
+    # the fixed run's images do not exist: hf (which embeds them) names the one it lacks
+    res = runner.invoke(app, ["export", str(fixed_run), "--out", str(tmp_path / "h"), "-f", "hf"])
+    assert res.exit_code == 2 and "question q0: image q0/ct_group1/0.png" in res.output
+    assert not (tmp_path / "h" / "hf").exists() and not (tmp_path / "h" / "hf.tmp").exists()
+
+
+def test_unscored_nodes_take_part_in_no_pair_and_no_path():
+    """A node without a score (a mentor that could not be asked) is neither a side of a
+    preference pair nor a step of a PRM path."""
+    from mics.export_trainers import preference_pairs, search_paths
+
+    def node(nid: str, parent: str, depth: int, score, chosen=False, step=""):
+        return {"node_id": nid, "parent_id": parent, "depth": depth, "score": score,
+                "chosen": chosen, "step": step}
+
+    nodes = [node("r", "", -1, None, chosen=True),
+             node("a", "r", 0, 0.5, chosen=True), node("b", "r", 0, 0.0),
+             node("c", "r", 0, None),
+             node("d", "a", 1, 1.0, chosen=True), node("e", "a", 1, None)]
+    pairs = [(c["node_id"], r["node_id"]) for c, r in preference_pairs(nodes)]
+    assert pairs == [("a", "b")]
+    assert [[n["node_id"] for n in p] for p in search_paths(nodes)] == [["b"], ["a", "d"]]
