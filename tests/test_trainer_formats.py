@@ -229,6 +229,7 @@ def test_trl_prm_stepwise_supervision(demo, tmp_path):
     ds = load_json(demo / "prm.jsonl", tmp_path)
     assert ds.features["labels"].feature.dtype == "bool"
     assert ds.features["prompt"].dtype == "string"
+    assert all(opens(p) for p in {p for ex in ds for p in ex["images"]})
     for ex in ds:
         assert not trl.is_conversational(ex)
         labels = [int(x) for x in ex["labels"]]
