@@ -163,8 +163,9 @@ def export(
     run: RunDir,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
     fmt: Annotated[list[str] | None, typer.Option(
-        "--format", "-f", help="reference | sft | sharegpt | step-values | preferences | all "
-        "(repeatable).")] = None,
+        "--format", "-f", help="reference | sft | sharegpt | step-values | preferences | prm | "
+        "all | hf (repeatable; `all` is every JSONL format; `hf` writes <out>/hf, Hugging Face "
+        "datasets, with the [hf] extra). See docs/exports.md.")] = None,
     min_score: Annotated[float | None, typer.Option(
         help="Only questions whose last chosen step scored at least this.")] = None,
     only_full_score: Annotated[bool, typer.Option(
@@ -174,31 +175,55 @@ def export(
     answer_in_target: Annotated[bool, typer.Option(
         "--answer-in-target", help="sft/sharegpt: keep the final-answer line in the target.")]
     = False,
+    image_root: Annotated[Path | None, typer.Option(
+        "--image-root", help="Where the run's images are now (default: the root the run "
+        "recorded); training formats write paths under it.")] = None,
+    prm_label: Annotated[str, typer.Option(
+        "--prm-label", help="prm step labels: positive (value > 0, Math-Shepherd's hard "
+        "label) | full (value == 1).")] = "positive",
 ) -> None:
     """Write training data; `reference` is results.jsonl + failed.jsonl (Chiron-o1 schema)."""
     from mics.export import FORMATS, Filters
     from mics.export import export as write_formats
 
-    formats = list(FORMATS) if "all" in (fmt or []) else list(dict.fromkeys(fmt or ["reference"]))
+    asked = list(dict.fromkeys(fmt or ["reference"]))
+    hf = "hf" in asked
+    formats = list(FORMATS) if "all" in asked else [f for f in asked if f != "hf"]
     bad = [f for f in formats if f not in FORMATS]
     if bad:
-        _fail(f"unknown --format {', '.join(bad)}; choose from {', '.join(FORMATS)} or all")
+        _fail(f"unknown --format {', '.join(bad)}; choose from {', '.join(FORMATS)}, all or hf")
+    if prm_label not in ("positive", "full"):
+        _fail(f"unknown --prm-label {prm_label}; choose from positive, full")
+    if image_root is not None and not image_root.is_dir():
+        _fail(f"--image-root is not a directory: {image_root}")
     filters = Filters(min_score=min_score, only_full_score=only_full_score, max_depth=max_depth)
 
     def write() -> dict[str, int]:
+        from mics.export_hf import MissingExtra, export_hf
+
         with RunStore.open(run, write=False) as store:
+            counts: dict[str, int] = {}
             if formats == ["reference"] and not filters.active:
-                return export_reference(store, out)
-            return write_formats(store, out, formats, filters, answer_in_target)
+                counts = export_reference(store, out)
+            elif formats:
+                counts = write_formats(store, out, formats, filters, answer_in_target,
+                                       image_root, prm_label)
+            if hf:
+                try:
+                    counts.update(export_hf(store, out, filters, answer_in_target, image_root,
+                                            prm_label))
+                except (MissingExtra, ValueError) as e:
+                    _fail(str(e))
+            return counts
 
     counts = _guarded(write)
     if "reference" in formats:
         console.print(f"wrote {counts['results']} results and {counts['failed']} failures to "
                       f"{out}" + (f" ({counts['pending']} questions not finished)"
                                   if counts["pending"] else ""))
-    for f in formats:
-        if f != "reference":
-            console.print(f"wrote {counts[f]} {f} records to {out}")
+    for f, n in counts.items():
+        if f not in ("results", "failed", "pending"):
+            console.print(f"wrote {n} {f} records to {out}")
 
 
 @app.command()

@@ -1,20 +1,25 @@
 """Exports from the store, one JSONL file per format, questions in dataset order.
 
 - ``reference``: the Chiron-o1 results/failed schema (``results.jsonl``, ``failed.jsonl``).
-- ``sft``: InternVL fine-tuning chains (``sft.jsonl``: ``image`` list, ``conversations``).
+- ``sft``: InternVL fine-tuning chains (``sft.jsonl``: ``image`` list relative to the image
+  root, ``conversations``) and the ``--meta_path`` file (``internvl_meta.json``).
 - ``sharegpt``: the same chains for LLaMA-Factory (``sharegpt.jsonl``: ``messages``,
-  ``images``), with a ``dataset_info.json`` entry describing the columns.
+  absolute ``images``), with a ``dataset_info.json`` entry describing the columns.
 - ``step-values``: every evaluated prefix with its MICS-Score, a Monte Carlo estimate of the
-  step's value (``step_values.jsonl``), for process reward models.
-- ``preferences``: the chosen step against each lower-scoring sibling (``preferences.jsonl``).
+  step's value (``step_values.jsonl``), for analysis.
+- ``preferences``: the chosen step against each lower-scoring sibling, as TRL conversational
+  preference data (``preferences.jsonl``) and LLaMA-Factory ranking data
+  (``preferences_sharegpt.jsonl`` with a ``"ranking": true`` ``dataset_info.json`` entry).
+- ``prm``: TRL stepwise supervision (``prm.jsonl``), one row per searched path.
 
-Every record of the new formats carries ``difficulty`` (final depth, stop reason, score
-trajectory of the chosen path, curriculum level) for curriculum ordering. Filters select
-questions (see :class:`Filters`).
+Every record carries ``difficulty`` (final depth, stop reason, score trajectory of the chosen
+path, curriculum level) for curriculum ordering. Filters select questions (see
+:class:`Filters`). Docs: ``docs/exports.md``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +31,13 @@ from mics.analysis import chosen_path, stop_kind
 from mics.dataset import _groups
 from mics.steps import FINAL_MARKER
 
-FORMATS = ("reference", "sft", "sharegpt", "step-values", "preferences")
+FORMATS = ("reference", "sft", "sharegpt", "step-values", "preferences", "prm")
 FILES = {"sft": "sft.jsonl", "sharegpt": "sharegpt.jsonl", "step-values": "step_values.jsonl",
-         "preferences": "preferences.jsonl"}
+         "preferences": "preferences.jsonl", "preferences-sharegpt": "preferences_sharegpt.jsonl",
+         "prm": "prm.jsonl"}
+# the files (FILES keys) each format writes, when not just its own
+OUTPUTS = {"preferences": ("preferences", "preferences-sharegpt")}
+INTERNVL_META = "internvl_meta.json"
 KEYFRAMES = ("Please base your response on the keyframes of the relevant medical imaging "
              "modality ({modalities}) and reason step-by-step to answer the above question.")
 TEXT_ONLY = "Please reason step-by-step to answer the above question."
@@ -146,6 +155,35 @@ class Filters:
 
 # ---------------------------------------------------------------- SFT prompt and target
 
+# Placeholder tokens trainers read out of text: InternVL's <image>, <img>, </img>,
+# <IMG_CONTEXT>; LLaMA-Factory's <image>, <video>, <audio>.
+_PLACEHOLDER = re.compile(r"<(/?)(image|video|audio|img|IMG_CONTEXT)>", re.I)
+
+
+def escape_placeholders(text: str) -> str:
+    """Literal placeholder tokens in free text as ``[image]``-style text, so only the
+    placeholders the exporter writes stand for images (``<image>`` -> ``[image]``)."""
+    return _PLACEHOLDER.sub(r"[\1\2]", text)
+
+
+def absolute_images(images: list[str], image_root: Path | None) -> list[str]:
+    """Image paths joined to the run's image root (kept as stored when it is unknown)."""
+    if image_root is None:
+        return list(images)
+    return [str(image_root / p) for p in images]
+
+
+def run_image_root(store: Any) -> Path | None:
+    """The directory a run's image paths are relative to: ``--image-root``, else the
+    dataset file's directory; None for a run without a recorded dataset."""
+    dataset = store.get_meta("dataset") or {}
+    if dataset.get("image_root"):
+        return Path(dataset["image_root"])
+    if dataset.get("path"):
+        return Path(dataset["path"]).parent
+    return None
+
+
 
 def _case_fields(case_info: str) -> dict[str, str]:
     fields = {"Gender": "N/A", "Age": "N/A", "Chief complaint": "N/A"}
@@ -166,8 +204,9 @@ def ordered_images(image_paths: list[str]) -> tuple[list[str], list[int]]:
 
 def sft_prompt(question: dict[str, Any]) -> tuple[str, list[str]]:
     """The Chiron-o1 SFT user turn (one ``<image>`` per image) and its images in order."""
-    f = _case_fields(question.get("case_info", ""))
-    text = (f"{question['question']} (Supplementary information is as follows:\n"
+    f = {k: escape_placeholders(v) for k, v in _case_fields(question.get("case_info", "")).items()}
+    text = (f"{escape_placeholders(question['question'])} "
+            f"(Supplementary information is as follows:\n"
             f"Gender: {f['Gender']}, Age: {f['Age']}, Chief complaint: {f['Chief complaint']})\n")
     images, sizes = ordered_images(list(question.get("image_paths", [])))
     if not images:
@@ -191,7 +230,7 @@ def _chain(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]], answer_in
     q, o = rec["question"], rec["outcome"]
     prompt, images = sft_prompt(q)
     steps, answer = split_answer(o["reasoning"])
-    target = o["reasoning"].strip() if answer_in_target else steps
+    target = escape_placeholders(o["reasoning"].strip() if answer_in_target else steps)
     meta = {"answer": answer if answer is not None else q["gt_answer"],
             "gt_answer": q["gt_answer"], "generated_by": o["generated_by"],
             "difficulty": difficulty(rec, nodes)}
@@ -210,13 +249,15 @@ def sft_record(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]],
 
 
 def sharegpt_record(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]],
-                    answer_in_target: bool = False) -> dict[str, Any]:
-    """One LLaMA-Factory ShareGPT record (``messages`` with role/content, ``images``)."""
+                    answer_in_target: bool = False, image_root: Path | None = None
+                    ) -> dict[str, Any]:
+    """One LLaMA-Factory ShareGPT record (``messages`` with role/content, absolute
+    ``images``: LLaMA-Factory joins relative ones to ``media_dir``, not the image root)."""
     prompt, images, target, meta = _chain(qid, rec, nodes, answer_in_target)
     return {"id": qid,
             "messages": [{"role": "user", "content": prompt},
                          {"role": "assistant", "content": target}],
-            "images": images, **meta}
+            "images": absolute_images(images, image_root), **meta}
 
 
 SHAREGPT_INFO = {"mics": {
@@ -225,9 +266,21 @@ SHAREGPT_INFO = {"mics": {
     "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
              "assistant_tag": "assistant"},
 }}
+PREFERENCE_INFO = {"mics_preferences": {
+    "file_name": FILES["preferences-sharegpt"], "formatting": "sharegpt", "ranking": True,
+    "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected",
+                "images": "images"},
+}}
 
 
-# ---------------------------------------------------------------- step values and preferences
+def internvl_meta(out_dir: Path, image_root: Path | None, length: int) -> dict[str, Any]:
+    """The InternVL ``--meta_path`` entry for ``sft.jsonl`` (absolute annotation path)."""
+    return {"mics": {"root": str(image_root) if image_root is not None else "",
+                     "annotation": str((out_dir / FILES["sft"]).resolve()),
+                     "data_augment": False, "repeat_time": 1, "length": length}}
+
+
+# ---------------------------------------------------------------- step values
 
 
 def _base(qid: str, rec: dict[str, Any]) -> dict[str, Any]:
@@ -248,31 +301,6 @@ def step_value_records(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]
             for n in nodes if n["depth"] >= 0]
 
 
-def preference_records(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]]
-                       ) -> list[dict[str, Any]]:
-    """At each depth, the chosen step against every sibling with a strictly lower score."""
-    base, diff = _base(qid, rec), difficulty(rec, nodes)
-    by_id = {n["node_id"]: n for n in nodes}
-    out = []
-    for c in nodes:
-        if c["depth"] < 0 or not c["chosen"]:
-            continue
-        parent = by_id.get(c["parent_id"])
-        for r in nodes:
-            if r["parent_id"] != c["parent_id"] or r is c or r["score"] >= c["score"]:
-                continue
-            out.append({**base, "depth": c["depth"] + 1, "parent_id": c["parent_id"],
-                        "prefix": parent["prefix"] if parent else "",
-                        "chosen": _side(c), "rejected": _side(r),
-                        "margin": c["score"] - r["score"], "difficulty": diff})
-    return out
-
-
-def _side(n: dict[str, Any]) -> dict[str, Any]:
-    return {"node_id": n["node_id"], "mentor": n["mentor"], "step": n["step"],
-            "score": n["score"], "correct": n["correct"], "total": n["total"]}
-
-
 # ---------------------------------------------------------------- writing
 
 
@@ -287,33 +315,61 @@ def _questions(store: Any, filters: Filters
 
 
 def _records(fmt: str, qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]],
-             answer_in_target: bool) -> list[dict[str, Any]]:
+             answer_in_target: bool, image_root: Path | None = None,
+             prm_label: str = "positive") -> list[dict[str, Any]]:
+    from mics import export_trainers as trainers  # it builds on this module
+
     if fmt in ("sft", "sharegpt"):
         if rec["status"] != "succeeded":
             return []
-        build = sft_record if fmt == "sft" else sharegpt_record
-        return [build(qid, rec, nodes, answer_in_target)]
+        if fmt == "sft":
+            return [sft_record(qid, rec, nodes, answer_in_target)]
+        return [sharegpt_record(qid, rec, nodes, answer_in_target, image_root)]
     if fmt == "step-values":
         return step_value_records(qid, rec, nodes)
-    return preference_records(qid, rec, nodes)
+    if fmt == "preferences":
+        return trainers.preference_records(qid, rec, nodes, image_root)
+    if fmt == "preferences-sharegpt":
+        return trainers.preference_sharegpt_records(qid, rec, nodes, image_root)
+    return trainers.prm_records(qid, rec, nodes, image_root, prm_label)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Write a JSON file whole or not at all (a killed export leaves the old one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n")
+    tmp.replace(path)
 
 
 def export(store: Any, out_dir: Path, formats: list[str], filters: Filters | None = None,
-           answer_in_target: bool = False) -> dict[str, int]:
-    """Write each format's file(s) into ``out_dir``; returns record counts per file stem."""
+           answer_in_target: bool = False, image_root: Path | None = None,
+           prm_label: str = "positive") -> dict[str, int]:
+    """Write each format's file(s) into ``out_dir``; returns record counts per file key.
+
+    ``image_root`` (default: the run's recorded one) is the InternVL meta file's ``root``
+    and makes the image paths of the other training formats absolute. ``prm_label`` is the
+    PRM step-label rule (see ``export_trainers.step_label``).
+    """
+    from mics.export_trainers import PRM_LABELS
+
     filters = filters or Filters()
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ValueError(f"unknown export format(s) {', '.join(unknown)}; "
                          f"choose from {', '.join(FORMATS)}")
+    if prm_label not in PRM_LABELS:
+        raise ValueError(f"unknown PRM label rule {prm_label!r}; "
+                         f"choose from {', '.join(PRM_LABELS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    root = image_root.resolve() if image_root is not None else run_image_root(store)
     counts: dict[str, int] = {}
     if "reference" in formats:
         def keep(qid: str, rec: dict[str, Any]) -> bool:
             return filters.keep(rec, store.get_nodes(qid))
 
         counts.update(export_reference(store, out_dir, keep if filters.active else None))
-    others = [f for f in FORMATS if f in formats and f != "reference"]
+    others = [k for f in FORMATS if f in formats and f != "reference"
+              for k in OUTPUTS.get(f, (f,))]
     if not others:
         return counts
     tmp = {f: out_dir / (FILES[f] + ".tmp") for f in others}
@@ -323,7 +379,7 @@ def export(store: Any, out_dir: Path, formats: list[str], filters: Filters | Non
             counts[f] = 0
         for qid, rec, nodes in _questions(store, filters):
             for f in others:
-                for r in _records(f, qid, rec, nodes, answer_in_target):
+                for r in _records(f, qid, rec, nodes, answer_in_target, root, prm_label):
                     handles[f].write(orjson.dumps(r) + b"\n")
                     counts[f] += 1
     finally:
@@ -331,7 +387,10 @@ def export(store: Any, out_dir: Path, formats: list[str], filters: Filters | Non
             h.close()
     for f, p in tmp.items():
         p.replace(out_dir / FILES[f])
-    if "sharegpt" in others:
-        (out_dir / "dataset_info.json").write_bytes(
-            orjson.dumps(SHAREGPT_INFO, option=orjson.OPT_INDENT_2) + b"\n")
+    if "sft" in others:
+        _write_json(out_dir / INTERNVL_META, internvl_meta(out_dir, root, counts["sft"]))
+    info = {**(SHAREGPT_INFO if "sharegpt" in others else {}),
+            **(PREFERENCE_INFO if "preferences" in others else {})}
+    if info:
+        _write_json(out_dir / "dataset_info.json", info)
     return counts

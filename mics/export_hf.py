@@ -1,0 +1,124 @@
+"""``--format hf``: the SFT, preference and PRM sets as Hugging Face datasets (``[hf]`` extra).
+
+``<out>/hf/<set>/`` is a ``datasets.save_to_disk`` folder (``datasets.load_from_disk``
+opens it) and ``<out>/hf/<set>.parquet`` the same table as Parquet. Images are embedded
+(bytes and the run-relative path) as a list of ``datasets.Image``, so the folder travels
+without the image root. Rows are TRL's conversational shapes:
+
+- ``sft``: ``{id, messages, images, ...}``, every message's content a list of
+  ``{"type": "text"|"image"}`` blocks (TRL's vision format);
+- ``preferences``: the rows of ``preferences.jsonl``;
+- ``prm``: the rows of ``prm.jsonl``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from mics.export import Filters, _questions, _records, run_image_root, sft_record
+from mics.export_trainers import PRM_LABELS, prompt_blocks
+
+HF_SETS = ("sft", "preferences", "prm")
+
+
+class MissingExtra(RuntimeError):
+    """The ``datasets`` package (the ``[hf]`` extra) is not installed."""
+
+
+def _datasets() -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise MissingExtra("--format hf needs the `datasets` package: "
+                           "pip install 'mics[hf]'") from None
+    return datasets
+
+
+def hf_sft_row(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]],
+               answer_in_target: bool) -> dict[str, Any]:
+    """An SFT row in TRL's vision conversational shape (images still as relative paths)."""
+    r = sft_record(qid, rec, nodes, answer_in_target)
+    prompt, target = (t["value"] for t in r.pop("conversations"))
+    images = r.pop("image", [])
+    return {"id": r.pop("id"),
+            "messages": [{"role": "user", "content": prompt_blocks(prompt)},
+                         {"role": "assistant", "content": [{"type": "text", "text": target}]}],
+            "images": images, **r}
+
+
+def _rows(store: Any, name: str, filters: Filters, answer_in_target: bool,
+          root: Path | None, prm_label: str) -> list[dict[str, Any]]:
+    rows = []
+    for qid, rec, nodes in _questions(store, filters):
+        if name == "sft":
+            if rec["status"] == "succeeded":
+                rows.append(hf_sft_row(qid, rec, nodes, answer_in_target))
+        else:  # image paths relative to the root, like sft's, then embedded
+            rows += _records(name, qid, rec, nodes, answer_in_target, None, prm_label)
+    return rows
+
+
+def _embed(rid: str, paths: list[str], root: Path | None) -> list[dict[str, Any]]:
+    out = []
+    for p in paths:
+        full = root / p if root is not None else Path(p)
+        try:
+            data = full.read_bytes()
+        except OSError as e:
+            raise ValueError(f"question {rid}: image {p} (under {root}) cannot be read for "
+                             f"--format hf: {e.strerror}; pass the image root with "
+                             "--image-root") from None
+        out.append({"bytes": data, "path": p})
+    return out
+
+
+def _dataset(rows: list[dict[str, Any]], root: Path | None) -> Any:
+    datasets = _datasets()
+    digest = hashlib.sha256()
+    for r in rows:
+        digest.update(orjson.dumps(r, option=orjson.OPT_SORT_KEYS))
+        r["images"] = _embed(r.get("id") or r["metadata"]["rid"], r["images"], root)
+    fingerprint = digest.hexdigest()[:16]
+    ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({"images": []})
+    feature = datasets.List(datasets.Image()) if hasattr(datasets, "List") else \
+        datasets.Sequence(datasets.Image())
+    # a fingerprint from the content, so a re-export writes the same state.json
+    return ds.cast_column("images", feature, new_fingerprint=fingerprint)
+
+
+def export_hf(store: Any, out_dir: Path, filters: Filters | None = None,
+              answer_in_target: bool = False, image_root: Path | None = None,
+              prm_label: str = "positive") -> dict[str, int]:
+    """Write ``out_dir/hf`` (replacing it whole); returns the row count of each set."""
+    datasets = _datasets()
+    if prm_label not in PRM_LABELS:
+        raise ValueError(f"unknown PRM label rule {prm_label!r}; "
+                         f"choose from {', '.join(PRM_LABELS)}")
+    filters = filters or Filters()
+    root = image_root.resolve() if image_root is not None else run_image_root(store)
+    final, tmp = out_dir / "hf", out_dir / "hf.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    counts = {}
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # the CLI prints its own counts
+    try:
+        for name in HF_SETS:
+            ds = _dataset(_rows(store, name, filters, answer_in_target, root, prm_label), root)
+            ds.save_to_disk(str(tmp / name))
+            ds.to_parquet(str(tmp / f"{name}.parquet"))
+            counts[f"hf/{name}"] = len(ds)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
+        raise
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.replace(final)
+    return counts
