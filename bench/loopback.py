@@ -652,19 +652,17 @@ class LoopbackServer:
             body = b'{"id": "x", "object": "chat.completion", "choices": [{"ind' if chat else \
                 b'[{"text": "### The final ans'
             return _Response(200, body, {"Content-Type": "application/json"})
-        message = {"400": "bad request (injected)", "401": "invalid api key",
-                   "404": f"The model `{model}` does not exist.",
-                   "429": "rate limit exceeded (injected)", "500": "internal error (injected)",
-                   "503": "service unavailable (injected)"}[kind]
         if kind == "quota":
             status, body = targets.out_of_quota(target)
             return _json(status, body)
         if kind == "429":
             status, body, extra = targets.rate_limited(target, faults.retry_after_s)
             return _json(status, body, **extra)
-        extra = {}
+        message = {"400": "bad request (injected)", "401": "invalid api key",
+                   "404": f"The model `{model}` does not exist.", "500": "internal error "
+                   "(injected)", "503": "service unavailable (injected)"}[kind]
         return _json(int(kind), {"error": {"message": message}} if chat or kind != "400"
-                     else {"error": message}, **extra)
+                     else {"error": message})
 
     def _refuse(self, path: str, model: str, status: int, body: Any) -> _Response:
         self._record(path, model, _digest(path, model, status), {"status": status, "ok": False})
