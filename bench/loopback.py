@@ -13,6 +13,10 @@ injected at a seeded rate or forced per model, and can be changed while the serv
 The sample index a simulator needs comes from the `X-Mics-Sample` header (or `seed`) on chat
 requests and from `sampling_params.custom_params.sample_index` on /generate items.
 
+Strict modes: a served model may name a real `target` ("sglang" with a `version`, "router",
+"openai", "openai-reasoning", "gemini", "dashscope", "deepseek"); it then refuses and reports
+what that server does (bench/targets.py, docs/endpoints.md). Without one it is lenient.
+
 Stdlib only: a ThreadingHTTPServer with TCP_NODELAY and a listen backlog of 1024 (both needed
 for honest timings on loopback, see spec/feasibility.md).
 """
