@@ -38,6 +38,15 @@ def image_note(model: Any) -> str:
             if side else "images sent at full size")
 
 
+def server_note(model: Any) -> str:
+    """The SGLang version(s) an intern's servers reported, if any."""
+    versions = getattr(model, "versions", None)
+    if not isinstance(versions, dict) or not versions:
+        return ""
+    seen = sorted({".".join(map(str, v)) if v else "unknown" for v in versions.values()})
+    return f"SGLang {', '.join(seen)}"
+
+
 def _text_of(reply: Reply, cfg: ModelConfig) -> None:
     if not reply.text.strip():
         raise ConfigError(f"{cfg.name}: the probe got an empty reply (finish "
@@ -76,7 +85,8 @@ async def _check(role: str, cfg: ModelConfig, search: SearchConfig | None = None
             finally:
                 await model.aclose()
         _text_of(result, cfg)
-        note = image_note(model) if role != "judge" else ""
+        notes = [server_note(model), image_note(model) if role != "judge" else ""]
+        note = "; ".join(n for n in notes if n)
     except (BackendError, ConfigError) as e:
         return Check(role, cfg.name, cfg.backend, where, False,
                      time.perf_counter() - start, str(e))

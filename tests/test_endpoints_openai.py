@@ -162,8 +162,8 @@ def test_quota_errors_stop_the_run_naming_the_endpoint(target, status):
 
         async def go() -> None:
             try:
-                await gate.chat(model, Call(PROMPT, Sampling(temperature=0.5, max_tokens=64)), role="mentor",
-                                qid="q0")
+                call = Call(PROMPT, Sampling(temperature=0.5, max_tokens=64))
+                await gate.chat(model, call, role="mentor", qid="q0")
             finally:
                 await model.aclose()
 

@@ -199,3 +199,15 @@ def test_router_takes_one_text_per_request_and_serves_get_routes(tokenizer_dir):
     assert batch.status_code == 422 and "invalid type: sequence, expected a string" in batch.text
     assert single.status_code == 200 and isinstance(single.json()["text"], str)
     assert model.versions[url] == (0, 5, 6)
+
+
+def test_doctor_names_the_server_version_and_image_size(tokenizer_dir):
+    from mics.doctor import _check
+
+    with LoopbackServer(served("0.5.6")) as srv:
+        cfg = ModelConfig(name="qwen-intern", backend="sglang",
+                          model="Qwen/Qwen2.5-VL-7B-Instruct", base_url=srv.url_for("i"),
+                          options={"tokenizer": str(tokenizer_dir)})
+        check = anyio.run(_check, "intern", cfg)
+    assert check.ok, check.message
+    assert "SGLang 0.5.6" in check.message and "full size" in check.message
