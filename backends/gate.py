@@ -210,8 +210,8 @@ class CallGate:
     def _backoff(cfg: Any, attempt: int, retry_after: float | None) -> float:
         delay = min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (attempt - 1))
         delay *= random.uniform(0.5, 1.0)  # jitter only affects timing, never decisions
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, cfg.max_backoff_s))
+        if retry_after is not None:  # the server's own wait may exceed max_backoff_s
+            delay = max(delay, min(retry_after, cfg.max_rate_limit_wait_s))
         return delay
 
     def _store_reply(self, model: Any, key: str, reply: Reply, *, role: str, qid: str,

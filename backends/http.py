@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import time
+from email.utils import parsedate_to_datetime
+from typing import Any
 
 import httpx
 
@@ -39,14 +44,92 @@ def make_client(cfg: ModelConfig) -> httpx.AsyncClient:
                              limits=limits)
 
 
-def _retry_after(resp: httpx.Response) -> float | None:
-    value = resp.headers.get("retry-after")
-    if value is None:
-        return None
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: str) -> float | None:
+    """Seconds in a duration such as OpenAI's `6m0s`, `1.5s`, `20ms` or Gemini's `"53s"`."""
+    text = value.strip().strip('"')
     try:
-        return max(0.0, float(value))
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(n) * _UNIT_S[u] for n, u in parts)
+
+
+def retry_after(resp: httpx.Response) -> float | None:
+    """How long the server asks us to wait, in the order the official OpenAI client reads it:
+    `retry-after-ms`, `retry-after` (seconds or an HTTP date), then `x-ratelimit-reset-*`, then
+    Gemini's 429 body (`details[].retryDelay` of a google.rpc.RetryInfo)."""
+    headers = resp.headers
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        with contextlib.suppress(ValueError):
+            return max(0.0, float(ms) / 1000.0)
+    value = headers.get("retry-after")
+    if value is not None:
+        seconds = parse_duration(value)
+        if seconds is not None:
+            return seconds
+        with contextlib.suppress(TypeError, ValueError):
+            when = parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time())
+    resets = [parse_duration(headers[h]) for h in ("x-ratelimit-reset-requests",
+                                                    "x-ratelimit-reset-tokens") if h in headers]
+    if any(r is not None for r in resets):
+        return max(r for r in resets if r is not None)
+    return _retry_delay_in_body(resp)
+
+
+def _retry_delay_in_body(resp: httpx.Response) -> float | None:
+    try:
+        body = resp.json()
     except ValueError:
         return None
+    for err in _errors(body):
+        details = err.get("details")
+        for d in details if isinstance(details, list) else []:
+            if isinstance(d, dict) and isinstance(d.get("retryDelay"), str):
+                return parse_duration(d["retryDelay"])
+    return None
+
+
+def _errors(body: Any) -> list[dict[str, Any]]:
+    """The error objects in a reply: `{"error": {...}}`, or Gemini's `[{"error": {...}}]`."""
+    items = body if isinstance(body, list) else [body]
+    out = []
+    for item in items:
+        err = item.get("error", item) if isinstance(item, dict) else None
+        if isinstance(err, dict):
+            out.append(err)
+    return out
+
+
+# Codes that mean "no quota/balance left": retrying never helps, so the run stops (OpenAI 429
+# insufficient_quota, DashScope Throttling.AllocationQuota / insufficient_quota; DeepSeek 402).
+QUOTA_CODES = {"insufficient_quota", "throttling.allocationquota", "allocationquota"}
+QUOTA_STATUS = {402}
+
+
+def is_quota_error(resp: httpx.Response) -> bool:
+    """True when the reply says the account is out of quota or balance (not a rate limit)."""
+    if resp.status_code in QUOTA_STATUS:
+        return True
+    if resp.status_code not in (400, 403, 429):
+        return False
+    try:
+        body = resp.json()
+    except ValueError:
+        return False
+    for err in _errors(body):
+        codes = {str(err.get(k, "")).lower() for k in ("code", "type", "status")}
+        if codes & QUOTA_CODES:
+            return True
+    return False
 
 
 def _server_message(resp: httpx.Response) -> str:
@@ -54,6 +137,8 @@ def _server_message(resp: httpx.Response) -> str:
         body = resp.json()
     except ValueError:
         return resp.text[:300]
+    if isinstance(body, list) and body:
+        body = body[0]
     if isinstance(body, dict):
         err = body.get("error", body.get("message", body))
         if isinstance(err, dict):
@@ -68,8 +153,11 @@ def check_response(resp: httpx.Response, cfg: ModelConfig) -> None:
         return
     where = f"{cfg.name} ({cfg.model} at {cfg.base_url})"
     message = redact(f"{where}: HTTP {resp.status_code}: {_server_message(resp)}", cfg)
+    if is_quota_error(resp):
+        raise FatalError(f"{message} (out of quota or balance: retrying cannot help; top up "
+                         "or raise the limit, then `mics resume`)", status=resp.status_code)
     if resp.status_code in RETRYABLE_STATUS:
-        raise TransientError(message, retry_after=_retry_after(resp), status=resp.status_code)
+        raise TransientError(message, retry_after=retry_after(resp), status=resp.status_code)
     if resp.status_code in FATAL_STATUS:
         raise FatalError(message, status=resp.status_code)
     raise PermanentError(message, status=resp.status_code)

@@ -14,17 +14,27 @@ from typing import Any
 
 import httpx
 
-from backends.base import BackendError, Call, TransientError, gather
+from backends.base import BackendError, Call, PermanentError, TransientError, gather
 from backends.http import api_key, check_response, make_client, transport_error
 from backends.images import data_url
 from mics.config import ModelConfig
 from mics.types import Image, Prompt, Reply, Usage
 
-# option -> default. send_top_k: the server accepts `top_k` (vLLM, SGLang); send_seed: send the
-# sample index as `seed`; max_tokens_field: "max_completion_tokens" for APIs that want it;
-# extra_body: merged into every request body (e.g. {"return_meta_info": true} for SGLang).
+# option -> default. image_max_side: mentor images are downsized to this longest side (the
+# reference used 512; 0 sends them at full size, as interns see them); send_top_k: the server
+# accepts `top_k` (vLLM, SGLang); send_seed: send the sample index as `seed`; max_tokens_field:
+# "max_completion_tokens" for o-series/gpt-5 (they reject `max_tokens`); max_tokens: this model's
+# own output limit (0: the search's), for thinking models whose reasoning counts against it;
+# reasoning_effort: sent when set ("low", "medium", ...); send_sampling: false leaves
+# `temperature` and `top_p` out (reasoning models reject non-default values); extra_body: merged
+# into every request body (e.g. {"return_meta_info": true}: SGLang's chat reports
+# `meta_info.cached_tokens` with it in recent releases; 0.5.2-0.5.9 ignore the field, use
+# `--enable-cache-report` there, see docs/endpoints.md).
 OPTIONS: dict[str, Any] = {"image_max_side": 512, "send_top_k": False, "send_seed": False,
-                           "max_tokens_field": "max_tokens", "extra_body": {}}
+                           "max_tokens_field": "max_tokens", "max_tokens": 0,
+                           "reasoning_effort": "", "send_sampling": True, "extra_body": {}}
+# options that change what the model replies, so they are part of the memo key when set
+_REPLY_OPTIONS = ("max_tokens", "reasoning_effort", "send_sampling")
 SAMPLE_HEADER = "X-Mics-Sample"  # the sample index, so simulators can reproduce a sample
 
 
@@ -39,6 +49,13 @@ def _validate(cfg: ModelConfig) -> dict[str, Any]:
     if opts["max_tokens_field"] not in ("max_tokens", "max_completion_tokens"):
         raise ValueError(f"model {cfg.name!r}: options.max_tokens_field must be "
                          "\"max_tokens\" or \"max_completion_tokens\"")
+    if not isinstance(opts["max_tokens"], int) or opts["max_tokens"] < 0:
+        raise ValueError(f"model {cfg.name!r}: options.max_tokens must be an integer >= 0")
+    if not isinstance(opts["reasoning_effort"], str):
+        raise ValueError(f"model {cfg.name!r}: options.reasoning_effort must be a string")
+    for flag in ("send_top_k", "send_seed", "send_sampling"):
+        if not isinstance(opts[flag], bool):
+            raise ValueError(f"model {cfg.name!r}: options.{flag} must be true or false")
     if not isinstance(opts["extra_body"], dict):
         raise ValueError(f"model {cfg.name!r}: options.extra_body must be a table")
     if not cfg.base_url:
@@ -70,6 +87,20 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def cached_tokens(usage: dict[str, Any], choice: dict[str, Any]) -> int:
+    """Prompt tokens served from the provider's cache, from whichever field it reports:
+    `usage.prompt_tokens_details.cached_tokens` (OpenAI, DashScope, Gemini; SGLang with
+    `--enable-cache-report`), `usage.prompt_cache_hit_tokens` (DeepSeek), or
+    `choices[0].meta_info.cached_tokens` (SGLang chat with `return_meta_info`)."""
+    details = usage.get("prompt_tokens_details")
+    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    cached = cached or _int(usage.get("prompt_cache_hit_tokens"))
+    meta = choice.get("meta_info")
+    if not cached and isinstance(meta, dict):
+        cached = _int(meta.get("cached_tokens"))
+    return cached
+
+
 class OpenAIChat:
     """An OpenAI-compatible chat endpoint as a ChatModel (and a RolloutModel)."""
 
@@ -84,17 +115,24 @@ class OpenAIChat:
         return f"OpenAIChat(name={self.config.name!r}, model={self.config.model!r})"
 
     def identity(self) -> dict[str, Any]:
-        return {"backend": "openai", "model": self.config.model}
+        changed = {k: self.options[k] for k in _REPLY_OPTIONS if self.options[k] != OPTIONS[k]}
+        return {"backend": "openai", "model": self.config.model, **changed}
+
+    def max_tokens(self, call: Call) -> int:
+        """The output limit sent: this model's own (options.max_tokens) or the search's."""
+        return self.options["max_tokens"] or call.sampling.max_tokens
 
     def _body(self, call: Call) -> dict[str, Any]:
         s = call.sampling
         body: dict[str, Any] = {
             "model": self.config.model,
             "messages": _messages(call.prompt, self.options["image_max_side"]),
-            "temperature": s.temperature,
-            "top_p": s.top_p,
-            self.options["max_tokens_field"]: s.max_tokens,
         }
+        if self.options["send_sampling"]:
+            body.update(temperature=s.temperature, top_p=s.top_p)
+        body[self.options["max_tokens_field"]] = self.max_tokens(call)
+        if self.options["reasoning_effort"]:
+            body["reasoning_effort"] = self.options["reasoning_effort"]
         if s.stop:
             body["stop"] = list(s.stop)
         if self.options["send_top_k"]:
@@ -126,9 +164,9 @@ class OpenAIChat:
             raise transport_error(e, self.config) from None
         latency = time.perf_counter() - start
         check_response(resp, self.config)
-        return self._parse(resp, latency)
+        return self._parse(resp, latency, self.max_tokens(call))
 
-    def _parse(self, resp: httpx.Response, latency: float) -> Reply:
+    def _parse(self, resp: httpx.Response, latency: float, max_tokens: int = 0) -> Reply:
         try:
             data = resp.json()
             choice = data["choices"][0]
@@ -139,18 +177,20 @@ class OpenAIChat:
         content = message.get("content") if isinstance(message, dict) else None
         if content is not None and not isinstance(content, str):
             raise TransientError(f"{self._where}: reply content is not a string")
+        finish = str(choice.get("finish_reason") or "stop")
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        details = usage.get("prompt_tokens_details")
-        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-        meta = choice.get("meta_info")  # SGLang with return_meta_info
-        if not cached and isinstance(meta, dict):
-            cached = _int(meta.get("cached_tokens"))
+        if not content and finish == "length":
+            raise PermanentError(
+                f"{self._where}: empty reply cut off at the output limit ({max_tokens} tokens, "
+                f"finish \"length\", {_int(usage.get('completion_tokens'))} completion tokens): "
+                "a thinking model spent the whole limit on reasoning. Raise options.max_tokens "
+                "or lower options.reasoning_effort for this model")
         return Reply(
             text=content or "",
             usage=Usage(prompt_tokens=_int(usage.get("prompt_tokens")),
                         completion_tokens=_int(usage.get("completion_tokens")),
-                        cached_tokens=cached, latency_s=round(latency, 6)),
-            finish_reason=str(choice.get("finish_reason") or "stop"),
+                        cached_tokens=cached_tokens(usage, choice), latency_s=round(latency, 6)),
+            finish_reason=finish,
         )
 
     async def rollout(self, calls: Sequence[Call]) -> list[Reply | BackendError]:

@@ -4,20 +4,35 @@ The chat template is rendered client side from a local tokenizer/processor folde
 (`apply_chat_template(tokenize=False)`), so prompts that share a prefix share the exact same
 text and SGLang's radix cache reuses it. Images go as data URLs with one placeholder each, in
 order. All rollouts of one question (same root: system + images + question) go to one server.
+
+Before the first call each server is checked: `/health`, its version (`/server_info`, else
+`/get_server_info`), and what it serves (`/model_info`, else `/get_model_info`: the only name
+before 0.5.6 and the router's). The version decides InternVL's image placeholder and whether
+`sampling_seed` exists (see docs/endpoints.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Sequence
+from pathlib import PurePosixPath
 from typing import Any
 
 import anyio
 import httpx
 import orjson
 
-from backends.base import BackendError, Call, PermanentError, TransientError, gather
+from backends.base import (
+    BackendError,
+    Call,
+    FatalError,
+    PermanentError,
+    TransientError,
+    gather,
+)
+from backends.gate import call_key
 from backends.hf import LOAD_LOCK
 from backends.http import api_key, check_response, make_client, transport_error
 from backends.images import data_url
@@ -26,7 +41,24 @@ from mics.types import Image, Prompt, Reply, Text, Usage
 
 FAMILIES = ("qwen2-vl", "internvl", "text")
 _OPTIONS = {"tokenizer": "", "family": "qwen2-vl", "urls": [], "image_max_side": 0,
-            "check_model": True, "served_model": "", "warmup": True}
+            "check_model": True, "served_model": "", "warmup": True, "image_placeholder": ""}
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+# What SGLang's processors count as one image in the prompt text, per family.
+_QWEN_PLACEHOLDERS = re.compile(re.escape(QWEN_IMAGE) + "|<image>")
+INTERNVL_NEW_FROM = (0, 5, 7)  # `<image>` from 0.5.7; before it only `<IMG_CONTEXT>`
+SAMPLING_SEED_FROM = (0, 5, 3)  # `sampling_params.sampling_seed` exists from 0.5.3
+Version = tuple[int, int, int]
+
+
+def parse_version(text: Any) -> Version | None:
+    """(major, minor, patch) from a version string such as "0.5.6.post1"; None if absent."""
+    m = re.match(r"\s*v?(\d+)\.(\d+)\.(\d+)", str(text or ""))
+    return (int(m[1]), int(m[2]), int(m[3])) if m else None
+
+
+def internvl_placeholder(version: Version) -> str:
+    """InternVL's image placeholder in `/generate` text for this SGLang version."""
+    return "<image>" if version >= INTERNVL_NEW_FROM else "<IMG_CONTEXT>"
 
 
 class SGLangRollout:
@@ -47,6 +79,8 @@ class SGLangRollout:
         self.urls = [config.base_url.rstrip("/"), *(u.rstrip("/") for u in self.options["urls"])]
         self._clients = {u: make_client(_with_url(config, u)) for u in self.urls}
         self._checked: set[str] = set()
+        self.versions: dict[str, Version | None] = {}  # url -> SGLang version, once checked
+        self._placeholder: str = self.options["image_placeholder"]
         self._check_lock = anyio.Lock()
         self._template: Any = None
         self._rendered: dict[Prompt, str] = {}  # bounded, oldest dropped first
@@ -88,7 +122,7 @@ class SGLangRollout:
             elif family == "qwen2-vl":
                 content.append({"type": "image"})
             elif family == "internvl":
-                content.append({"type": "text", "text": "<image>\n"})
+                content.append({"type": "text", "text": f"{self.placeholder()}\n"})
         if family != "qwen2-vl":  # plain-text templates want a string
             content_value: Any = "".join(c["text"] for c in content)
         else:
@@ -103,6 +137,24 @@ class SGLangRollout:
             return []
         side = self.options["image_max_side"]
         return [data_url(p.image, side) for p in prompt.parts if isinstance(p, Image)]
+
+    def placeholder(self) -> str:
+        """InternVL's image placeholder: options.image_placeholder, else from the version of the
+        servers checked so far. Refuses to guess before any server has been checked."""
+        if not self._placeholder:
+            raise FatalError(f"{self.config.name}: the InternVL image placeholder depends on the "
+                             "SGLang version (<IMG_CONTEXT> before 0.5.7, <image> from 0.5.7), "
+                             "which is not known yet; check a server first or set "
+                             "options.image_placeholder")
+        return self._placeholder
+
+    def count_placeholders(self, text: str) -> int:
+        """How many images SGLang will find in this prompt text."""
+        if self.options["family"] == "qwen2-vl":
+            return len(_QWEN_PLACEHOLDERS.findall(text))
+        if self.options["family"] == "internvl":
+            return text.count(self.placeholder())
+        return 0
 
     def route(self, prompt: Prompt) -> str:
         """One server per question: a stable hash of the prompt's root (all but the last part)."""
@@ -134,36 +186,105 @@ class SGLangRollout:
             client = self._clients[url]
             try:
                 health = await client.get("/health", headers=self._headers())
-                info = await client.get("/model_info", headers=self._headers())
+                if not health.is_success:
+                    raise TransientError(f"{self.config.name}: SGLang server at {url} is not "
+                                         f"healthy (HTTP {health.status_code})")
+                server = await self._get_either(url, "/server_info", "/get_server_info")
+                info = await self._get_either(url, "/model_info", "/get_model_info")
             except httpx.HTTPError as e:
                 raise PermanentError(f"{self.config.name}: SGLang server at {url} is unreachable "
                                      f"({type(e).__name__}: {e})") from None
-            if not health.is_success:
-                raise TransientError(f"{self.config.name}: SGLang server at {url} is not "
-                                     f"healthy (HTTP {health.status_code})")
-            check_response(info, _with_url(self.config, url))
+            if info is None:
+                raise PermanentError(f"{self.config.name}: {url} answers neither /model_info "
+                                     "nor /get_model_info (HTTP 404): is it an SGLang server?")
+            version = parse_version((server or {}).get("version"))
+            self.versions[url] = version
+            if self.options["family"] == "internvl":
+                self._choose_placeholder(url, version)
             if self.options["check_model"]:
-                self._check_served(url, info.json())
+                self._check_served(url, info)
             self._checked.add(url)
 
+    async def _get_either(self, url: str, first: str, fallback: str) -> dict[str, Any] | None:
+        """GET `first`, or `fallback` when the server does not know the route (404): the
+        `/get_*` names are the only ones before 0.5.6 and the router's. None if neither."""
+        client, cfg = self._clients[url], _with_url(self.config, url)
+        for route in (first, fallback):
+            resp = await client.get(route, headers=self._headers())
+            if resp.status_code == 404:
+                continue
+            check_response(resp, cfg)
+            try:
+                data = resp.json()
+            except ValueError:
+                raise TransientError(f"{cfg.name} at {url}: malformed JSON from {route}") from None
+            return data if isinstance(data, dict) else {}
+        return None
+
+    def _choose_placeholder(self, url: str, version: Version | None) -> None:
+        if self.options["image_placeholder"]:
+            return
+        if version is None:
+            raise FatalError(f"{self.config.name}: SGLang server at {url} does not report its "
+                             "version (/server_info, /get_server_info), and InternVL's image "
+                             "placeholder depends on it; set options.image_placeholder "
+                             '("<IMG_CONTEXT>" before SGLang 0.5.7, "<image>" from 0.5.7)')
+        wanted = internvl_placeholder(version)
+        if self._placeholder and self._placeholder != wanted:
+            raise FatalError(f"{self.config.name}: servers disagree on InternVL's image "
+                             f"placeholder ({url} runs SGLang {'.'.join(map(str, version))}, "
+                             f"which wants {wanted}; another wants {self._placeholder}); run "
+                             "one SGLang version or set options.image_placeholder")
+        self._placeholder = wanted
+
     def _check_served(self, url: str, info: dict[str, Any]) -> None:
-        want = self.options["served_model"] or self.config.model
-        served = {str(info.get("model_path", "")), str(info.get("served_model_name", ""))}
-        if want not in served and not any(s and s.rstrip("/").endswith(want) for s in served):
-            raise PermanentError(f"{self.config.name}: SGLang server at {url} serves "
-                                 f"{sorted(s for s in served if s)}, not {want!r}")
+        """The server's names (`model_path` is the launch path as typed, `served_model_name` is
+        absent in some versions) against options.served_model, else the config's `model` and
+        options.tokenizer, by full name or last path component."""
+        served = {k: str(info[k]) for k in ("served_model_name", "model_path", "tokenizer_path")
+                  if isinstance(info.get(k), str) and info[k]}
+        if self.options["served_model"]:
+            wants = {"options.served_model": self.options["served_model"]}
+        else:
+            wants = {"model": self.config.model}
+            if self.options["tokenizer"]:
+                wants["options.tokenizer"] = self.options["tokenizer"]
+        if any(_same_model(w, s) for w in wants.values() for s in served.values()):
+            return
+        got = ", ".join(f"{k}={v!r}" for k, v in served.items()) or "no model names"
+        want = ", ".join(f"{k}={v!r}" for k, v in wants.items())
+        raise FatalError(f"{self.config.name}: SGLang server at {url} serves {got}; compared "
+                         f"with {want} (whole name or last path component, any case): no match. "
+                         "Set options.served_model to the server's name, or point base_url at "
+                         "the right server")
 
     # ---- generation ------------------------------------------------------------------------
 
-    def _sampling(self, call: Call) -> dict[str, Any]:
+    def _sampling(self, call: Call, url: str) -> dict[str, Any]:
         s = call.sampling
         params: dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p,
                                   "top_k": s.top_k, "max_new_tokens": s.max_tokens}
         if s.stop:
             params["stop"] = list(s.stop)
+        if self.supports_seed(url):
+            params["sampling_seed"] = self.seed(call)
         if call.sample_index:
+            # Real SGLang ignores custom_params without a custom logit processor (and accepts
+            # it in every 0.5.x); it stays because the loopback server and `mics bench` read
+            # the sample index from it to reproduce the in-process simulators' samples.
             params["custom_params"] = {"sample_index": call.sample_index}
         return params
+
+    def supports_seed(self, url: str) -> bool:
+        """`sampling_seed` exists from SGLang 0.5.3 (it takes effect only on a server started
+        with --enable-deterministic-inference); older or unknown versions get none."""
+        version = self.versions.get(url)
+        return version is not None and version >= SAMPLING_SEED_FROM
+
+    def seed(self, call: Call) -> int:
+        """A sampling seed derived from the call's memo key, so a call re-sent after a lost
+        reply samples the same text (on a deterministic-inference server)."""
+        return int(call_key(self.identity(), call)[:8], 16) & 0x7FFF_FFFF
 
     async def generate(self, url: str, calls: Sequence[Call], *, max_new_tokens: int | None = None,
                        raw_root: bool = False) -> list[Reply]:
@@ -173,12 +294,13 @@ class SGLangRollout:
         (its rendering cut before the last part) instead of the whole rendered prompt.
         """
         await self.check(url)
-        params = [self._sampling(c) for c in calls]
+        params = [self._sampling(c, url) for c in calls]
         if max_new_tokens is not None:
             params = [{**p, "max_new_tokens": max_new_tokens} for p in params]
         texts = [self.root_text(c.prompt) if raw_root else self.render(c.prompt) for c in calls]
         body: dict[str, Any] = {"text": texts, "sampling_params": params}
         images = [self._images(c.prompt) for c in calls]
+        self._check_placeholders(texts, images)
         if any(images):
             body["image_data"] = images
         cfg = _with_url(self.config, url)
@@ -199,6 +321,18 @@ class SGLangRollout:
         if len(items) != len(calls):
             raise TransientError(f"{cfg.name} at {url}: {len(items)} results for {len(calls)}")
         return [_reply(item, latency, cfg.name) for item in items]
+
+    def _check_placeholders(self, texts: Sequence[str], images: Sequence[list[str]]) -> None:
+        """One placeholder per image, or SGLang loads no image (and answers 500)."""
+        if self.options["family"] == "text":
+            return
+        for i, (text, imgs) in enumerate(zip(texts, images, strict=True)):
+            found = self.count_placeholders(text)
+            if found != len(imgs):
+                raise PermanentError(f"{self.config.name}: prompt {i} has {found} image "
+                                     f"placeholder(s) for {len(imgs)} image(s) (family "
+                                     f"{self.options['family']!r}); the question text may "
+                                     "contain a literal placeholder")
 
     def root_text(self, prompt: Prompt) -> str:
         """The rendered text before the prompt's last part (system + images + question)."""
@@ -256,6 +390,14 @@ def _remember(bounded: dict[Any, Any], key: Any, value: Any, limit: int = 4096) 
     while len(bounded) > limit:
         bounded.pop(next(iter(bounded)))
     return value
+
+
+def _same_model(want: str, served: str) -> bool:
+    """Same name, or the same last path component (`Qwen/X` and `/models/X/`), any case."""
+    if want == served:
+        return True
+    a, b = PurePosixPath(want.rstrip("/")).name, PurePosixPath(served.rstrip("/")).name
+    return bool(a) and a.lower() == b.lower()
 
 
 def _with_url(config: ModelConfig, url: str) -> ModelConfig:

@@ -13,6 +13,10 @@ injected at a seeded rate or forced per model, and can be changed while the serv
 The sample index a simulator needs comes from the `X-Mics-Sample` header (or `seed`) on chat
 requests and from `sampling_params.custom_params.sample_index` on /generate items.
 
+Strict modes: a served model may name a real `target` ("sglang" with a `version`, "router",
+"openai", "openai-reasoning", "gemini", "dashscope", "deepseek"); it then refuses and reports
+what that server does (bench/targets.py, docs/endpoints.md). Without one it is lenient.
+
 Stdlib only: a ThreadingHTTPServer with TCP_NODELAY and a listen backlog of 1024 (both needed
 for honest timings on loopback, see spec/feasibility.md).
 """
@@ -42,12 +46,14 @@ from socketserver import TCPServer
 from typing import Any
 
 from backends import simulator
+from bench import targets
+from bench.targets import Refusal
 
 # ---------------------------------------------------------------- tokens and the prefix cache
 
 _TOKEN_RE = re.compile(r"\s*\w+|\s*[^\w\s]|\s+")
 _PLACEHOLDER_RE = re.compile(
-    r"<\|vision_start\|><\|image_pad\|><\|vision_end\|>|<image>|<\|image_pad\|>")
+    r"<\|vision_start\|><\|image_pad\|><\|vision_end\|>|<image>|<\|image_pad\|>|<IMG_CONTEXT>")
 IMAGE_TOKENS = 8  # tokens per image in the token stream
 
 
@@ -128,16 +134,32 @@ ROLES = ("mentor", "intern", "judge")
 _ROLE_DEFAULTS: dict[str, dict[str, float]] = {
     "mentor": {"quality": 0.5, "malformed_rate": 0.0}, "intern": {"skill": 0.8}, "judge": {},
 }
-FAULT_KINDS = frozenset({"400", "401", "404", "429", "500", "503", "slow", "drop", "malformed"})
+FAULT_KINDS = frozenset({"400", "401", "404", "429", "500", "503", "slow", "drop", "malformed",
+                         "quota"})
+_STRICT_KEYS = ("target", "version", "model_path", "family")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One served model: its simulator role and options (seed, quality, malformed_rate, skill)."""
+    """One served model: its simulator role and options (seed, quality, malformed_rate, skill).
+
+    Strict mode (see bench/targets.py): `target` names the real server to behave like
+    ("sglang", "router", "openai", "openai-reasoning", "gemini", "dashscope", "deepseek");
+    `version` the SGLang version; `model_path` the launch path /model_info reports; `family`
+    ("qwen2-vl" | "internvl") the image placeholders SGLang's processor recognises."""
 
     role: str
     options: dict[str, float] = field(default_factory=dict)
     latency_s: float = 0.0
+    target: str = ""
+    version: str = ""
+    model_path: str = ""
+    family: str = ""
+
+    @property
+    def sglang_version(self) -> str:
+        return self.version or (targets.DEFAULT_SGLANG_VERSION if self.target
+                                else targets.LENIENT_VERSION)
 
 
 def _spec(name: str, value: str | Mapping[str, Any], seed: int) -> ModelSpec:
@@ -146,12 +168,17 @@ def _spec(name: str, value: str | Mapping[str, Any], seed: int) -> ModelSpec:
     if role not in ROLES:
         raise ValueError(f"model {name!r}: role must be one of {', '.join(ROLES)}, got {role!r}")
     allowed = {"seed": seed, **_ROLE_DEFAULTS[role]}
-    unknown = sorted(set(raw) - set(allowed) - {"latency_s"})
+    unknown = sorted(set(raw) - set(allowed) - {"latency_s", *_STRICT_KEYS})
     if unknown:
         raise ValueError(f"model {name!r}: unknown option(s) {', '.join(unknown)}; "
                          f"allowed for a {role}: {', '.join(sorted(allowed))}")
     latency = float(raw.pop("latency_s", 0.0))
-    return ModelSpec(role, {**allowed, **raw}, latency)
+    strict = {k: str(raw.pop(k, "")) for k in _STRICT_KEYS}
+    try:
+        targets.check_target(strict["target"], strict["version"], strict["family"])
+    except ValueError as e:
+        raise ValueError(f"model {name!r}: {e}") from None
+    return ModelSpec(role, {**allowed, **raw}, latency, **strict)
 
 
 @dataclass(frozen=True)
@@ -538,13 +565,16 @@ class LoopbackServer:
             return _json(200, {"object": "list", "data": [
                 {"id": n, "object": "model", "created": 0, "owned_by": "mics-loopback",
                  "root": n} for n in self.models]})
-        if method == "GET" and path in ("/model_info", "/get_model_info"):
-            return _json(200, {
-                "model_path": model, "served_model_name": model, "tokenizer_path": model,
-                "is_generation": True, "has_image_understanding": True,
-                "model_type": "simulator", "architectures": ["SimulatorForCausalLM"],
-                "weight_version": "default", "preferred_sampling_params": None,
-            })
+        spec = self.models[model]
+        version = spec.sglang_version
+        if method == "GET" and path in ("/model_info", "/get_model_info", "/server_info",
+                                        "/get_server_info"):
+            what = targets.info_routes(spec.target, version).get(path)
+            if what == "model":
+                return _json(200, targets.model_info(spec.target, version, model,
+                                                     spec.model_path))
+            if what == "server":
+                return _json(200, targets.server_info(version))
         if path == "/flush_cache" and method in ("GET", "POST"):
             self.flush_cache(model if m else None)
             return _Response(200, b"Cache flushed.\n", {"Content-Type": "text/plain"})
@@ -569,6 +599,14 @@ class LoopbackServer:
             model = body.get("model") if isinstance(body.get("model"), str) else ""
             if model not in self.models:
                 return self._refuse(path, model, 404, err(f"The model `{model}` does not exist."))
+        spec = self.models[model]
+        try:
+            if chat:
+                targets.check_chat(spec.target, body)
+            else:
+                targets.check_generate(spec.target, spec.sglang_version, body)
+        except Refusal as e:
+            return self._refuse(path, model, e.status, e.body)
         try:
             sample = int(headers.get("X-Mics-Sample") or body.get("seed") or 0) if chat else 0
         except (TypeError, ValueError):
@@ -586,6 +624,8 @@ class LoopbackServer:
                     else self._generate(body, model, fault))
         except _BadRequest as e:
             return self._refuse(path, model, 400, err(str(e)))
+        except Refusal as e:
+            return self._refuse(path, model, e.status, e.body)
         resp.delay_s += delay
         return resp
 
@@ -606,25 +646,32 @@ class LoopbackServer:
 
     def _fault(self, path: str, model: str, key: str, kind: str, chat: bool) -> _Response:
         faults = self.faults
-        self._record(path, model, key, {"status": 0 if kind == "drop" else
-                                        200 if kind == "malformed" else int(kind),
-                                        "ok": False, "fault": kind})
+        target = self.models[model].target
+        status = (0 if kind == "drop" else 200 if kind == "malformed" else
+                  targets.out_of_quota(target)[0] if kind == "quota" else int(kind))
+        self._record(path, model, key, {"status": status, "ok": False, "fault": kind})
         if kind == "drop":
             return _Response(drop=True)
         if kind == "malformed":
             body = b'{"id": "x", "object": "chat.completion", "choices": [{"ind' if chat else \
                 b'[{"text": "### The final ans'
             return _Response(200, body, {"Content-Type": "application/json"})
+        if kind == "quota":
+            status, body = targets.out_of_quota(target)
+            return _json(status, body)
+        if kind == "429":
+            status, body, extra = targets.rate_limited(target, faults.retry_after_s)
+            return _json(status, body, **extra)
         message = {"400": "bad request (injected)", "401": "invalid api key",
-                   "404": f"The model `{model}` does not exist.",
-                   "429": "rate limit exceeded (injected)", "500": "internal error (injected)",
-                   "503": "service unavailable (injected)"}[kind]
-        extra = {"Retry-After": str(faults.retry_after_s)} if kind == "429" else {}
+                   "404": f"The model `{model}` does not exist.", "500": "internal error "
+                   "(injected)", "503": "service unavailable (injected)"}[kind]
         return _json(int(kind), {"error": {"message": message}} if chat or kind != "400"
-                     else {"error": message}, **extra)
+                     else {"error": message})
 
     def _refuse(self, path: str, model: str, status: int, body: Any) -> _Response:
         self._record(path, model, _digest(path, model, status), {"status": status, "ok": False})
+        if isinstance(body, str):  # e.g. the router's plain-text deserialisation error
+            return _Response(status, body.encode(), {"Content-Type": "text/plain; charset=utf-8"})
         return _json(status, body)
 
     def _record(self, path: str, model: str, key: str, fields: dict[str, Any]) -> None:
@@ -700,11 +747,21 @@ class LoopbackServer:
                                        or isinstance(max_tokens, bool) or max_tokens < 0):
             raise _BadRequest(f"`max_tokens` must be a non-negative integer, got {max_tokens!r}")
         temperature = float(temperature)
+        target = self.models[model].target
+        thinking = targets.thinking_tokens(target, body)
         text = self._reply(model, prompt_text, temperature, sample)
-        text, finish = _clip(text, max_tokens, body.get("stop"))
+        if max_tokens is not None and thinking:  # thinking counts against the output limit
+            text, finish = _clip(text, max(0, max_tokens - thinking), body.get("stop"))
+            if max_tokens <= thinking:
+                finish = {"type": "length"}
+        else:
+            text, finish = _clip(text, max_tokens, body.get("stop"))
         prompt = tokenize(prompt_text, images)
         [cached] = self._cache(model, [prompt], [text])
-        completion = len(tokenize(text))
+        completion = len(tokenize(text)) + (min(thinking, max_tokens or thinking))
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if target == "gemini" and not text:
+            del message["content"]  # an all-thinking reply carries no content at all
         self._record(path, model, key, {
             "status": 200, "ok": True, "fault": fault, "prompt_tokens": len(prompt),
             "cached_tokens": cached,
@@ -712,11 +769,8 @@ class LoopbackServer:
         return _json(200, {
             "id": f"chatcmpl-{key[:24]}", "object": "chat.completion", "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish["type"]}],
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion,
-                      "total_tokens": len(prompt) + completion,
-                      "prompt_tokens_details": {"cached_tokens": cached}},
+            "choices": [{"index": 0, "message": message, "finish_reason": finish["type"]}],
+            "usage": targets.usage(target, len(prompt), completion, cached),
         })
 
     def _generate(self, body: dict[str, Any], model: str, fault: str | None) -> _Response:
@@ -735,6 +789,10 @@ class LoopbackServer:
                for sp in _per_item(body.get("sampling_params"), n, "sampling_params")]
         images = self._images(body.get("image_data"), single, n)
         rids = self._rids(body.get("rid"), n)
+        spec = self.models[model]
+        if spec.target in targets.SGLANG_TARGETS:
+            for t, imgs in zip(texts, images, strict=True):
+                targets.check_images(spec.family, spec.sglang_version, t, imgs)
         items = []
         for t, sp, imgs in zip(texts, sps, images, strict=True):
             temperature = float(1.0 if sp.get("temperature") is None else sp["temperature"])

@@ -59,6 +59,7 @@ class ModelConfig:
     max_retries: int = 4
     backoff_s: float = 0.5
     max_backoff_s: float = 30.0
+    max_rate_limit_wait_s: float = 300.0  # cap on a server-requested wait (Retry-After & co.)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -159,6 +160,8 @@ def _parse_model(table: Any, where: str) -> ModelConfig:
         raise ConfigError(f"{where}.max_concurrency: must be >= 1")
     if cfg.max_retries < 0:
         raise ConfigError(f"{where}.max_retries: must be >= 0")
+    if cfg.max_rate_limit_wait_s < 0:
+        raise ConfigError(f"{where}.max_rate_limit_wait_s: must be >= 0")
     return cfg
 
 

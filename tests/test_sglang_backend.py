@@ -66,8 +66,8 @@ def test_rollout_matches_in_process_simulator_and_sends_explicit_sampling(tokeni
     expected = anyio.run(sim.rollout, calls)
     assert [r.text for r in replies] == [r.text for r in expected]
     assert body["sampling_params"] == [
-        {"temperature": c.sampling.temperature, "top_p": 0.9, "top_k": 20, "max_new_tokens": 64}
-        for c in calls]
+        {"temperature": c.sampling.temperature, "top_p": 0.9, "top_k": 20, "max_new_tokens": 64,
+         "sampling_seed": model.seed(c)} for c in calls]
     assert all(len(imgs) == 1 and imgs[0].startswith("data:image/png;base64,")
                for imgs in body["image_data"])
     assert all(r.usage.prompt_tokens > 0 for r in replies)
