@@ -9,6 +9,7 @@ import anyio
 
 from backends.base import BackendError, Call
 from backends.registry import build_chat, build_rollout
+from backends.sglang_router import describe_routers
 from mics.config import ConfigError, ModelConfig, RunConfig
 from mics.types import Prompt, Sampling, Text
 
@@ -30,6 +31,7 @@ class Check:
 async def _check(role: str, cfg: ModelConfig) -> Check:
     where = cfg.base_url or cfg.model
     start = time.perf_counter()
+    note = ""
     try:
         if role == "intern":
             model = build_rollout(cfg)
@@ -37,6 +39,7 @@ async def _check(role: str, cfg: ModelConfig) -> Check:
                 [result] = await model.rollout([PING])
                 if isinstance(result, BackendError):
                     raise result
+                note = "".join(f"; via {line}" for line in await describe_routers(model))
             finally:
                 await model.aclose()
         else:
@@ -48,7 +51,8 @@ async def _check(role: str, cfg: ModelConfig) -> Check:
     except (BackendError, ConfigError) as e:
         return Check(role, cfg.name, cfg.backend, where, False,
                      time.perf_counter() - start, str(e))
-    return Check(role, cfg.name, cfg.backend, where, True, time.perf_counter() - start, "ok")
+    return Check(role, cfg.name, cfg.backend, where, True, time.perf_counter() - start,
+                 "ok" + note)
 
 
 async def doctor(config: RunConfig) -> list[Check]:
