@@ -290,6 +290,7 @@ def test_search_through_routers_equals_single_server_and_keeps_questions_on_one_
         assert all(len(ks) == 1 for ks in placed.values()), (name, placed)  # cache_aware
         served = [len(generate_bodies(w)) for w in ws]
         assert sum(served) >= single_server_run["intern_items"] // len(INTERNS) // 2
+        assert sum(1 for n in served if n) >= 2  # ... and new questions spread over workers
     # doctor goes through the router and names the workers it routes to
     assert all(c.ok for c in checks), [c.message for c in checks if not c.ok]
     for name, wurls in worker_urls.items():
@@ -324,6 +325,7 @@ def test_a_worker_killed_mid_run_loses_no_question(router_bin, single_server_run
         while {w["url"]: w["is_healthy"] for w in router_workers(urls["i0"])}.get(victim_url):
             assert time.monotonic() < deadline, router_workers(urls["i0"])
             time.sleep(0.2)
+    assert before[id(victim)] > 0  # it was serving this run when it died
     survivors = [w for w in ws if w is not victim]
     assert sum(len(generate_bodies(w)) - before[id(w)] for w in survivors) > 0  # work went on
     assert exports(tmp_path / "R") == (single_server_run["results"], single_server_run["failed"])
