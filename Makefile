@@ -7,7 +7,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	# The CPU build of torch first (it lies on disk here); the `local` extra's range accepts it.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[local,dev,hf,trainers]'
+	$(PY) -m pip install -q -e '.[local,dev,hf,trainers,router]'
 	touch $(STAMP)
 
 .PHONY: install demo test lint

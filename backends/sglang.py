@@ -36,12 +36,14 @@ from backends.gate import call_key
 from backends.hf import LOAD_LOCK
 from backends.http import api_key, check_response, make_client, transport_error
 from backends.images import data_url
+from backends.sglang_router import Router, check_mode, generate_each, router_for
 from mics.config import ModelConfig
 from mics.types import Image, Prompt, Reply, Text, Usage
 
 FAMILIES = ("qwen2-vl", "internvl", "text")
 _OPTIONS = {"tokenizer": "", "family": "qwen2-vl", "urls": [], "image_max_side": 0,
-            "check_model": True, "served_model": "", "warmup": True, "image_placeholder": ""}
+            "check_model": True, "served_model": "", "warmup": True, "image_placeholder": "",
+            "mode": "auto"}
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 # What SGLang's processors count as one image in the prompt text, per family.
 _QWEN_PLACEHOLDERS = re.compile(re.escape(QWEN_IMAGE) + "|<image>")
@@ -85,6 +87,8 @@ class SGLangRollout:
         self._template: Any = None
         self._rendered: dict[Prompt, str] = {}  # bounded, oldest dropped first
         self._warm_roots: dict[str, None] = {}  # insertion-ordered, bounded: an LRU of roots
+        check_mode(config.name, self.options)
+        self.routers: dict[str, Router | None] = {}  # url -> its sglang-router, None: a server
 
     # ---- identity and rendering ------------------------------------------------------------
 
@@ -174,6 +178,8 @@ class SGLangRollout:
     async def check(self, url: str) -> None:
         """/health and /model_info once per server; a clear error naming the URL otherwise.
         The tokenizer is loaded here too, in a worker thread, never on the event loop."""
+        if await router_for(self, url) is not None:  # a router has checks of its own
+            return
         if self._template is None:
             async with self._check_lock:
                 if self._template is None:
@@ -304,6 +310,9 @@ class SGLangRollout:
         if any(images):
             body["image_data"] = images
         cfg = _with_url(self.config, url)
+        router = self.routers.get(url)
+        if router is not None:  # the router takes one prompt per request
+            return await generate_each(self, router, body)  # type: ignore[return-value]
         start = time.perf_counter()
         try:
             resp = await self._clients[url].post(

@@ -14,6 +14,7 @@ import anyio
 
 from backends.base import BackendError, Call
 from backends.registry import build_chat, build_rollout
+from backends.sglang_router import describe_routers
 from mics.config import ConfigError, ModelConfig, RunConfig, SearchConfig
 from mics.types import Prompt, Reply, Sampling, Text
 
@@ -67,7 +68,7 @@ class Check:
 async def _check(role: str, cfg: ModelConfig, search: SearchConfig | None = None) -> Check:
     where = cfg.base_url or cfg.model
     call = probe(role, search or SearchConfig())
-    note = ""
+    routers: list[str] = []
     start = time.perf_counter()
     try:
         if role == "intern":
@@ -76,6 +77,7 @@ async def _check(role: str, cfg: ModelConfig, search: SearchConfig | None = None
                 [result] = await model.rollout([call])
                 if isinstance(result, BackendError):
                     raise result
+                routers = [f"via {line}" for line in await describe_routers(model)]
             finally:
                 await model.aclose()
         else:
@@ -85,7 +87,7 @@ async def _check(role: str, cfg: ModelConfig, search: SearchConfig | None = None
             finally:
                 await model.aclose()
         _text_of(result, cfg)
-        notes = [server_note(model), image_note(model) if role != "judge" else ""]
+        notes = [server_note(model), image_note(model) if role != "judge" else "", *routers]
         note = "; ".join(n for n in notes if n)
     except (BackendError, ConfigError) as e:
         return Check(role, cfg.name, cfg.backend, where, False,
