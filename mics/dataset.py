@@ -20,7 +20,7 @@ import io
 import json
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +66,15 @@ class _TooLarge(Exception):
 
 
 def read_dataset(
-    path: str | Path, image_root: str | Path | None = None
+    path: str | Path, image_root: str | Path | None = None,
+    skip_images: Callable[[str], bool] | None = None,
 ) -> Iterator[Question | RecordError]:
     """Yield one Question or RecordError per record of a JSONL or JSON-list file, lazily.
 
     Image paths are resolved against ``image_root`` (default: the dataset file's directory)
     and must stay inside it. ``index`` counts every non-blank line / list item, valid or not.
+    A record whose rid ``skip_images`` accepts (a finished question on resume) is yielded
+    without opening its images: ``images`` is empty, ``image_paths`` as written.
     """
     path = Path(path)
     root = Path(image_root if image_root is not None else path.parent).resolve()
@@ -81,7 +84,7 @@ def read_dataset(
             yield RecordError(f"line-{line}", index, line, item.field, item.message)
             continue
         try:
-            yield _convert(item, index, line, root, seen)
+            yield _convert(item, index, line, root, seen, skip_images)
         except Exception as e:  # noqa: BLE001 - a last net: one bad record never ends a run
             yield RecordError(f"line-{line}", index, line, "record",
                               f"unreadable record: {type(e).__name__}: {str(e)[:200]}")
@@ -170,7 +173,9 @@ def _parse_line(raw: bytes) -> Any:
     except UnicodeDecodeError as e:
         return _Bad("line", f"not valid UTF-8 (bad byte {raw[e.start]:#04x} at byte {e.start})")
     try:
-        return json.loads(text)
+        # without its newline: an error at the end of a truncated line is on this line, at
+        # the column just past its last character (not "line 2, column 1")
+        return json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as e:
         return _Bad("json", f"invalid JSON: {e.msg} (column {e.colno})")
     except (RecursionError, ValueError) as e:  # absurd nesting, an integer over the digit limit
@@ -248,7 +253,8 @@ class _LineCounter:
 
 
 def _convert(
-    obj: Any, index: int, line: int, root: Path, seen: dict[str, int]
+    obj: Any, index: int, line: int, root: Path, seen: dict[str, int],
+    skip_images: Callable[[str], bool] | None = None,
 ) -> Question | RecordError:
     qid = f"line-{line}"
     try:
@@ -258,7 +264,7 @@ def _convert(
         if qid in seen:
             raise _Bad("rid", f"duplicate rid {qid!r}; first seen on line {seen[qid]}")
         seen[qid] = line
-        return _build(obj, qid, index, root)
+        return _build(obj, qid, index, root, skip_images is None or not skip_images(qid))
     except _Bad as e:
         return RecordError(qid, index, line, e.field, e.message)
 
@@ -271,7 +277,8 @@ def _storable(text: str, field: str) -> bytes:
         raise _Bad(field, "contains an unpaired surrogate escape (not valid Unicode)") from None
 
 
-def _build(obj: dict[str, Any], qid: str, index: int, root: Path) -> Question:
+def _build(obj: dict[str, Any], qid: str, index: int, root: Path,
+           load_images: bool = True) -> Question:
     question = _message(obj, 0, "**Question:**", " ")
     answer = _message(obj, 1, "**Correct Answer:**", "")
     entries = _image_entries(obj)
@@ -283,7 +290,7 @@ def _build(obj: dict[str, Any], qid: str, index: int, root: Path) -> Question:
               *((c, f"caption[{i}]") for i, c in enumerate(raw_captions))]
     for text, field in checks:
         _storable(text, field)
-    images = tuple(_load_image(e, i, root) for i, e in enumerate(entries))
+    images = tuple(_load_image(e, i, root) for i, e in enumerate(entries)) if load_images else ()
     captions = clean_captions(raw_captions, entries)
     return Question(
         qid=qid,

@@ -286,10 +286,16 @@ def _questions(store: Any, filters: Filters
             yield qid, rec, nodes
 
 
+def is_partial(rec: dict[str, Any]) -> bool:
+    """A success that stopped at max depth without a full score (left out of sft/sharegpt
+    unless asked for: a trainer expects chains every intern sample confirmed)."""
+    return rec.get("status") == "succeeded" and stop_kind(rec) != "full_score"
+
+
 def _records(fmt: str, qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]],
-             answer_in_target: bool) -> list[dict[str, Any]]:
+             answer_in_target: bool, include_partial: bool = True) -> list[dict[str, Any]]:
     if fmt in ("sft", "sharegpt"):
-        if rec["status"] != "succeeded":
+        if rec["status"] != "succeeded" or (is_partial(rec) and not include_partial):
             return []
         build = sft_record if fmt == "sft" else sharegpt_record
         return [build(qid, rec, nodes, answer_in_target)]
@@ -299,8 +305,10 @@ def _records(fmt: str, qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]
 
 
 def export(store: Any, out_dir: Path, formats: list[str], filters: Filters | None = None,
-           answer_in_target: bool = False) -> dict[str, int]:
-    """Write each format's file(s) into ``out_dir``; returns record counts per file stem."""
+           answer_in_target: bool = False, include_partial: bool = False) -> dict[str, int]:
+    """Write each format's file(s) into ``out_dir``; returns record counts per file stem and,
+    as ``partial``, the max-depth chains without a full score (in sft/sharegpt only with
+    ``include_partial``)."""
     filters = filters or Filters()
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -321,9 +329,11 @@ def export(store: Any, out_dir: Path, formats: list[str], filters: Filters | Non
     try:
         for f in others:
             counts[f] = 0
+        counts["partial"] = 0
         for qid, rec, nodes in _questions(store, filters):
+            counts["partial"] += is_partial(rec)
             for f in others:
-                for r in _records(f, qid, rec, nodes, answer_in_target):
+                for r in _records(f, qid, rec, nodes, answer_in_target, include_partial):
                     handles[f].write(orjson.dumps(r) + b"\n")
                     counts[f] += 1
     finally:
