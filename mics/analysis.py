@@ -87,6 +87,7 @@ def question_graph(qid: str, rec: dict[str, Any] | None, nodes: list[dict[str, A
         final_depth=outcome.get("final_depth"), question=question.get("question", ""),
         gt_answer=question.get("gt_answer", ""), images=list(question.get("image_paths", [])),
         error=outcome.get("error", ""), generated_by=list(outcome.get("generated_by", [])),
+        details=dict(outcome.get("details") or {}),
     )
     for n in nodes:
         samples = [{k: s.get(k) for k in ("intern", "temperature", "answer", "correct",
@@ -99,7 +100,7 @@ def question_graph(qid: str, rec: dict[str, Any] | None, nodes: list[dict[str, A
                    correct=n.get("correct", 0), total=n.get("total", 0),
                    chosen=bool(n.get("chosen")), on_path=n["node_id"] in on_path,
                    reused=bool(n.get("reused")), root=n["depth"] < 0, samples=samples,
-                   usage=usage)
+                   usage=usage, leaks_answer=bool(n.get("leaks_answer")))
     for n in nodes:
         if n.get("parent_id") and n["parent_id"] in g:
             g.add_edge(n["parent_id"], n["node_id"], on_path=n["node_id"] in on_path

@@ -305,10 +305,10 @@ def _records(fmt: str, qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]
 
 
 def export(store: Any, out_dir: Path, formats: list[str], filters: Filters | None = None,
-           answer_in_target: bool = False, include_partial: bool = False) -> dict[str, int]:
+           answer_in_target: bool = False, include_partial: bool = True) -> dict[str, int]:
     """Write each format's file(s) into ``out_dir``; returns record counts per file stem and,
     as ``partial``, the max-depth chains without a full score (in sft/sharegpt only with
-    ``include_partial``)."""
+    ``include_partial``; `mics export` leaves them out unless asked)."""
     filters = filters or Filters()
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
