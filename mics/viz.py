@@ -230,8 +230,9 @@ function zoomAt(f,cx,cy){var s=Math.max(0.2,Math.min(4,scale*f));
   tx=cx-(cx-tx)*s/scale;ty=cy-(cy-ty)*s/scale;scale=s;apply();}
 function fit(){var cw=svg.clientWidth||W;scale=Math.min(1,cw/W,VH/H);
   scale=Math.max(scale,0.2);tx=(cw-W*scale)/2;ty=0;apply();}
+function clamp(v,lo,hi){return Math.max(Math.min(v,hi),Math.min(lo,hi));}
 function center(id){if(!pos[id])return;var cw=svg.clientWidth||W;
-  tx=cw/2-px(id)*scale;ty=Math.min(0,VH/2-py(id)*scale);apply();}
+  tx=clamp(cw/2-px(id)*scale,cw-W*scale,0);ty=clamp(VH/2-py(id)*scale,VH-H*scale,0);apply();}
 svg.addEventListener('wheel',function(ev){ev.preventDefault();
   var r=svg.getBoundingClientRect();zoomAt(ev.deltaY<0?1.15:1/1.15,ev.clientX-r.left,
   ev.clientY-r.top);},{passive:false});
@@ -281,12 +282,15 @@ if(data.status==='failed'){var last=Math.max.apply(null,data.nodes.map(function(
     return n.attempt;}).concat([0]));
   var deep=data.nodes.filter(function(n){return n.attempt===last;})
     .sort(function(a,b){return (b.depth-a.depth)||(a.score-b.score);});
-  var gl=(data.ghosts||[]).filter(function(g){return g.depth>=(deep.length?deep[0].depth:0);});
+  var gl=(data.ghosts||[]).filter(function(g){return g.depth>=(deep.length?deep[0].depth:0);})
+    .sort(function(a,b){return b.depth-a.depth;});
   start=gl.length?gl[0]:(deep.length?deep[0]:null);}
 else{var path=data.nodes.filter(function(n){return n.on_path;})
   .sort(function(a,b){return a.depth-b.depth;});if(path.length)start=path[path.length-1];}
+// a big tree is not shrunk to fit: labels stay readable (>= 90%), the start is centred
+var fitted=scale;if(scale<0.9){scale=0.9;apply();}
 if(start&&groups[start.id]){groups[start.id].classList.add('selected');selected=groups[start.id];
-  show(start);if(scale>=0.999)center(start.id);}
+  show(start);if(scale>fitted||scale>=0.999)center(start.id);}
 else if(data.status==='failed'){var d0=document.getElementById('detail');d0.textContent='';
   failure(d0);}
 var want=(location.hash.match(/^#node=(.+)$/)||[])[1];
@@ -320,7 +324,7 @@ def contrast(a: str, b: str) -> float:
     return (hi + 0.05) / (lo + 0.05)
 
 
-DARK_INK = "#111827"
+DARK_INK = "#000000"
 
 
 def ink_for(fill: str) -> str:

@@ -114,7 +114,7 @@ def _sandwich(tmp_path: Path, root: Path, bad: Any) -> tuple[RecordError, list[Q
 @pytest.fixture(scope="module")
 def chiron() -> dict[str, Question]:
     if not (CHIRON / "demo.jsonl").is_file():
-        pytest.skip(f"Chiron demo data not present at {CHIRON}")
+        pytest.fail(f"Chiron demo data missing at {CHIRON} (tests need ../shared)")
     results = _load(CHIRON / "demo.jsonl", CHIRON / "images")
     assert all(isinstance(r, Question) for r in results), [str(r) for r in results]
     return {q.qid: q for q in results if isinstance(q, Question)}
@@ -123,7 +123,7 @@ def chiron() -> dict[str, Question]:
 @pytest.fixture(scope="module")
 def chiron_raw() -> dict[str, dict[str, Any]]:
     if not (CHIRON / "demo.jsonl").is_file():
-        pytest.skip(f"Chiron demo data not present at {CHIRON}")
+        pytest.fail(f"Chiron demo data missing at {CHIRON} (tests need ../shared)")
     lines = (CHIRON / "demo.jsonl").read_text(encoding="utf-8").splitlines()
     return {d["rid"]: d for d in map(json.loads, filter(str.strip, lines))}
 
