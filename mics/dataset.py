@@ -172,14 +172,24 @@ def _parse_line(raw: bytes) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return _Bad("line", f"not valid UTF-8 (bad byte {raw[e.start]:#04x} at byte {e.start})")
+    # without its newline: an error at the end of a truncated line is on this line, at the
+    # column just past its last character (not "line 2, column 1")
+    text = text.rstrip("\r\n")
     try:
-        # without its newline: an error at the end of a truncated line is on this line, at
-        # the column just past its last character (not "line 2, column 1")
-        return json.loads(text.rstrip("\r\n"))
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        return _Bad("json", f"invalid JSON: {e.msg} (column {e.colno})")
+        return _Bad("json", _json_error(e, text))
     except (RecursionError, ValueError) as e:  # absurd nesting, an integer over the digit limit
         return _Bad("json", f"unreadable JSON: {type(e).__name__}: {str(e)[:200]}")
+
+
+def _json_error(e: json.JSONDecodeError, text: str) -> str:
+    """``invalid JSON: <what> at column N``, and where a truncated line breaks off."""
+    at = f"{e.msg} column {e.colno}" if e.msg.endswith(" at") else f"{e.msg} at column {e.colno}"
+    end = len(text.rstrip())
+    if e.msg.startswith("Unterminated") or e.pos >= end:
+        at += f"; the line breaks off at column {end + 1} (truncated?)"
+    return f"invalid JSON: {at}"
 
 
 def _iter_json_list(path: Path) -> Iterator[tuple[int, Any]]:
