@@ -14,7 +14,31 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import fmt, print_machine, report, table, write_json
+
+def _common():  # noqa: ANN202 - bench.common pulls in httpx; `mics --help` should not wait
+    import bench.common
+
+    return bench.common
+
+
+def fmt(x: Any) -> str:
+    return _common().fmt(x)
+
+
+def print_machine(console: Console, machine: dict[str, Any]) -> None:
+    _common().print_machine(console, machine)
+
+
+def report(section: str, figures: dict[str, Any]) -> dict[str, Any]:
+    return _common().report(section, figures)
+
+
+def table(title: str, rows: Any) -> Table:
+    return _common().table(title, rows)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    _common().write_json(path, payload)
 
 bench_app = typer.Typer(no_args_is_help=True, add_completion=False,
                         help="Benchmarks: engine vs reference order, overhead, resume, prefix.")
