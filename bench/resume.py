@@ -133,11 +133,13 @@ def build_finished(run_dir: Path, finished: int, fresh: int, seed: int = 0,
         for start in range(0, finished, 5_000):
             with store.transaction():
                 for i in range(start, min(finished, start + 5_000)):
-                    store.put_question(rids[i], {
+                    store.put_question(rids[i], {  # about the size of a real record
                         "status": "succeeded", "index": i, "stop_reason": "full_score",
-                        "retryable": False, "question": {"qid": rids[i]},
+                        "retryable": False,
+                        "question": {"qid": rids[i], "question": "q" * 400, "gt_answer": "a",
+                                     "image_paths": [images[i % len(images)]]},
                         "outcome": {"qid": rids[i], "status": "succeeded",
-                                    "stop_reason": "full_score"}})
+                                    "stop_reason": "full_score", "reasoning": "r" * 3000}})
     return {"finished": finished, "fresh": fresh, "image_side": image_side,
             "build_s": round(time.perf_counter() - t0, 3)}
 

@@ -173,7 +173,9 @@ def _fingerprint_key(qid: str, i: int) -> str:
 def _fingerprinted(items: Iterator[Question | RecordError], store: RunStore, done: set[str],
                    on_done: Callable[[Outcome], None] | None) -> Iterator[Question | RecordError]:
     for item in items:
-        if isinstance(item, Question) and item.qid not in done and item.images:
+        if isinstance(item, Question) and item.qid in done:
+            continue  # finished: the engine would look it up only to skip it
+        if isinstance(item, Question) and item.images:
             changed = check_fingerprints(store, item)
             if changed is not None:
                 outcome = _store_changed(store, item, *changed)

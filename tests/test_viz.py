@@ -170,7 +170,8 @@ def test_pages_in_headless_chromium(chromium, run, tmp_path):
         proc = browse(chromium, page.as_uri(), tmp_path, "--dump-dom")
         assert proc.returncode == 0, proc.stderr[-2000:]
         status = status_of(proc.stdout)
-        assert status == {"data-errors": "0", "data-nodes": str(n), "data-ready": "1"}, qid
+        assert status == {"data-errors": "0", "data-nodes": str(n), "data-ready": "1",
+                          "data-ghosts": "0"}, qid
         assert "Uncaught" not in proc.stderr
     # a click (driven by #node=) fills the detail panel with the step and intern verdicts
     proc = browse(chromium, (tmp_path / "pages" / page_name("q2")).as_uri() + "#node=a0.d0.m1",
