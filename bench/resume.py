@@ -112,7 +112,7 @@ def build_finished(run_dir: Path, finished: int, fresh: int, seed: int = 0,
 
     from bench.common import question_record
     from mics.config import parse_config
-    from mics.run import describe_dataset, record_run
+    from mics.run import describe_dataset, mark_resume_point, record_run
     from store import RunStore
 
     t0 = time.perf_counter()
@@ -140,6 +140,7 @@ def build_finished(run_dir: Path, finished: int, fresh: int, seed: int = 0,
                                      "image_paths": [images[i % len(images)]]},
                         "outcome": {"qid": rids[i], "status": "succeeded",
                                     "stop_reason": "full_score", "reasoning": "r" * 3000}})
+        mark_resume_point(store, dataset)  # as the session that finished them would have
     return {"finished": finished, "fresh": fresh, "image_side": image_side,
             "build_s": round(time.perf_counter() - t0, 3)}
 

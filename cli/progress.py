@@ -69,7 +69,8 @@ class RunProgress:
 
     def on_done(self, outcome: Any) -> None:
         self.done += 1
-        self.session_done += 1
+        if not outcome.details.get("skipped"):  # finished in an earlier session: no rate
+            self.session_done += 1
         if outcome.status == "succeeded":
             self.ok += 1
         elif outcome.stop_reason in DEFERRED:

@@ -21,6 +21,7 @@ import json
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,21 +66,37 @@ class _TooLarge(Exception):
 # ---------------------------------------------------------------- public API
 
 
+@dataclass
+class Cursor:
+    """A place in a JSONL dataset: the byte offset of the next line, its 1-based line number and
+    the index of the next record. `read_dataset` starts there and moves it past each record
+    before yielding it (``tracked`` is False for a JSON list, which has no such places)."""
+
+    offset: int = 0
+    line: int = 1
+    index: int = 0
+    tracked: bool = True
+
+
 def read_dataset(
     path: str | Path, image_root: str | Path | None = None,
-    skip_images: Callable[[str], bool] | None = None,
+    skip_images: Callable[[str], bool] | None = None, cursor: Cursor | None = None,
 ) -> Iterator[Question | RecordError]:
     """Yield one Question or RecordError per record of a JSONL or JSON-list file, lazily.
 
     Image paths are resolved against ``image_root`` (default: the dataset file's directory)
     and must stay inside it. ``index`` counts every non-blank line / list item, valid or not.
     A record whose rid ``skip_images`` accepts (a finished question on resume) is yielded
-    without opening its images: ``images`` is empty, ``image_paths`` as written.
+    without opening its images: ``images`` is empty, ``image_paths`` as written. With
+    ``cursor`` a JSONL file is read from (and the cursor kept at) a place (see Cursor).
     """
     path = Path(path)
     root = Path(image_root if image_root is not None else path.parent).resolve()
+    cursor = cursor if cursor is not None else Cursor()
     seen: dict[str, int] = {}
-    for index, (line, item) in enumerate(_iter_raw(path)):
+    for index, (line, item) in enumerate(_iter_raw(path, cursor), start=cursor.index):
+        if cursor.tracked:
+            cursor.index = index + 1
         if isinstance(item, _Bad):
             yield RecordError(f"line-{line}", index, line, item.field, item.message)
             continue
@@ -137,12 +154,15 @@ def inspect_image(data: bytes) -> tuple[str, int, int]:
 # ---------------------------------------------------------------- raw records
 
 
-def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
+def _iter_raw(path: Path, cursor: Cursor) -> Iterator[tuple[int, Any]]:
     """Yield (line number, parsed object or _Bad) for each record of the file."""
     if _first_char(path) == b"[":
+        if cursor.offset or cursor.index:
+            raise ValueError("a JSON-list dataset is read from its start")
+        cursor.tracked = False
         yield from _iter_json_list(path)
     else:
-        yield from _iter_jsonl(path)
+        yield from _iter_jsonl(path, cursor)
 
 
 def _first_char(path: Path) -> bytes:
@@ -157,9 +177,13 @@ def _first_char(path: Path) -> bytes:
     return b""
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+def _iter_jsonl(path: Path, cursor: Cursor) -> Iterator[tuple[int, Any]]:
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        f.seek(cursor.offset)
+        offset = cursor.offset
+        for lineno, raw in enumerate(f, start=cursor.line):
+            offset += len(raw)
+            cursor.offset, cursor.line = offset, lineno + 1
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8) :]
             if not raw.strip():

@@ -26,7 +26,7 @@ from backends.gate import CallGate, RunAborted
 from backends.registry import build_chat, build_rollout
 from mics import __version__
 from mics.config import ConfigError, RunConfig
-from mics.dataset import read_dataset
+from mics.dataset import Cursor, read_dataset
 from mics.engine import FINISHED, RETRYABLE, Engine, Models
 from mics.types import Outcome, Question, RecordError
 from store import RunStore, StoreError
@@ -132,49 +132,109 @@ def dataset_items(dataset: dict[str, Any], store: RunStore | None = None,
                   ) -> Iterator[Question | RecordError]:
     """The run's records, read lazily; refuses a dataset changed since the run started.
 
-    With `store`, finished questions are yielded without opening their images, and the
-    images of every other question are checked against the fingerprints stored when they
-    were first validated: a question whose image changed is stored as failed (retried by a
-    resume once the image is restored), never searched with the new image.
+    With `store` (a resume): reading starts at the stored resume point (every record before it
+    is finished, see mark_resume_point), finished questions after it are reported to `on_done`
+    and dropped without opening their images, and the images of every other question are
+    checked against the fingerprints stored when they were first validated: a question whose
+    image changed is stored as failed (retried by a resume once the image is restored), never
+    searched with the new image.
     """
     path = Path(dataset["path"])
     if not path.is_file():
         raise RunError(f"the run's dataset is gone: {path}; if it moved, resume with "
                        f"`mics resume RUN --data NEW_PATH`")
-    if file_sha256(path) != dataset["sha256"]:
-        raise RunError(f"the run's dataset changed since it started: {path}; "
-                       "start a new run for the new data")
-    done = finished_qids(store) if store is not None else set()
+    _check_unchanged(path, dataset, store)
+    point = None
+    if store is not None:  # past what finished since it was last marked (after a kill -9)
+        point = mark_resume_point(store, dataset) if store.writable else resume_point(
+            store, dataset)
+    cursor = Cursor(point["offset"], point["line"], point["index"]) if point else Cursor()
+    finished: dict[str, dict[str, Any]] = {}
+
+    def skip(qid: str) -> bool:
+        rec = store.get_question(qid)  # type: ignore[union-attr]
+        if is_done(rec):
+            finished[qid] = rec  # type: ignore[assignment]
+        return qid in finished
+
     items: Iterator[Question | RecordError] = read_dataset(
-        path, dataset["image_root"], done.__contains__ if store is not None else None)
+        path, dataset["image_root"], skip if store is not None else None, cursor)
     limit = dataset.get("limit")
     if limit is not None:
-        items = itertools.islice(items, limit)
+        items = itertools.islice(items, max(0, limit - cursor.index))
     if store is not None:
-        items = _fingerprinted(items, store, done, on_done)
+        items = _resumable(items, store, finished, on_done)
     return items
 
 
-def finished_qids(store: RunStore) -> dict[str, str]:
-    """Questions a resume will not search again (finished, not waiting for a retry): status."""
-    done = {}
-    for qid, status, stop_reason in store.question_statuses():
-        if status in FINISHED and stop_reason not in RETRYABLE:
-            rec = store.get_question(qid) if stop_reason == "bad_record" else None
-            if rec is None or not rec.get("retryable"):
-                done[qid] = status
-    return done
+def is_done(rec: dict[str, Any] | None) -> bool:
+    """A stored question a resume will not search again (finished, not waiting for a retry)."""
+    return (rec is not None and rec.get("status") in FINISHED and not rec.get("retryable")
+            and rec.get("stop_reason") not in RETRYABLE)
+
+
+def _check_unchanged(path: Path, dataset: dict[str, Any], store: RunStore | None) -> None:
+    """The dataset's content hash must match; skipped when its size and mtime are those stored
+    the last time the hash was checked."""
+    st = path.stat()
+    stat = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": dataset["sha256"]}
+    if store is not None and store.get_meta("dataset_stat") == stat:
+        return
+    if file_sha256(path) != dataset["sha256"]:
+        raise RunError(f"the run's dataset changed since it started: {path}; "
+                       "start a new run for the new data")
+    if store is not None and store.writable:
+        store.put_meta("dataset_stat", stat)
+
+
+def resume_point(store: RunStore | None, dataset: dict[str, Any]) -> dict[str, Any] | None:
+    """Where a resume starts reading: every record before it is finished (None: the start)."""
+    point = store.get_meta("resume_point") if store is not None else None
+    return point if point and point.get("sha256") == dataset["sha256"] else None
+
+
+def mark_resume_point(store: RunStore, dataset: dict[str, Any]) -> dict[str, Any] | None:
+    """Move the resume point past every finished record that follows it, counting them; run
+    at the end of a session, so the next one starts reading where work is left (a JSON-list
+    dataset has no resume point: it is read from its start)."""
+    point = resume_point(store, dataset)
+    cursor = Cursor(point["offset"], point["line"], point["index"]) if point else Cursor()
+    ok, failed = (point["ok"], point["failed"]) if point else (0, 0)
+    best = point
+    limit = dataset.get("limit")
+    for item in read_dataset(dataset["path"], dataset["image_root"], lambda _q: True, cursor):
+        if not cursor.tracked or (limit is not None and item.index >= limit):
+            break
+        line = item.line if isinstance(item, RecordError) else cursor.line - 1
+        rec = store.get_question(f"{item.qid}@line{line}")  # a bad record of this line
+        if rec is None and isinstance(item, Question):
+            rec = store.get_question(item.qid)
+        if not is_done(rec):
+            break
+        ok += rec["status"] == "succeeded"  # type: ignore[index]
+        failed += rec["status"] != "succeeded"  # type: ignore[index]
+        best = {"offset": cursor.offset, "line": cursor.line, "index": cursor.index, "ok": ok,
+                "failed": failed, "sha256": dataset["sha256"]}
+    if best is not None and best != point:
+        store.put_meta("resume_point", best)
+    return best
 
 
 def _fingerprint_key(qid: str, i: int) -> str:
     return f"image/{qid}/{i}"
 
 
-def _fingerprinted(items: Iterator[Question | RecordError], store: RunStore, done: set[str],
-                   on_done: Callable[[Outcome], None] | None) -> Iterator[Question | RecordError]:
+def _resumable(items: Iterator[Question | RecordError], store: RunStore,
+               finished: dict[str, dict[str, Any]], on_done: Callable[[Outcome], None] | None
+               ) -> Iterator[Question | RecordError]:
     for item in items:
-        if isinstance(item, Question) and item.qid in done:
-            continue  # finished: the engine would look it up only to skip it
+        if isinstance(item, Question) and item.qid in finished:
+            rec = finished.pop(item.qid)  # finished: counted, never searched again
+            if on_done:
+                on_done(Outcome(qid=item.qid, status=rec["status"],
+                                stop_reason=rec.get("stop_reason") or "",
+                                details={"skipped": True}))
+            continue
         if isinstance(item, Question) and item.images:
             changed = check_fingerprints(store, item)
             if changed is not None:
@@ -240,14 +300,6 @@ def dataset_total(dataset: dict[str, Any]) -> int | None:
     return min(total, limit) if total is not None and limit is not None else total
 
 
-def finished_split(store: RunStore) -> tuple[int, int]:
-    """(succeeded, failed) a session starts from; bad records are not counted (they are read
-    and counted again)."""
-    statuses = [st for qid, st in finished_qids(store).items() if "@line" not in qid]
-    ok = statuses.count("succeeded")
-    return ok, len(statuses) - ok
-
-
 async def search_run(
     run_dir: Path,
     *,
@@ -264,16 +316,18 @@ async def search_run(
     and unfinished questions stay resumable. A second one exits at once (commits are atomic).
     Pass `store` to keep the writer lock held since the run was recorded, and `models` when
     they were built already (to check a config before anything was created).
-    `on_start(total, ok, failed)` gets the record count and what earlier sessions finished;
+    `on_start(total, ok, failed)` gets the record count and what was finished before the
+    resume point; finished questions after it go to `on_done` (details "skipped") as read;
     `on_gate` the session's call gate (its counts and tokens, for progress lines).
     """
     started = time.perf_counter()
     with contextlib.nullcontext(store) if store else RunStore.open(run_dir, write=True) as store:
         config, dataset = load_run(store)
         items = dataset_items(dataset, store, on_done)
+        point = resume_point(store, dataset)
         total = dataset_total(dataset)
         if on_start:
-            on_start(total, *finished_split(store))
+            on_start(total, *((point["ok"], point["failed"]) if point else (0, 0)))
         models = models or build_models(config)
         gate = CallGate(store, session=uuid.uuid4().hex[:12])
         if on_gate:
@@ -282,6 +336,7 @@ async def search_run(
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_watch_interrupts, gate, on_interrupt)
+                tg.start_soon(_mark_every, store, dataset, MARK_EVERY_S)
                 await engine.run(items, collect=False)
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -292,6 +347,7 @@ async def search_run(
                            f"cause, then `mics resume {run_dir}`") from None
         finally:
             await models.aclose()
+        mark_resume_point(store, dataset)
         summary = summarize(store)
         summary.total = total
         summary.calls = dict(gate.counts)
@@ -299,6 +355,15 @@ async def search_run(
         summary.interrupted = gate.stopping
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
+
+
+MARK_EVERY_S = 60.0  # the resume point also advances during a session (a kill -9 keeps it)
+
+
+async def _mark_every(store: RunStore, dataset: dict[str, Any], seconds: float) -> None:
+    while True:
+        await anyio.sleep(seconds)
+        mark_resume_point(store, dataset)
 
 
 async def _watch_interrupts(gate: CallGate, on_interrupt: Callable[[], None] | None) -> None:
