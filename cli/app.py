@@ -88,6 +88,14 @@ def _search(run_dir: Path, as_json: bool, every_s: float, **kwargs: Any) -> RunS
         progress.close()
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of `path` that does not exist yet (None: it exists)."""
+    top, p = None, path.absolute()
+    while not p.exists():
+        top, p = p, p.parent
+    return top
+
+
 def _check_run_dir(run: Path) -> None:
     if run.exists() and not run.is_dir():
         _fail(f"--run {run} is a file, not a directory; choose a run directory")
@@ -105,7 +113,7 @@ def _start(run: Path, cfg: RunConfig, data: Path, image_root: Path | None, limit
     _check_run_dir(run)
     dataset = _guarded(describe_dataset, data, image_root, limit)
     models = _guarded(build_models, cfg)
-    existed = run.exists()
+    created = _first_missing(run)  # what a failed start must remove again
     recorded = False
     try:
         with RunStore.open(run, write=True, create=True) as store:
@@ -115,8 +123,8 @@ def _start(run: Path, cfg: RunConfig, data: Path, image_root: Path | None, limit
     except BaseException:
         if not recorded:
             anyio.run(models.aclose)
-            if not existed:
-                shutil.rmtree(run, ignore_errors=True)
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
         raise
 
 
