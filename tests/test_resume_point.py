@@ -71,3 +71,18 @@ def test_resume_after_a_stale_point_reads_on_and_a_json_list_has_none(tmp_path):
     with RunStore.open(run, write=False) as store:
         assert store.get_meta("resume_point") is None
     assert anyio.run(lambda: search_run(run)).calls.get("sent", 0) == 0
+
+
+def test_bench_first_call_workload_runs(tmp_path):
+    from bench.resume import build_finished, first_call
+
+    run = tmp_path / "run"
+    built = build_finished(run, finished=300, fresh=3, image_side=32)
+    with RunStore.open(run, write=False) as store:
+        point = store.get_meta("resume_point")
+    assert built["finished"] == 300 and point["index"] == 300 and point["ok"] == 300
+    got = first_call(run, t_start=0.0)
+    assert got["questions"] == 303 and got["sent"] > 0
+    with RunStore.open(run, write=False) as store:
+        assert store.get_meta("resume_point")["index"] == 303
+        assert {s for _, s, _ in store.question_statuses()} <= {"succeeded", "failed"}
