@@ -223,6 +223,12 @@ def test_bad_record_rid_is_one_identity(tmp_path, demo):
     assert f"{rid}@line3" in summary and re.search(r"│ bad_record\s+│", summary)
     assert not re.search(r"│ error\s+│", summary)  # one word per stop reason
     assert "bad_record" in mics("status", run).stdout
+    mics("export", run, "--out", tmp_path / "E")
+    results, failed = read_jsonl(tmp_path / "E" / "results.jsonl"), read_jsonl(
+        tmp_path / "E" / "failed.jsonl")
+    assert [r["rid"] for r in results].count(rid) == 1
+    dup = [f for f in failed if f["rid"] == rid]  # the same rid, told apart by its line
+    assert len(dup) == 1 and dup[0]["details"]["line"] == 3 and "duplicate" in dup[0]["error"]
 
 
 # ---------------------------------------------------------------- resume starts at once
