@@ -1,10 +1,17 @@
 # Two entry points for a fresh machine: `make demo` and `make test` (see README.md).
+# The demo needs only the core dependencies; torch and transformers (the `local` extra) are
+# installed for the tests and for in-process interns only.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+CORE := $(VENV)/.core-installed
 STAMP := $(VENV)/.installed
 
-$(STAMP): pyproject.toml
+$(CORE): pyproject.toml
 	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e .
+	touch $(CORE)
+
+$(STAMP): $(CORE)
 	# The CPU build of torch first (it lies on disk here); the `local` extra's range accepts it.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[local,dev,hf,trainers,router]'
@@ -13,7 +20,7 @@ $(STAMP): pyproject.toml
 .PHONY: install demo test lint
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(CORE)
 	$(VENV)/bin/mics demo
 
 lint: $(STAMP)

@@ -59,6 +59,7 @@ class CallGate:
         self.store = store
         self.session = session
         self.counts: Counter[str] = Counter()  # sent / memo_hits / joined / failed / retries
+        self.tokens = 0  # prompt + completion tokens of the replies stored by this session
         self._inflight: dict[str, anyio.Event] = {}
         self._failures: dict[str, CallFailure] = {}
         self._limiters: dict[int, EndpointLimiter] = {}
@@ -220,6 +221,7 @@ class CallGate:
                "attempts": attempts, "errors": errors, "t": round(time.time(), 3)}
         self.store.memo_put(key, reply.to_dict(), log)
         self._stored += 1
+        self.tokens += reply.usage.prompt_tokens + reply.usage.completion_tokens
         if self._kill_after is not None and self._stored >= self._kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 

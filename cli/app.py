@@ -1,4 +1,9 @@
-"""The `mics` command line: parse options, call mics.run / mics.export, render with rich."""
+"""The `mics` command line: parse options, call mics.run / mics.export, render with rich.
+
+Imports of the engine, the store and the report modules happen inside the commands, so that
+`mics --help` starts at once and no command imports torch or transformers unless a config
+asks for the `local` backend.
+"""
 
 from __future__ import annotations
 
@@ -6,97 +11,171 @@ import shutil
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
-import anyio
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from cli.bench import register as register_bench
 from cli.report import register
-from mics.config import ConfigError, load_config, parse_config
-from mics.export import export_reference
-from mics.run import (
-    RunError,
-    RunSummary,
-    cache_hit_rates,
-    describe_dataset,
-    record_run,
-    search_run,
-    summarize,
-    with_seed,
-)
-from mics.types import Outcome
-from store import RunStore, StoreError
+from cli.ui import cell, console, err, escape, fail, print_json, warn
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+if TYPE_CHECKING:
+    from mics.config import RunConfig
+    from mics.run import RunSummary
+    from store import RunStore
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Mentor-Intern Collaborative Search: verified reasoning chains.")
-console = Console()
-err = Console(stderr=True)
 
 RunDir = Annotated[Path, typer.Argument(help="Run directory (holds the LMDB store).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
+ProgressEvery = Annotated[float, typer.Option(
+    "--progress-every", min=0.1, help="Seconds between progress lines when stdout is not a "
+    "terminal.")]
+MAX_SEED = 2**63 - 1
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
+    fail(message, code)
 
 
-def _search_with_progress(run_dir: Path, store: RunStore | None = None) -> RunSummary:
-    with Progress(TextColumn("[bold]searching"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("ok {task.fields[ok]}  failed {task.fields[bad]}"),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
-        task = progress.add_task("search", total=None, ok=0, bad=0)
-        tally = {"ok": 0, "bad": 0}
+def _version(value: bool) -> None:
+    if value:
+        from mics import __version__
 
-        def on_start(total: int | None) -> None:
-            progress.update(task, total=total)
-
-        def on_done(outcome: Outcome) -> None:
-            tally["ok" if outcome.status == "succeeded" else "bad"] += 1
-            progress.update(task, advance=1, **tally)
-
-        return anyio.run(lambda: search_run(run_dir, on_start=on_start, on_done=on_done,
-                                            store=store))
+        console.print(f"mics {__version__}")
+        raise typer.Exit()
 
 
-def _record_and_search(run: Path, cfg, data: Path, image_root: Path | None,  # noqa: ANN001
-                       limit: int | None) -> RunSummary:
-    """Record the run and search it under one writer lock (no second process can slip in)."""
-    dataset = describe_dataset(data, image_root, limit)
-    with RunStore.open(run, write=True, create=True) as store:
-        record_run(store, cfg, dataset)
-        return _search_with_progress(run, store)
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")]
+        = False) -> None:
+    """Mentor-Intern Collaborative Search: verified reasoning chains."""
 
 
-def _print_summary(summary: RunSummary, title: str = "run summary") -> None:
+def _guarded(fn, *args):  # noqa: ANN001, ANN202
+    """Run fn; a problem the user can fix becomes one `error:` line and exit code 2."""
+    from mics.config import ConfigError
+    from mics.run import RunError
+    from store import StoreError
+
+    try:
+        return fn(*args)
+    except (ConfigError, RunError, StoreError) as e:
+        _fail(str(e))
+    except OSError as e:  # a path that is a file, not writable, ...
+        _fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+
+
+# ---------------------------------------------------------------- search and resume
+
+
+def _search(run_dir: Path, as_json: bool, every_s: float, **kwargs: Any) -> RunSummary:
+    """search_run with whole-run progress (stderr under --json, so stdout stays JSON)."""
+    import anyio
+
+    from cli.progress import RunProgress
+    from mics.run import search_run
+
+    progress = RunProgress(err if as_json else console, every_s)
+    try:
+        return anyio.run(lambda: search_run(
+            run_dir, on_start=progress.on_start, on_done=progress.on_done,
+            on_gate=progress.on_gate, **kwargs))
+    finally:
+        progress.close()
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of `path` that does not exist yet (None: it exists)."""
+    top, p = None, path.absolute()
+    while not p.exists():
+        top, p = p, p.parent
+    return top
+
+
+def _check_run_dir(run: Path) -> None:
+    if run.exists() and not run.is_dir():
+        _fail(f"--run {run} is a file, not a directory; choose a run directory")
+
+
+def _start(run: Path, cfg: RunConfig, data: Path, image_root: Path | None, limit: int | None,
+           as_json: bool, every_s: float) -> RunSummary:
+    """Check everything (config, models, dataset, options), then record the run and search it
+    under one writer lock. A start that fails leaves the run directory as it was found."""
+    import anyio
+
+    from mics.run import build_models, describe_dataset, record_run
+    from store import RunStore
+
+    _check_run_dir(run)
+    dataset = _guarded(describe_dataset, data, image_root, limit)
+    models = _guarded(build_models, cfg)
+    created = _first_missing(run)  # what a failed start must remove again
+    recorded = False
+    try:
+        with RunStore.open(run, write=True, create=True) as store:
+            record_run(store, cfg, dataset)
+            recorded = True
+            return _search(run, as_json, every_s, store=store, models=models)
+    except BaseException:
+        if not recorded:
+            anyio.run(models.aclose)
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def exit_code(summary: RunSummary) -> int:
+    """The one place a finished search/resume becomes an exit code (0: ran to its end)."""
+    return 0
+
+
+def _closing(summary: RunSummary, as_json: bool, title: str = "run summary") -> None:
+    """The closing summary of search/resume (table or JSON), warnings, then the exit code."""
+    if as_json:
+        print_json(summary.to_dict())
+    else:
+        _print_summary(summary, title)
+    if summary.total == 0 or (summary.questions == 0 and not summary.interrupted):
+        warn("the dataset has no records; nothing was searched")
+    elif summary.questions and summary.failed == summary.questions:
+        warn(f"every record failed ({summary.failed}); see `mics inspect {summary.run_dir}` "
+             "for why")
+    code = exit_code(summary)
+    if code:
+        raise typer.Exit(code)
+
+
+def _print_summary(summary: RunSummary, title: str = "run summary",
+                   calls_label: str = "model calls (this session)") -> None:
+    from rich.table import Table
+
     table = Table(title=title, show_header=False)
+    done = summary.succeeded + summary.failed
+    if summary.total is not None:
+        table.add_row("questions in dataset", str(summary.total))
     table.add_row("questions searched", str(summary.questions))
     table.add_row("succeeded", str(summary.succeeded))
     table.add_row("failed", str(summary.failed))
     if summary.pending:
         table.add_row("not finished", str(summary.pending))
     for reason, n in summary.stop_reasons.items():
-        table.add_row(f"  stop: {reason}", str(n))
+        table.add_row(cell(f"  stop: {reason}"), str(n))
     if summary.calls:
         calls = ", ".join(f"{k} {v}" for k, v in sorted(summary.calls.items()))
-        table.add_row("model calls (this session)", calls)
+        table.add_row(calls_label, calls)
+    if summary.tokens:
+        table.add_row("tokens (this session)", str(summary.tokens))
     if summary.seconds:
         table.add_row("seconds", f"{summary.seconds:.2f}")
-    table.add_row("run directory", summary.run_dir)
+    table.add_row("run directory", cell(summary.run_dir))
     console.print(table)
     if summary.interrupted:
-        console.print(f"[yellow]stopped early[/]: everything finished is stored; resume with "
-                      f"[bold]mics resume {summary.run_dir}[/]")
-
-
-def _guarded(fn, *args):  # noqa: ANN001, ANN202
-    try:
-        return fn(*args)
-    except (ConfigError, RunError, StoreError) as e:
-        _fail(str(e))
+        console.print(f"[yellow]stopped early[/]: {done} finished and stored; resume with "
+                      f"[bold]mics resume {escape(summary.run_dir)}[/]")
 
 
 @app.command()
@@ -106,44 +185,109 @@ def search(
     run: Annotated[Path, typer.Option("--run", "-r", help="Run directory to create/resume.")],
     image_root: Annotated[Path | None, typer.Option(help="Directory image paths are under.")]
     = None,
-    seed: Annotated[int | None, typer.Option(help="Override [search].seed.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N records.")] = None,
+    seed: Annotated[int | None, typer.Option(
+        min=0, max=MAX_SEED, help="Override \\[search].seed.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N records.")] = None,
+    as_json: AsJson = False,
+    every_s: ProgressEvery = 30.0,
 ) -> None:
     """Search every question of DATA; re-running on the same --run resumes it."""
+    from mics.config import load_config
+    from mics.run import with_seed
+
     cfg = _guarded(lambda: with_seed(load_config(config), seed))
-    _print_summary(_guarded(_record_and_search, run, cfg, data, image_root, limit))
+    summary = _guarded(_start, run, cfg, data, image_root, limit, as_json, every_s)
+    _closing(summary, as_json)
 
 
 @app.command()
-def resume(run: RunDir) -> None:
+def resume(
+    run: RunDir,
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="The run's dataset at a new path (accepted only with the same "
+        "content).")] = None,
+    image_root: Annotated[Path | None, typer.Option(
+        help="With --data: the new directory image paths are under.")] = None,
+    as_json: AsJson = False,
+    every_s: ProgressEvery = 30.0,
+) -> None:
     """Continue an interrupted run; stored calls are never sent again."""
-    summary = _guarded(_search_with_progress, run)
-    _print_summary(summary)
+    from mics.run import relocate_dataset
+    from store import RunStore
+
+    if image_root is not None and data is None:
+        _fail("--image-root needs --data (the moved dataset)")
+
+    def go() -> RunSummary:
+        if data is None:
+            return _search(run, as_json, every_s)
+        with RunStore.open(run, write=True) as store:
+            relocate_dataset(store, data, image_root)
+            return _search(run, as_json, every_s, store=store)
+
+    _closing(_guarded(go), as_json)
+
+
+# ---------------------------------------------------------------- status
+
+
+def _read_status(run: Path) -> dict[str, Any]:
+    from mics.run import cache_hit_rates, run_activity, summarize
+    from store import RunStore
+
+    store: RunStore
+    with RunStore.open(run, write=False) as store:
+        summary = summarize(store)
+        summary.calls = {"stored calls": store.call_count(),
+                         "recorded call failures": len(store.iter_failures())}
+        activity = run_activity(store, summary)
+        summary.total = activity["total"]
+        rate, per_q = cache_hit_rates(store)
+        cfg = store.get_meta("config") or {}
+        models = [*cfg.get("mentors", []), *cfg.get("interns", []), cfg.get("judge") or {}]
+        simulated = [m["name"] for m in models if m.get("backend") == "simulated"]
+    return {"summary": summary, "activity": activity, "cache_hit_rate": rate,
+            "per_question": per_q, "simulated": simulated}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    h, rest = divmod(int(seconds), 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
 @app.command()
 def status(
     run: RunDir,
-    questions: Annotated[int, typer.Option(help="Per-question cache rows to show.")] = 20,
+    questions: Annotated[int, typer.Option(min=0, help="Per-question cache rows to show.")] = 20,
+    as_json: AsJson = False,
 ) -> None:
-    """Show a run's progress and intern prefix-cache hit rates (works during a search)."""
+    """Show a run's progress, rate, ETA, whether it runs now, and intern cache hit rates."""
+    from rich.table import Table
 
-    def read() -> tuple[RunSummary, float | None, dict[str, tuple[int, int]], list[str]]:
-        with RunStore.open(run, write=False) as store:
-            summary = summarize(store)
-            summary.calls = {"stored calls": store.call_count(),
-                             "recorded call failures": len(store.iter_failures())}
-            rate, per_q = cache_hit_rates(store)
-            cfg = store.get_meta("config") or {}
-            models = [*cfg.get("mentors", []), *cfg.get("interns", []), cfg.get("judge") or {}]
-            simulated = [m["name"] for m in models if m.get("backend") == "simulated"]
-            return summary, rate, per_q, simulated
-
-    summary, rate, per_q, simulated = _guarded(read)
-    _print_summary(summary, title="run status")
-    if simulated:
+    st = _guarded(_read_status, run)
+    summary, activity, rate, per_q = (st["summary"], st["activity"], st["cache_hit_rate"],
+                                      st["per_question"])
+    if as_json:
+        print_json({**summary.to_dict(), **activity, "cache_hit_rate": rate,
+                    "simulated_models": st["simulated"],
+                    "per_question": {q: {"prompt_tokens": p, "cached_tokens": c}
+                                     for q, (p, c) in per_q.items()}})
+        return
+    _print_summary(summary, title="run status", calls_label="model calls (whole run)")
+    pid = activity["running_pid"]
+    console.print(f"running now: [bold green]yes[/] (pid {pid})" if pid else
+                  "running now: [bold]no[/] (no process holds the run; "
+                  f"`mics resume {escape(str(run))}` continues it)")
+    qph = activity["questions_per_hour"]
+    console.print(f"finished {activity['finished']} of {activity['total'] or '?'}; rate "
+                  f"{'—' if qph is None else f'{qph:g} questions/hour'} over "
+                  f"{_duration(activity['searching_s'])} of searching "
+                  f"({activity['sessions']} session(s)); ETA {_duration(activity['eta_s'])}")
+    if st["simulated"]:
         console.print(f"[yellow]SIMULATED models[/] (no real model was called): "
-                      f"{', '.join(simulated)}")
+                      f"{escape(', '.join(st['simulated']))}")
     if rate is None:
         console.print("intern cache hit rate: — (no intern calls with token counts)")
         return
@@ -152,10 +296,18 @@ def status(
     for col in ("question", "prompt tokens", "cached tokens", "hit rate"):
         table.add_column(col, justify="right")
     for qid, (prompt, cached) in list(per_q.items())[:questions]:
-        table.add_row(qid, str(prompt), str(cached), f"{cached / prompt:.1%}" if prompt else "—")
+        table.add_row(cell(qid), str(prompt), str(cached),
+                      f"{cached / prompt:.1%}" if prompt else "—")
     console.print(table)
     if len(per_q) > questions:
         console.print(f"... {len(per_q) - questions} more (--questions N)")
+
+
+# ---------------------------------------------------------------- export
+
+
+def _format_name(f: str) -> str:
+    return f.strip().lower().replace("_", "-")
 
 
 @app.command()
@@ -164,14 +316,18 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
     fmt: Annotated[list[str] | None, typer.Option(
         "--format", "-f", help="reference | sft | sharegpt | step-values | preferences | prm | "
-        "all | hf (repeatable; `all` is every JSONL format; `hf` writes <out>/hf, Hugging Face "
-        "datasets, with the [hf] extra). See docs/exports.md.")] = None,
+        "all | hf (repeatable; step_values works too; `all` is every JSONL format; `hf` writes "
+        "<out>/hf, Hugging Face datasets, with the [hf] extra). See docs/exports.md.")] = None,
     min_score: Annotated[float | None, typer.Option(
-        help="Only questions whose last chosen step scored at least this.")] = None,
+        min=0.0, max=1.0, help="Only questions whose last chosen step scored at least this.")]
+    = None,
     only_full_score: Annotated[bool, typer.Option(
         "--only-full-score", help="Only questions that stopped on a full score.")] = False,
+    include_partial: Annotated[bool, typer.Option(
+        "--include-partial", help="sft/sharegpt: also the chains that reached max depth "
+        "without a full score (left out by default).")] = False,
     max_depth: Annotated[int | None, typer.Option(
-        help="Only questions whose final depth is at most this.")] = None,
+        min=0, help="Only questions whose final depth is at most this.")] = None,
     answer_in_target: Annotated[bool, typer.Option(
         "--answer-in-target", help="sft/sharegpt: keep the final-answer line in the target.")]
     = False,
@@ -182,11 +338,17 @@ def export(
         "--prm-label", help="prm step labels: positive (value > 0, Math-Shepherd's hard "
         "label) | full (value == 1).")] = "positive",
 ) -> None:
-    """Write training data; `reference` is results.jsonl + failed.jsonl (Chiron-o1 schema)."""
-    from mics.export import FORMATS, Filters
-    from mics.export import export as write_formats
+    """Write training data; `reference` is results.jsonl + failed.jsonl (Chiron-o1 schema).
 
-    asked = list(dict.fromkeys(fmt or ["reference"]))
+    sft and sharegpt hold, by default, only the chains that reached a full score (every
+    intern sample right); --include-partial adds those that stopped at max depth.
+    """
+    from mics.export import FORMATS, Filters, export_reference
+    from mics.export import export as write_formats
+    from store import RunStore
+
+    names = [_format_name(f) for f in fmt or ["reference"]]
+    asked = list(dict.fromkeys(names))
     hf = "hf" in asked
     formats = list(FORMATS) if "all" in asked else [f for f in asked if f != "hf"]
     bad = [f for f in formats if f not in FORMATS]
@@ -196,6 +358,8 @@ def export(
         _fail(f"unknown --prm-label {prm_label}; choose from positive, full")
     if image_root is not None and not image_root.is_dir():
         _fail(f"--image-root is not a directory: {image_root}")
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file; export writes a directory of files")
     filters = Filters(min_score=min_score, only_full_score=only_full_score, max_depth=max_depth)
 
     def write() -> dict[str, int]:
@@ -207,39 +371,62 @@ def export(
                 counts = export_reference(store, out)
             elif formats:
                 counts = write_formats(store, out, formats, filters, answer_in_target,
-                                       image_root, prm_label)
+                                       image_root, prm_label, include_partial)
             if hf:
                 try:
                     counts.update(export_hf(store, out, filters, answer_in_target, image_root,
-                                            prm_label))
+                                            prm_label, include_partial))
                 except (MissingExtra, ValueError) as e:
                     _fail(str(e))
             return counts
 
     counts = _guarded(write)
+    where = escape(str(out))
     if "reference" in formats:
         console.print(f"wrote {counts['results']} results and {counts['failed']} failures to "
-                      f"{out}" + (f" ({counts['pending']} questions not finished)"
-                                  if counts["pending"] else ""))
+                      f"{where}" + (f" ({counts['pending']} questions not finished)"
+                                    if counts["pending"] else ""))
     for f, n in counts.items():
-        if f not in ("results", "failed", "pending"):
-            console.print(f"wrote {n} {f} records to {out}")
+        if f not in ("results", "failed", "pending", "partial"):
+            console.print(f"wrote {n} {escape(f)} records to {where}")
+    if {"sft", "sharegpt"} & set(formats):
+        partial = counts.get("partial", 0)
+        console.print("sft/sharegpt: " + (
+            f"chains that reached a full score, and {partial} that stopped at max depth "
+            "without one (--include-partial)" if include_partial else
+            f"only chains that reached a full score; {partial} that stopped at max depth "
+            "without one left out (--include-partial adds them)"))
+
+
+# ---------------------------------------------------------------- doctor and demo
 
 
 @app.command()
-def doctor(config: Annotated[Path, typer.Argument(help="Run config (TOML).")]) -> None:
+def doctor(config: Annotated[Path, typer.Argument(help="Run config (TOML).")],
+           as_json: AsJson = False) -> None:
     """Probe every configured model with a one-token call; exit 1 if any fails."""
+    from dataclasses import asdict
+
+    import anyio
+    from rich.table import Table
+
+    from mics.config import load_config
     from mics.doctor import doctor as run_doctor
 
     cfg = _guarded(load_config, config)
     checks = anyio.run(run_doctor, cfg)
-    table = Table(title=f"mics doctor: {config}")
-    for col in ("role", "name", "backend", "endpoint", "ok", "latency", "message"):
-        table.add_column(col, overflow="fold")
-    for c in checks:
-        table.add_row(c.role, c.name, c.backend, c.where, "[green]yes[/]" if c.ok else
-                      "[red]NO[/]", f"{c.latency_s * 1000:.0f} ms", c.message)
-    console.print(table)
+    if as_json:
+        print_json({"config": str(config), "ok": all(c.ok for c in checks),
+                    "checks": [asdict(c) for c in checks]})
+    else:
+        table = Table(title=f"mics doctor: {escape(str(config))}")
+        for col in ("role", "name", "backend", "endpoint", "ok", "latency", "message"):
+            table.add_column(col, overflow="fold")
+        for c in checks:
+            table.add_row(cell(c.role), cell(c.name), cell(c.backend), cell(c.where),
+                          "[green]yes[/]" if c.ok else "[red]NO[/]",
+                          f"{c.latency_s * 1000:.0f} ms", cell(c.message))
+        console.print(table)
     if not all(c.ok for c in checks):
         raise typer.Exit(1)
 
@@ -249,30 +436,57 @@ def demo(
     run: Annotated[Path, typer.Option("--run", "-r", help="Run directory.")] = Path(
         "mics-demo-run"),
     fresh: Annotated[bool, typer.Option(help="Delete the run directory first.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Search a bundled synthetic dataset with SIMULATED models, then summarise."""
+    import tomllib
+
+    from mics.config import parse_config
     from mics.demo_data import write_demo_dataset
 
+    _check_run_dir(run)
     if fresh and run.exists():
         shutil.rmtree(run)
     text = resources.files("mics").joinpath("resources/simulated.toml").read_text()
-    import tomllib
-
     cfg = parse_config(tomllib.loads(text), where="bundled simulated.toml")
     data, images = write_demo_dataset(run / "demo-data")
-    console.print("[yellow]SIMULATED models[/] on a synthetic dataset (no model is called)")
-    summary = _guarded(_record_and_search, run, cfg, data, images, None)
-    _print_summary(summary, title="demo summary (simulated models)")
-    console.print(f"next: [bold]mics export {run} --out {run}/export[/]")
+    (err if as_json else console).print(
+        "[yellow]SIMULATED models[/] on a synthetic dataset (no model is called)")
+    summary = _guarded(_start, run, cfg, data, images, None, as_json, 30.0)
+    _closing(summary, as_json, title="demo summary (simulated models)")
+    if not as_json:
+        console.print(f"next: [bold]mics export {escape(str(run))} --out "
+                      f"{escape(str(run / 'export'))}[/]")
+
+
+def _usage_error(e: Exception) -> int:
+    """A bad option or argument (click's exceptions, as typer vendors them): one line, exit 2."""
+    ctx = getattr(e, "ctx", None)
+    if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
+        console.print(ctx.get_help(), markup=False)
+        return 0
+    hint = f" (see `{ctx.command_path} -h`)" if ctx is not None else ""
+    err.print(f"[bold red]error:[/] {escape(e.format_message() + hint)}",  # type: ignore[attr-defined]
+              soft_wrap=True)
+    return e.exit_code  # type: ignore[attr-defined]
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: errors are one line (exit 2 for bad options), no traceback
+    ever reaches a user."""
     try:
-        app()
-    except KeyboardInterrupt:
-        err.print("interrupted; resume with `mics resume RUN_DIR`")
-        sys.exit(130)
+        code = app(standalone_mode=False)
+    except (KeyboardInterrupt, typer.Abort):
+        err.print("interrupted; resume with `mics resume RUN_DIR`", markup=False)
+        code = 130
+    except Exception as e:  # noqa: BLE001 - the last net: one line, never a traceback
+        if hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int):
+            code = _usage_error(e)
+        else:
+            err.print(f"[bold red]error:[/] {escape(f'{type(e).__name__}: {e}')} (an internal "
+                      "error; please report it with the command you ran)", soft_wrap=True)
+            code = 1
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 register(app)

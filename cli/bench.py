@@ -14,7 +14,31 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import fmt, print_machine, report, table, write_json
+
+def _common():  # noqa: ANN202 - bench.common pulls in httpx; `mics --help` should not wait
+    import bench.common
+
+    return bench.common
+
+
+def fmt(x: Any) -> str:
+    return _common().fmt(x)
+
+
+def print_machine(console: Console, machine: dict[str, Any]) -> None:
+    _common().print_machine(console, machine)
+
+
+def report(section: str, figures: dict[str, Any]) -> dict[str, Any]:
+    return _common().report(section, figures)
+
+
+def table(title: str, rows: Any) -> Table:
+    return _common().table(title, rows)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    _common().write_json(path, payload)
 
 bench_app = typer.Typer(no_args_is_help=True, add_completion=False,
                         help="Benchmarks: engine vs reference order, overhead, resume, prefix.")
@@ -147,10 +171,17 @@ def resume(
     nodes: Annotated[int, typer.Option(min=1, help="Stored tree nodes, at least.")] = 10_000,
     concurrency: Annotated[int, typer.Option(min=1, help="Questions at once.")] = 8,
     seed: int = 0,
+    finished: Annotated[int, typer.Option(
+        min=0, help="Instead: time to the first new call on runs with images and N/10 and N "
+        "finished records (e.g. 100000).")] = 0,
     json_out: JsonOut = None,
     work_dir: WorkDir = None,
 ) -> None:
-    """Time to open an interrupted run of >= NODES nodes and resume it (fresh process)."""
+    """Time to open an interrupted run of >= NODES nodes and resume it (fresh process), or
+    with --finished N the time from start to the first new call on a run with images."""
+    if finished:
+        _first_call(finished, seed, json_out, work_dir)
+        return
     from bench.resume import run_resume
 
     with console.status(f"building an interrupted run of >= {nodes:,} nodes"):
@@ -166,6 +197,20 @@ def resume(
         ("unfinished after resume", r["pending_after_resume"], ""),
     ]))
     _finish("resume", r, json_out)
+
+
+def _first_call(finished: int, seed: int, json_out: Path | None, work_dir: Path | None) -> None:
+    from bench.resume import run_first_call
+
+    with console.status(f"building runs with images and up to {finished:,} finished records"):
+        r = run_first_call(finished, seed=seed, work_dir=work_dir)
+    rows = []
+    for row in r["runs"]:
+        rows.append((f"first new call, {row['finished']:,} finished (s)", row["first_call_s"],
+                     f"from process start; {row['first_call_after_search_run_s']} s after "
+                     "search_run began"))
+    console.print(table("mics bench resume --finished", rows))
+    _finish("resume-first-call", r, json_out)
 
 
 @bench_app.command("prefix")

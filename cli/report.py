@@ -6,37 +6,50 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from mics.analysis import load_prices, load_tree, question_graph, run_summary, tree_json
-from mics.viz import page_name, to_dot, tree_html, write_all
-from store import RunStore, StoreError
+from cli.ui import cell, console, escape, fail
 
-console = Console()
-err = Console(stderr=True)
+if TYPE_CHECKING:
+    from store import RunStore
+
 DASH = "—"
 
 RunDir = Annotated[Path, typer.Argument(help="Run directory (holds the LMDB store).")]
-Qid = Annotated[str | None, typer.Argument(help="Question id (the record's rid).")]
+Qid = Annotated[str | None, typer.Argument(
+    help="Question id: the record's rid (a bad record's id, as `rid@line7`, also works).")]
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(2)
+    fail(message, 2)
 
 
 def _open(run: Path) -> RunStore:
+    from store import RunStore, StoreError
+
     try:
         return RunStore.open(run, write=False)
     except StoreError as e:
         _fail(str(e))
         raise  # unreachable
+
+
+def resolve_qid(store: RunStore, qid: str) -> str:
+    """The stored id of a question: the rid itself, or the one bad record stored for that rid
+    (`rid@line7`); KeyError naming the candidates when there is none or several."""
+    if store.get_question(qid) is not None:
+        return qid
+    lines = [q for q, _status, _reason in store.question_statuses()
+             if q.startswith(f"{qid}@line") and q[len(qid) + 5:].isdigit()]
+    if len(lines) == 1:
+        return lines[0]
+    raise KeyError(f"rid {qid!r} is on several bad records: {', '.join(lines)}; name one"
+                   if lines else f"no question {qid!r}")
 
 
 def _num(x: float | None, digits: int = 2) -> str:
@@ -56,10 +69,10 @@ _NUMERIC = re.compile(r"^[-\d$—.,%() /]*$")
 
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     """Numbers right-aligned; short text columns kept whole, long ones folded."""
-    table = Table(title=title, title_justify="left")
-    cells = [[c if isinstance(c, Text) else str(c) for c in row] for row in rows]
+    table = Table(title=escape(title), title_justify="left")
+    cells = [[cell(c) for c in row] for row in rows]
     for i, col in enumerate(columns):
-        values = [str(row[i]) for row in cells]
+        values = [row[i].plain for row in cells]
         numeric = i > 0 and bool(values) and all(_NUMERIC.match(v) for v in values)
         widest = max([len(v) for v in values] + [len(col)])
         table.add_column(col, justify="right" if numeric else "left", overflow="fold",
@@ -189,7 +202,7 @@ def inspect(
     qid: Qid = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     prices: Annotated[Path | None, typer.Option(
-        help="Price table (TOML): [\"model\"] input_per_mtok, output_per_mtok, "
+        help="Price table (TOML): \\[\"model\"] input_per_mtok, output_per_mtok, "
              "cached_input_per_mtok (USD per million tokens).")] = None,
     steps: Annotated[bool, typer.Option("--steps", help="Show full step texts in a tree.")]
     = False,
@@ -198,10 +211,13 @@ def inspect(
     """Summarise a run (tables), or show one question's search tree.
 
     Costs need --prices FILE: one TOML table per model (its configured name or its model id)
-    in USD per million tokens, e.g. ["gpt-4o"] input_per_mtok = 2.5, output_per_mtok = 10,
+    in USD per million tokens, e.g. \\["gpt-4o"] input_per_mtok = 2.5, output_per_mtok = 10,
     cached_input_per_mtok = 1.25 (optional; defaults to the input price). The tables may also
     sit under a "prices" table. A model without a price shows its cost as "—".
     """
+    from mics.analysis import load_prices, load_tree, run_summary, tree_json
+    from store import StoreError
+
     table: dict[str, dict[str, float]] = {}
     if prices is not None:
         try:
@@ -213,9 +229,9 @@ def inspect(
             if qid is None:
                 summary = run_summary(store, table)
             else:
-                data = tree_json(load_tree(store, qid))
-        except KeyError:
-            _fail(f"no question {qid!r} in {run}")
+                data = tree_json(load_tree(store, resolve_qid(store, qid)))
+        except KeyError as e:
+            _fail(f"{e.args[0]} in {run}")
         except StoreError as e:
             _fail(str(e))
     if qid is None:
@@ -240,32 +256,39 @@ def viz(
         "--all", help="One page per question plus index.html.")] = False,
 ) -> None:
     """Draw a question's tree as one offline HTML page (or Graphviz DOT)."""
+    from mics.analysis import load_tree, question_graph
+    from mics.viz import page_name, to_dot, tree_html, write_all
+    from store import StoreError
+
     if fmt not in ("html", "dot"):
         _fail(f"--format must be html or dot, not {fmt!r}")
     if (qid is None) == (not all_questions):
         _fail("give a question id, or --all for every question")
+    if out is not None and out.exists() and (out.is_dir() != all_questions):
+        _fail(f"--out {out} is a file; --all writes a directory of pages" if all_questions
+              else f"--out {out} is a directory; give a file name for one page")
     with _open(run) as store:
         try:
             if all_questions:
                 trees = [question_graph(q, rec, store.get_nodes(q))
                          for q, rec in store.iter_questions()]
             else:
-                trees = [load_tree(store, qid)]  # type: ignore[arg-type]
-        except KeyError:
-            _fail(f"no question {qid!r} in {run}")
+                trees = [load_tree(store, resolve_qid(store, qid))]  # type: ignore[arg-type]
+        except KeyError as e:
+            _fail(f"{e.args[0]} in {run}")
         except StoreError as e:
             _fail(str(e))
     if all_questions:
         out_dir = out or run / "viz"
         written = write_all(trees, out_dir, str(run), fmt)
-        console.print(f"wrote {len(written)} files to {out_dir}")
+        console.print(f"wrote {len(written)} files to {escape(str(out_dir))}")
         return
     g = trees[0]
     name = page_name(g.graph["qid"])
     path = out or Path(name if fmt == "html" else name[: -len(".html")] + ".dot")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(to_dot(g) if fmt == "dot" else tree_html(g), encoding="utf-8")
-    console.print(f"wrote {path} ({g.number_of_nodes()} nodes)")
+    console.print(f"wrote {escape(str(path))} ({g.number_of_nodes()} nodes)")
 
 
 def register(app: typer.Typer) -> None:

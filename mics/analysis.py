@@ -51,9 +51,9 @@ def stop_label(rec: dict[str, Any]) -> str:
         return f"max depth ({depth}) without a full score"
     if kind == "all_zero":
         return f"all zero at depth {depth}"
-    if kind == "error":
+    if kind == "error":  # named by its stop reason, the word `mics status` uses too
         outcome = rec.get("outcome") or {}
-        return f"error: {rec.get('stop_reason') or '?'}: {outcome.get('error', '')}".rstrip(": ")
+        return f"{rec.get('stop_reason') or 'error'}: {outcome.get('error', '')}".rstrip(": ")
     return "not finished"
 
 
@@ -87,6 +87,7 @@ def question_graph(qid: str, rec: dict[str, Any] | None, nodes: list[dict[str, A
         final_depth=outcome.get("final_depth"), question=question.get("question", ""),
         gt_answer=question.get("gt_answer", ""), images=list(question.get("image_paths", [])),
         error=outcome.get("error", ""), generated_by=list(outcome.get("generated_by", [])),
+        details=dict(outcome.get("details") or {}),
     )
     for n in nodes:
         samples = [{k: s.get(k) for k in ("intern", "temperature", "answer", "correct",
@@ -99,7 +100,7 @@ def question_graph(qid: str, rec: dict[str, Any] | None, nodes: list[dict[str, A
                    correct=n.get("correct", 0), total=n.get("total", 0),
                    chosen=bool(n.get("chosen")), on_path=n["node_id"] in on_path,
                    reused=bool(n.get("reused")), root=n["depth"] < 0, samples=samples,
-                   usage=usage)
+                   usage=usage, leaks_answer=bool(n.get("leaks_answer")))
     for n in nodes:
         if n.get("parent_id") and n["parent_id"] in g:
             g.add_edge(n["parent_id"], n["node_id"], on_path=n["node_id"] in on_path
@@ -321,8 +322,9 @@ def run_summary(store: Any, prices: dict[str, dict[str, float]] | None = None
     summaries = [tree_summary(g) for g in trees]
     status = Counter(s["status"] for s in summaries)
     stops: dict[str, Counter[int]] = defaultdict(Counter)
-    for s in summaries:
-        stops[s["stop_kind"]][s["depth"] or 0] += 1
+    for s in summaries:  # one word per stop reason, as `mics status` says it
+        word = s["stop_kind"] if s["stop_kind"] != "error" else s["stop_reason"] or "error"
+        stops[word][s["depth"] or 0] += 1
     score_rows, mentor_rows = _by_depth(trees)
     accuracy, agreement = _interns(trees)
     roles, models = _usage_rows(store, prices or {}, _model_ids(store.get_meta("config")))
@@ -351,7 +353,9 @@ def run_summary(store: Any, prices: dict[str, dict[str, float]] | None = None
     return {
         "run": str(store.run_dir), "totals": totals,
         "stops": [{"stop_kind": k, "by_depth": {str(d): n for d, n in sorted(stops[k].items())},
-                   "total": sum(stops[k].values())} for k in STOP_KINDS if k in stops],
+                   "total": sum(stops[k].values())}
+                  for k in sorted(stops, key=lambda k: (k not in STOP_KINDS, STOP_KINDS.index(k)
+                                                        if k in STOP_KINDS else 0, k))],
         "score_by_depth": score_rows, "mentor_wins": mentor_rows,
         "intern_accuracy": accuracy, "intern_agreement": agreement,
         "usage_by_role": roles, "usage_by_model": models,

@@ -21,6 +21,7 @@ import json
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,25 +66,45 @@ class _TooLarge(Exception):
 # ---------------------------------------------------------------- public API
 
 
+@dataclass
+class Cursor:
+    """A place in a JSONL dataset: the byte offset of the next line, its 1-based line number and
+    the index of the next record. `read_dataset` starts there and moves it past each record
+    before yielding it (``tracked`` is False for a JSON list, which has no such places)."""
+
+    offset: int = 0
+    line: int = 1
+    index: int = 0
+    tracked: bool = True
+
+
 def read_dataset(
-    path: str | Path, image_root: str | Path | None = None, fmt: str = "chiron"
+    path: str | Path, image_root: str | Path | None = None,
+    skip_images: Callable[[str], bool] | None = None, cursor: Cursor | None = None,
+    fmt: str = "chiron",
 ) -> Iterator[Question | RecordError]:
     """Yield one Question or RecordError per record of a JSONL or JSON-list file, lazily.
 
     Image paths are resolved against ``image_root`` (default: the dataset file's directory)
     and must stay inside it. ``index`` counts every non-blank line / list item, valid or not.
+    A record whose rid ``skip_images`` accepts (a finished question on resume) is yielded
+    without opening its images: ``images`` is empty, ``image_paths`` as written. With
+    ``cursor`` a JSONL file is read from (and the cursor kept at) a place (see Cursor).
     ``fmt`` picks the record schema: "chiron" (this module) or "generic" (mics.dataset_generic).
     """
     adapter = _adapter(fmt)
     path = Path(path)
     root = Path(image_root if image_root is not None else path.parent).resolve()
+    cursor = cursor if cursor is not None else Cursor()
     seen: dict[str, int] = {}
-    for index, (line, item) in enumerate(_iter_raw(path)):
+    for index, (line, item) in enumerate(_iter_raw(path, cursor), start=cursor.index):
+        if cursor.tracked:
+            cursor.index = index + 1
         if isinstance(item, _Bad):
             yield RecordError(f"line-{line}", index, line, item.field, item.message)
             continue
         try:
-            yield _convert(item, index, line, root, seen, adapter)
+            yield _convert(item, index, line, root, seen, adapter, skip_images)
         except Exception as e:  # noqa: BLE001 - a last net: one bad record never ends a run
             yield RecordError(f"line-{line}", index, line, "record",
                               f"unreadable record: {type(e).__name__}: {str(e)[:200]}")
@@ -136,12 +157,15 @@ def inspect_image(data: bytes) -> tuple[str, int, int]:
 # ---------------------------------------------------------------- raw records
 
 
-def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
+def _iter_raw(path: Path, cursor: Cursor) -> Iterator[tuple[int, Any]]:
     """Yield (line number, parsed object or _Bad) for each record of the file."""
     if _first_char(path) == b"[":
+        if cursor.offset or cursor.index:
+            raise ValueError("a JSON-list dataset is read from its start")
+        cursor.tracked = False
         yield from _iter_json_list(path)
     else:
-        yield from _iter_jsonl(path)
+        yield from _iter_jsonl(path, cursor)
 
 
 def _first_char(path: Path) -> bytes:
@@ -156,9 +180,13 @@ def _first_char(path: Path) -> bytes:
     return b""
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+def _iter_jsonl(path: Path, cursor: Cursor) -> Iterator[tuple[int, Any]]:
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        f.seek(cursor.offset)
+        offset = cursor.offset
+        for lineno, raw in enumerate(f, start=cursor.line):
+            offset += len(raw)
+            cursor.offset, cursor.line = offset, lineno + 1
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8) :]
             if not raw.strip():
@@ -171,12 +199,24 @@ def _parse_line(raw: bytes) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return _Bad("line", f"not valid UTF-8 (bad byte {raw[e.start]:#04x} at byte {e.start})")
+    # without its newline: an error at the end of a truncated line is on this line, at the
+    # column just past its last character (not "line 2, column 1")
+    text = text.rstrip("\r\n")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        return _Bad("json", f"invalid JSON: {e.msg} (column {e.colno})")
+        return _Bad("json", _json_error(e, text))
     except (RecursionError, ValueError) as e:  # absurd nesting, an integer over the digit limit
         return _Bad("json", f"unreadable JSON: {type(e).__name__}: {str(e)[:200]}")
+
+
+def _json_error(e: json.JSONDecodeError, text: str) -> str:
+    """``invalid JSON: <what> at column N``, and where a truncated line breaks off."""
+    at = f"{e.msg} column {e.colno}" if e.msg.endswith(" at") else f"{e.msg} at column {e.colno}"
+    end = len(text.rstrip())
+    if e.msg.startswith("Unterminated") or e.pos >= end:
+        at += f"; the line breaks off at column {end + 1} (truncated?)"
+    return f"invalid JSON: {at}"
 
 
 def _iter_json_list(path: Path) -> Iterator[tuple[int, Any]]:
@@ -263,6 +303,7 @@ def _adapter(fmt: str) -> tuple[Callable[..., str], Callable[..., Question], str
 def _convert(
     obj: Any, index: int, line: int, root: Path, seen: dict[str, int],
     adapter: tuple[Callable[..., str], Callable[..., Question], str] | None = None,
+    skip_images: Callable[[str], bool] | None = None,
 ) -> Question | RecordError:
     read_id, build, id_field = adapter or _adapter("chiron")
     qid = f"line-{line}"
@@ -273,7 +314,7 @@ def _convert(
         if qid in seen:
             raise _Bad(id_field, f"duplicate {id_field} {qid!r}; first seen on line {seen[qid]}")
         seen[qid] = line
-        return build(obj, qid, index, root)
+        return build(obj, qid, index, root, skip_images is None or not skip_images(qid))
     except _Bad as e:
         return RecordError(qid, index, line, e.field, e.message)
 
@@ -286,7 +327,8 @@ def _storable(text: str, field: str) -> bytes:
         raise _Bad(field, "contains an unpaired surrogate escape (not valid Unicode)") from None
 
 
-def _build(obj: dict[str, Any], qid: str, index: int, root: Path) -> Question:
+def _build(obj: dict[str, Any], qid: str, index: int, root: Path,
+           load_images: bool = True) -> Question:
     question = _message(obj, 0, "**Question:**", " ")
     answer = _message(obj, 1, "**Correct Answer:**", "")
     entries = _image_entries(obj)
@@ -298,7 +340,7 @@ def _build(obj: dict[str, Any], qid: str, index: int, root: Path) -> Question:
               *((c, f"caption[{i}]") for i, c in enumerate(raw_captions))]
     for text, field in checks:
         _storable(text, field)
-    images = tuple(_load_image(e, i, root) for i, e in enumerate(entries))
+    images = tuple(_load_image(e, i, root) for i, e in enumerate(entries)) if load_images else ()
     captions = clean_captions(raw_captions, entries)
     return Question(
         qid=qid,

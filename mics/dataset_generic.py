@@ -44,7 +44,8 @@ def generic_id(obj: dict[str, Any]) -> str:
     return rid
 
 
-def build_generic(obj: dict[str, Any], qid: str, index: int, root: Path) -> Question:
+def build_generic(obj: dict[str, Any], qid: str, index: int, root: Path,
+                  load_images: bool = True) -> Question:
     """A validated Question from one generic record (raises _Bad naming the field)."""
     unknown = sorted(set(obj) - set(FIELDS))
     if unknown:
@@ -56,7 +57,7 @@ def build_generic(obj: dict[str, Any], qid: str, index: int, root: Path) -> Ques
     entries = _image_entries(obj)
     for i, entry in enumerate(entries):
         _storable(entry, f"images[{i}]")
-    images = tuple(_load_image(e, i, root) for i, e in enumerate(entries))
+    images = tuple(_load_image(e, i, root) for i, e in enumerate(entries)) if load_images else ()
     return Question(qid=qid, index=index, question=question, gt_answer=answer, images=images,
                     image_paths=tuple(entries), case_info=context or NO_CONTEXT)
 

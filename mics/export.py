@@ -314,13 +314,20 @@ def _questions(store: Any, filters: Filters
             yield qid, rec, nodes
 
 
+def is_partial(rec: dict[str, Any]) -> bool:
+    """A success that stopped at max depth without a full score (left out of sft/sharegpt
+    unless asked for: a trainer expects chains every intern sample confirmed)."""
+    return rec.get("status") == "succeeded" and stop_kind(rec) != "full_score"
+
+
 def _records(fmt: str, qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]],
              answer_in_target: bool, image_root: Path | None = None,
-             prm_label: str = "positive") -> list[dict[str, Any]]:
+             prm_label: str = "positive", include_partial: bool = True
+             ) -> list[dict[str, Any]]:
     from mics import export_trainers as trainers  # it builds on this module
 
     if fmt in ("sft", "sharegpt"):
-        if rec["status"] != "succeeded":
+        if rec["status"] != "succeeded" or (is_partial(rec) and not include_partial):
             return []
         if fmt == "sft":
             return [sft_record(qid, rec, nodes, answer_in_target)]
@@ -343,8 +350,10 @@ def _write_json(path: Path, value: Any) -> None:
 
 def export(store: Any, out_dir: Path, formats: list[str], filters: Filters | None = None,
            answer_in_target: bool = False, image_root: Path | None = None,
-           prm_label: str = "positive") -> dict[str, int]:
-    """Write each format's file(s) into ``out_dir``; returns record counts per file key.
+           prm_label: str = "positive", include_partial: bool = True) -> dict[str, int]:
+    """Write each format's file(s) into ``out_dir``; returns record counts per file key and,
+    as ``partial``, the max-depth chains without a full score (in sft/sharegpt only with
+    ``include_partial``; `mics export` leaves them out unless asked).
 
     ``image_root`` (default: the run's recorded one) is the InternVL meta file's ``root``
     and makes the image paths of the other training formats absolute. ``prm_label`` is the
@@ -377,9 +386,12 @@ def export(store: Any, out_dir: Path, formats: list[str], filters: Filters | Non
     try:
         for f in others:
             counts[f] = 0
+        counts["partial"] = 0
         for qid, rec, nodes in _questions(store, filters):
+            counts["partial"] += is_partial(rec)
             for f in others:
-                for r in _records(f, qid, rec, nodes, answer_in_target, root, prm_label):
+                for r in _records(f, qid, rec, nodes, answer_in_target, root, prm_label,
+                                  include_partial):
                     handles[f].write(orjson.dumps(r) + b"\n")
                     counts[f] += 1
     finally:

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from mics.export import Filters, _questions, _records, run_image_root, sft_record
+from mics.export import Filters, _questions, _records, is_partial, run_image_root, sft_record
 from mics.export_trainers import PRM_LABELS, prompt_blocks
 
 HF_SETS = ("sft", "preferences", "prm")
@@ -52,11 +52,12 @@ def hf_sft_row(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]],
 
 
 def _rows(store: Any, name: str, filters: Filters, answer_in_target: bool,
-          root: Path | None, prm_label: str) -> list[dict[str, Any]]:
+          root: Path | None, prm_label: str, include_partial: bool = True
+          ) -> list[dict[str, Any]]:
     rows = []
     for qid, rec, nodes in _questions(store, filters):
         if name == "sft":
-            if rec["status"] == "succeeded":
+            if rec["status"] == "succeeded" and (include_partial or not is_partial(rec)):
                 rows.append(hf_sft_row(qid, rec, nodes, answer_in_target))
         else:  # image paths relative to the root, like sft's, then embedded
             rows += _records(name, qid, rec, nodes, answer_in_target, None, prm_label)
@@ -93,8 +94,9 @@ def _dataset(rows: list[dict[str, Any]], root: Path | None) -> Any:
 
 def export_hf(store: Any, out_dir: Path, filters: Filters | None = None,
               answer_in_target: bool = False, image_root: Path | None = None,
-              prm_label: str = "positive") -> dict[str, int]:
-    """Write ``out_dir/hf`` (replacing it whole); returns the row count of each set."""
+              prm_label: str = "positive", include_partial: bool = True) -> dict[str, int]:
+    """Write ``out_dir/hf`` (replacing it whole); returns the row count of each set (the sft
+    set holds max-depth chains without a full score only with ``include_partial``)."""
     datasets = _datasets()
     if prm_label not in PRM_LABELS:
         raise ValueError(f"unknown PRM label rule {prm_label!r}; "
@@ -109,7 +111,8 @@ def export_hf(store: Any, out_dir: Path, filters: Filters | None = None,
     datasets.disable_progress_bars()  # the CLI prints its own counts
     try:
         for name in HF_SETS:
-            ds = _dataset(_rows(store, name, filters, answer_in_target, root, prm_label), root)
+            ds = _dataset(_rows(store, name, filters, answer_in_target, root, prm_label,
+                                include_partial), root)
             ds.save_to_disk(str(tmp / name))
             ds.to_parquet(str(tmp / f"{name}.parquet"))
             counts[f"hf/{name}"] = len(ds)

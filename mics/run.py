@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,8 @@ from backends.gate import CallGate, RunAborted
 from backends.registry import build_chat, build_rollout
 from mics import __version__
 from mics.config import ConfigError, RunConfig
-from mics.dataset import read_dataset
-from mics.engine import Engine, Models
+from mics.dataset import Cursor, read_dataset
+from mics.engine import FINISHED, RETRYABLE, Engine, Models
 from mics.types import Outcome, Question, RecordError
 from store import RunStore, StoreError
 
@@ -47,6 +47,12 @@ class RunSummary:
     calls: dict[str, int] = field(default_factory=dict)  # this session: sent, memo_hits, ...
     seconds: float = 0.0
     interrupted: bool = False
+    total: int | None = None  # records in the dataset (after --limit); None when unknown
+    tokens: int = 0  # prompt + completion tokens of the replies this session stored
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for `--json`."""
+        return asdict(self)
 
 
 def file_sha256(path: Path) -> str:
@@ -121,49 +127,220 @@ def load_run(store: RunStore) -> tuple[RunConfig, dict[str, Any]]:
     return RunConfig.from_dict(cfg), dataset
 
 
-def dataset_items(dataset: dict[str, Any], fmt: str = "chiron"
+def dataset_items(dataset: dict[str, Any], store: RunStore | None = None,
+                  on_done: Callable[[Outcome], None] | None = None, fmt: str = "chiron",
                   ) -> Iterator[Question | RecordError]:
     """The run's records, read lazily (`fmt`: [dataset].format); refuses a dataset changed
-    since the run started."""
+    since the run started.
+
+    With `store` (a resume): reading starts at the stored resume point (every record before it
+    is finished, see mark_resume_point), finished questions after it are reported to `on_done`
+    and dropped without opening their images, and the images of every other question are
+    checked against the fingerprints stored when they were first validated: a question whose
+    image changed is stored as failed (retried by a resume once the image is restored), never
+    searched with the new image.
+    """
     path = Path(dataset["path"])
     if not path.is_file():
-        raise RunError(f"the run's dataset is gone: {path}")
+        raise RunError(f"the run's dataset is gone: {path}; if it moved, resume with "
+                       f"`mics resume RUN --data NEW_PATH`")
+    _check_unchanged(path, dataset, store)
+    point = None
+    if store is not None:  # past what finished since it was last marked (after a kill -9)
+        point = mark_resume_point(store, dataset, fmt) if store.writable else resume_point(
+            store, dataset)
+    cursor = Cursor(point["offset"], point["line"], point["index"]) if point else Cursor()
+    finished: dict[str, dict[str, Any]] = {}
+
+    def skip(qid: str) -> bool:
+        rec = store.get_question(qid)  # type: ignore[union-attr]
+        if is_done(rec):
+            finished[qid] = rec  # type: ignore[assignment]
+        return qid in finished
+
+    items: Iterator[Question | RecordError] = read_dataset(
+        path, dataset["image_root"], skip if store is not None else None, cursor, fmt)
+    limit = dataset.get("limit")
+    if limit is not None:
+        items = itertools.islice(items, max(0, limit - cursor.index))
+    if store is not None:
+        items = _resumable(items, store, finished, on_done)
+    return items
+
+
+def is_done(rec: dict[str, Any] | None) -> bool:
+    """A stored question a resume will not search again (finished, not waiting for a retry)."""
+    return (rec is not None and rec.get("status") in FINISHED and not rec.get("retryable")
+            and rec.get("stop_reason") not in RETRYABLE)
+
+
+def _check_unchanged(path: Path, dataset: dict[str, Any], store: RunStore | None) -> None:
+    """The dataset's content hash must match; skipped when its size and mtime are those stored
+    the last time the hash was checked."""
+    st = path.stat()
+    stat = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": dataset["sha256"]}
+    if store is not None and store.get_meta("dataset_stat") == stat:
+        return
     if file_sha256(path) != dataset["sha256"]:
         raise RunError(f"the run's dataset changed since it started: {path}; "
                        "start a new run for the new data")
-    items = read_dataset(path, dataset["image_root"], fmt)
+    if store is not None and store.writable:
+        store.put_meta("dataset_stat", stat)
+
+
+def resume_point(store: RunStore | None, dataset: dict[str, Any]) -> dict[str, Any] | None:
+    """Where a resume starts reading: every record before it is finished (None: the start)."""
+    point = store.get_meta("resume_point") if store is not None else None
+    return point if point and point.get("sha256") == dataset["sha256"] else None
+
+
+def mark_resume_point(store: RunStore, dataset: dict[str, Any], fmt: str = "chiron"
+                      ) -> dict[str, Any] | None:
+    """Move the resume point past every finished record that follows it, counting them; run
+    at the end of a session, so the next one starts reading where work is left (a JSON-list
+    dataset has no resume point: it is read from its start)."""
+    point = resume_point(store, dataset)
+    cursor = Cursor(point["offset"], point["line"], point["index"]) if point else Cursor()
+    ok, failed = (point["ok"], point["failed"]) if point else (0, 0)
+    best = point
     limit = dataset.get("limit")
-    return itertools.islice(items, limit) if limit is not None else items
+    for item in read_dataset(dataset["path"], dataset["image_root"], lambda _q: True, cursor,
+                             fmt):
+        if not cursor.tracked or (limit is not None and item.index >= limit):
+            break
+        line = item.line if isinstance(item, RecordError) else cursor.line - 1
+        rec = store.get_question(f"{item.qid}@line{line}")  # a bad record of this line
+        if rec is None and isinstance(item, Question):
+            rec = store.get_question(item.qid)
+        if not is_done(rec):
+            break
+        ok += rec["status"] == "succeeded"  # type: ignore[index]
+        failed += rec["status"] != "succeeded"  # type: ignore[index]
+        best = {"offset": cursor.offset, "line": cursor.line, "index": cursor.index, "ok": ok,
+                "failed": failed, "sha256": dataset["sha256"]}
+    if best is not None and best != point:
+        store.put_meta("resume_point", best)
+    return best
+
+
+def _fingerprint_key(qid: str, i: int) -> str:
+    return f"image/{qid}/{i}"
+
+
+def _resumable(items: Iterator[Question | RecordError], store: RunStore,
+               finished: dict[str, dict[str, Any]], on_done: Callable[[Outcome], None] | None
+               ) -> Iterator[Question | RecordError]:
+    for item in items:
+        if isinstance(item, Question) and item.qid in finished:
+            rec = finished.pop(item.qid)  # finished: counted, never searched again
+            if on_done:
+                on_done(Outcome(qid=item.qid, status=rec["status"],
+                                stop_reason=rec.get("stop_reason") or "",
+                                details={"skipped": True}))
+            continue
+        if isinstance(item, Question) and item.images:
+            changed = check_fingerprints(store, item)
+            if changed is not None:
+                outcome = _store_changed(store, item, *changed)
+                if on_done:
+                    on_done(outcome)
+                continue
+        yield item
+
+
+def check_fingerprints(store: RunStore, q: Question) -> tuple[str, str] | None:
+    """Compare q's images with what validation stored (content hash, size, mtime) when they
+    were first seen, and store the fingerprints of new ones; (field, message) if one changed."""
+    for i, img in enumerate(q.images):
+        st = os.stat(img.path)
+        now = {"path": img.path, "sha256": img.sha256, "size": st.st_size,
+               "mtime_ns": st.st_mtime_ns}
+        key = _fingerprint_key(q.qid, i)
+        was = store.get_meta(key)
+        if was is not None and was["sha256"] != img.sha256:
+            return f"images[{i}]", (
+                f"image {q.image_paths[i]!r} ({img.path}) changed since the run started: "
+                f"sha256 {was['sha256'][:12]}, {was['size']} bytes, then; sha256 "
+                f"{img.sha256[:12]}, {st.st_size} bytes, now. Restore the original and "
+                "`mics resume` (the question is retried), or start a new run")
+        if was != now:
+            store.put_meta(key, now)
+    return None
+
+
+def _store_changed(store: RunStore, q: Question, field_name: str, message: str) -> Outcome:
+    outcome = Outcome(qid=q.qid, status="failed", stop_reason="bad_record", stage="input",
+                      error=message, details={"field": field_name})
+    old = store.get_question(q.qid) or {}
+    store.put_question(q.qid, {"status": "failed", "index": q.index,
+                               "question": old.get("question") or q.to_dict(),
+                               "stop_reason": "bad_record", "retryable": True,
+                               "outcome": outcome.to_dict()})
+    return outcome
+
+
+def relocate_dataset(store: RunStore, data: Path, image_root: Path | None) -> None:
+    """Point a run at its moved dataset (and image root); only the same content is accepted."""
+    _config, dataset = load_run(store)
+    moved = describe_dataset(data, image_root, dataset.get("limit"))
+    if moved["sha256"] != dataset["sha256"]:
+        raise RunError(f"{moved['path']} is not the run's dataset (its content differs: sha256 "
+                       f"{moved['sha256'][:12]}, the run's is {dataset['sha256'][:12]}); "
+                       "start a new run for new data")
+    if image_root is None:
+        moved["image_root"] = dataset["image_root"]
+    if moved != dataset:
+        store.put_meta("dataset", moved)
+
+
+def dataset_total(dataset: dict[str, Any]) -> int | None:
+    """Records the run reads (for progress and ETA); None when not countable cheaply."""
+    path = Path(dataset["path"])
+    if not path.is_file():
+        return None
+    total = count_records(path)
+    limit = dataset.get("limit")
+    return min(total, limit) if total is not None and limit is not None else total
 
 
 async def search_run(
     run_dir: Path,
     *,
-    on_start: Callable[[int | None], None] | None = None,
+    on_start: Callable[[int | None, int, int], None] | None = None,
     on_done: Callable[[Outcome], None] | None = None,
     on_interrupt: Callable[[], None] | None = None,
+    on_gate: Callable[[CallGate], None] | None = None,
     store: RunStore | None = None,
+    models: Models | None = None,
 ) -> RunSummary:
     """Search (or resume) the run recorded in `run_dir`.
 
     The first SIGINT/SIGTERM stops sending new calls; calls in flight finish and are stored,
     and unfinished questions stay resumable. A second one exits at once (commits are atomic).
-    Pass `store` to keep the writer lock held since the run was recorded.
+    Pass `store` to keep the writer lock held since the run was recorded, and `models` when
+    they were built already (to check a config before anything was created).
+    `on_start(total, ok, failed)` gets the record count and what was finished before the
+    resume point; finished questions after it go to `on_done` (details "skipped") as read;
+    `on_gate` the session's call gate (its counts and tokens, for progress lines).
     """
     started = time.perf_counter()
     with contextlib.nullcontext(store) if store else RunStore.open(run_dir, write=True) as store:
         config, dataset = load_run(store)
-        items = dataset_items(dataset, config.dataset.format)
+        items = dataset_items(dataset, store, on_done, config.dataset.format)
+        point = resume_point(store, dataset)
+        total = dataset_total(dataset)
         if on_start:
-            total = count_records(Path(dataset["path"]))
-            limit = dataset.get("limit")
-            on_start(min(total, limit) if total is not None and limit is not None else total)
-        models = build_models(config)
+            on_start(total, *((point["ok"], point["failed"]) if point else (0, 0)))
+        models = models or build_models(config)
         gate = CallGate(store, session=uuid.uuid4().hex[:12])
+        if on_gate:
+            on_gate(gate)
         engine = Engine(config, store, models, gate, on_done=on_done)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_watch_interrupts, gate, on_interrupt)
+                tg.start_soon(_mark_every, store, dataset, MARK_EVERY_S,
+                              config.dataset.format)
                 await engine.run(items, collect=False)
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -174,11 +351,24 @@ async def search_run(
                            f"cause, then `mics resume {run_dir}`") from None
         finally:
             await models.aclose()
+        mark_resume_point(store, dataset, config.dataset.format)
         summary = summarize(store)
+        summary.total = total
         summary.calls = dict(gate.counts)
+        summary.tokens = gate.tokens
         summary.interrupted = gate.stopping
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
+
+
+MARK_EVERY_S = 60.0  # the resume point also advances during a session (a kill -9 keeps it)
+
+
+async def _mark_every(store: RunStore, dataset: dict[str, Any], seconds: float,
+                      fmt: str = "chiron") -> None:
+    while True:
+        await anyio.sleep(seconds)
+        mark_resume_point(store, dataset, fmt)
 
 
 async def _watch_interrupts(gate: CallGate, on_interrupt: Callable[[], None] | None) -> None:
@@ -219,6 +409,47 @@ def summarize(store: RunStore) -> RunSummary:
     return summary
 
 
+def writer_pid(run_dir: Path) -> int | None:
+    """The pid of the process searching the run now, or None (the lock file keeps the pid of
+    a writer killed with -9, so the pid is checked to be alive)."""
+    try:
+        pid = int((Path(run_dir) / "lock").read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid  # alive, another user's
+    return pid
+
+
+def run_activity(store: RunStore, summary: RunSummary) -> dict[str, Any]:
+    """Total, rate and ETA from the call log (time spent searching, across sessions) and
+    whether a process runs the search now."""
+    spans: dict[str, list[float]] = {}
+    for entry in store.iter_calls():
+        t = entry.get("t")
+        if t is None:
+            continue
+        span = spans.setdefault(entry.get("session", ""), [t, t])
+        span[0], span[1] = min(span[0], t), max(span[1], t)
+    active_s = sum(b - a for a, b in spans.values())
+    _config, dataset = load_run(store)
+    total = dataset_total(dataset)
+    done = summary.succeeded + summary.failed
+    rate = done / active_s if active_s > 0 and done else None
+    left = None if total is None else max(0, total - done)
+    pid = writer_pid(store.run_dir)
+    return {"total": total, "finished": done, "left": left, "searching_s": round(active_s, 1),
+            "questions_per_hour": None if rate is None else round(rate * 3600, 1),
+            "eta_s": None if rate is None or left is None else round(left / rate),
+            "sessions": len(spans), "running_pid": pid}
+
+
 def cache_hit_rates(store: RunStore) -> tuple[float | None, dict[str, tuple[int, int]]]:
     """Intern prefix-cache reuse from the stored calls: run-level sum(cached)/sum(prompt) and
     per question (prompt tokens, cached tokens)."""
@@ -246,6 +477,6 @@ def with_seed(config: RunConfig, seed: int | None) -> RunConfig:
 
 __all__ = [
     "ConfigError", "RunError", "RunSummary", "StoreError", "build_models", "dataset_items",
-    "describe_dataset", "load_run", "record_run", "search_run", "start_run", "summarize",
-    "with_seed",
+    "describe_dataset", "load_run", "record_run", "relocate_dataset", "run_activity",
+    "search_run", "start_run", "summarize", "with_seed", "writer_pid",
 ]

@@ -92,5 +92,6 @@ def local_rollout(path: Path, **options: Any):  # noqa: ANN201 - LocalRollout, i
 @pytest.fixture
 def chiron() -> Path:
     if not (CHIRON / "demo.jsonl").is_file():
-        pytest.skip("../shared/data/chiron-demo is not available")
+        pytest.fail(f"the Chiron demo data is missing: {CHIRON} (tests need ../shared next to "
+                    "the repository; .ci/run says so before running)")
     return CHIRON

@@ -101,7 +101,7 @@ def test_second_search_on_same_run_is_refused(tmp_path, demo_data):
     data, images = demo_data
     slow = tmp_path / "slow.toml"
     slow.write_text(EXAMPLE.read_text().replace(
-        'model = "sim-judge"', 'model = "sim-judge"\noptions = { latency_s = 0.2 }'))
+        'model = "sim-judge"', 'model = "sim-judge"\noptions = { latency_s = 1.0 }'))
     args = ["search", data, "--image-root", images, "--config", slow, "--run", tmp_path / "R"]
     first = subprocess.Popen([sys.executable, "-m", "cli.app", *map(str, args)], cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -114,7 +114,7 @@ def _sandwich(tmp_path: Path, root: Path, bad: Any) -> tuple[RecordError, list[Q
 @pytest.fixture(scope="module")
 def chiron() -> dict[str, Question]:
     if not (CHIRON / "demo.jsonl").is_file():
-        pytest.skip(f"Chiron demo data not present at {CHIRON}")
+        pytest.fail(f"Chiron demo data missing at {CHIRON} (tests need ../shared)")
     results = _load(CHIRON / "demo.jsonl", CHIRON / "images")
     assert all(isinstance(r, Question) for r in results), [str(r) for r in results]
     return {q.qid: q for q in results if isinstance(q, Question)}
@@ -123,7 +123,7 @@ def chiron() -> dict[str, Question]:
 @pytest.fixture(scope="module")
 def chiron_raw() -> dict[str, dict[str, Any]]:
     if not (CHIRON / "demo.jsonl").is_file():
-        pytest.skip(f"Chiron demo data not present at {CHIRON}")
+        pytest.fail(f"Chiron demo data missing at {CHIRON} (tests need ../shared)")
     lines = (CHIRON / "demo.jsonl").read_text(encoding="utf-8").splitlines()
     return {d["rid"]: d for d in map(json.loads, filter(str.strip, lines))}
 
@@ -493,3 +493,36 @@ def test_demo_dataset_sizes_and_group_mapping(tmp_path: Path) -> None:
     assert len(questions) == 20 and len({q.qid for q in questions}) == 20
     mixed = next(q for q in questions if q.image_paths and "group2" in q.image_paths[0])
     assert "According to the image 3," in mixed.captions[0]
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", ""])
+def test_truncated_json_line_reports_its_break_column(tmp_path: Path, ending: str) -> None:
+    good = json.dumps({"rid": "ok", "messages": [{"content": "q"}, {"content": "a"}]})
+    cut = '{"rid": "cut", "messages": [{"content": "why'
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(f"{good}\n{cut}{ending}".encode())
+    err = _load(path)[1]
+    assert isinstance(err, RecordError) and err.line == 2 and err.field == "json"
+    # the line breaks off after its last character: column len + 1, never "column 1"
+    assert f"breaks off at column {len(cut) + 1}" in err.message, err.message
+    assert "Unterminated string starting at column 41" in err.message
+    assert "line 2" not in err.message
+
+
+def test_skip_images_yields_finished_records_without_opening_images(tmp_path: Path) -> None:
+    data, images = write_demo_dataset(tmp_path / "demo")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    with_images = [r["rid"] for r in rows if r["images"]]
+    for r in rows:
+        if r["rid"] == with_images[0]:
+            for p in r["images"]:
+                (images / p).write_bytes(b"broken")  # would be a RecordError if opened
+    skipped = list(read_dataset(data, images, skip_images={with_images[0]}.__contains__))
+    first = next(q for q in skipped if q.qid == with_images[0])
+    assert isinstance(first, Question) and first.images == () and first.image_paths
+    others = [q for q in skipped if q.qid != with_images[0]]
+    assert all(isinstance(q, Question) for q in others)
+    assert all(len(q.images) == len(q.image_paths) for q in others)
+    unskipped = {q.qid: q for q in read_dataset(data, images)}
+    broken = unskipped[with_images[0]]
+    assert isinstance(broken, RecordError) and broken.field.startswith("images[")

@@ -352,7 +352,8 @@ def test_split_answer():
 
 def test_cli_export_all_and_errors(fixed_run, exported, tmp_path):
     runner = CliRunner()
-    res = runner.invoke(app, ["export", str(fixed_run), "--out", str(tmp_path), "-f", "all"])
+    res = runner.invoke(app, ["export", str(fixed_run), "--out", str(tmp_path), "-f", "all",
+                                 "--include-partial"])  # the library default (golden)
     assert res.exit_code == 0, res.output
     for name in OUT_FILES:
         assert out_bytes(tmp_path, name) == out_bytes(exported, name)

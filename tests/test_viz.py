@@ -170,7 +170,8 @@ def test_pages_in_headless_chromium(chromium, run, tmp_path):
         proc = browse(chromium, page.as_uri(), tmp_path, "--dump-dom")
         assert proc.returncode == 0, proc.stderr[-2000:]
         status = status_of(proc.stdout)
-        assert status == {"data-errors": "0", "data-nodes": str(n), "data-ready": "1"}, qid
+        assert status == {"data-errors": "0", "data-nodes": str(n), "data-ready": "1",
+                          "data-ghosts": "0"}, qid
         assert "Uncaught" not in proc.stderr
     # a click (driven by #node=) fills the detail panel with the step and intern verdicts
     proc = browse(chromium, (tmp_path / "pages" / page_name("q2")).as_uri() + "#node=a0.d0.m1",
@@ -186,3 +187,121 @@ def test_pages_in_headless_chromium(chromium, run, tmp_path):
     with Image.open(shot) as img:
         colours = img.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 20  # not blank: text, circles, edges
+
+
+# ---------------------------------------------------------------- the tree page for real trees
+
+
+MENTORS = ("mentor-a", "mentor-b", "mentor-c")
+
+
+def deep_tree(failed: bool = False) -> nx.DiGraph:
+    """Depth 5 after a restart (attempt 0 was all zero), mentor-c's call failed at depth 3,
+    mentor-a's depth-2 step leaks the answer; `failed`: stops at depth 4, no mentor left."""
+    nodes = [{"node_id": "a0.root", "parent_id": None, "attempt": 0, "depth": -1, "mentor": None,
+              "step": "root", "score": 0.0, "correct": 0, "total": 0, "chosen": True,
+              "samples": []}]
+    for m in MENTORS:
+        nodes.append({"node_id": f"a0.d0.{m}", "parent_id": "a0.root", "attempt": 0, "depth": 0,
+                      "mentor": m, "step": f"### Step 1\n{m} first try", "score": 0.0,
+                      "correct": 0, "total": 6, "chosen": False, "samples": []})
+    nodes.append({**nodes[0], "node_id": "a1.root", "attempt": 1})
+    parent, last = "a1.root", 4 if failed else 5
+    for d in range(last if not failed else last - 1):
+        for k, m in enumerate(MENTORS):
+            if d == 2 and m == "mentor-c":
+                continue  # its call failed: no node
+            score = [0.5, 0.33, 0.17][k] if d < 4 else [1.0, 0.83, 0.5][k]
+            nodes.append({
+                "node_id": f"a1.d{d}.{m}", "parent_id": parent, "attempt": 1, "depth": d,
+                "mentor": m, "score": score, "correct": round(score * 6), "total": 6,
+                "step": f"### Step {d + 1}\nThe {m} step at depth {d + 1}: findings, "
+                        "reasoning and a differential. " * 3,
+                "chosen": k == 0, "leaks_answer": d == 1 and m == "mentor-a",
+                "samples": [{"intern": "i0", "temperature": 1.2, "answer": "x",
+                             "correct": True, "verdict": "yes"}]})
+        parent = f"a1.d{d}.mentor-a"
+    errors = {"3": {"mentor-c": "call failed after 7 attempt(s): HTTP 503 from m-c"}}
+    if failed:
+        errors["4"] = {m: "call failed after 7 attempt(s): connection refused" for m in MENTORS}
+        rec = {"status": "failed", "stop_reason": "no_mentor",
+               "outcome": {"final_depth": 4, "error": "no mentor produced a valid step at "
+                           "depth 4", "details": {"depth": 3, "mentor_errors": errors["4"],
+                                                  "mentor_errors_by_depth": errors}}}
+    else:
+        rec = {"status": "succeeded", "stop_reason": "full_score",
+               "outcome": {"final_depth": 5, "details": {"mentor_errors_by_depth": errors}}}
+    rec["question"] = {"question": "A deep case?", "gt_answer": "answer", "image_paths": []}
+    return question_graph("deep-failed" if failed else "deep", rec, nodes)
+
+
+def test_ink_is_readable_on_every_score_colour():
+    from mics.viz import contrast, ink_for, score_color
+
+    worst = min(contrast(score_color(x / 100), ink_for(score_color(x / 100)))
+                for x in range(101))
+    assert worst >= 4.5  # WCAG AA for normal text; white on olive was ~2:1
+    data = embedded_data(tree_html(deep_tree()))
+    assert all(n["ink"] == ink_for(n["fill"]) for n in data["nodes"])
+
+
+def test_page_lists_ghosts_legend_and_leaks():
+    page = tree_html(deep_tree())
+    assert "orange ring: selected" in page and "leaks the answer" in page
+    data = embedded_data(page)
+    assert [(g["depth"], g["mentor"], g["parent"]) for g in data["ghosts"]] == [
+        (3, "mentor-c", "a1.d1.mentor-a")]
+    assert "HTTP 503" in data["ghosts"][0]["error"]
+    assert [n["id"] for n in data["nodes"] if n["leaks_answer"]] == ["a1.d1.mentor-a"]
+
+
+def dom(chromium: str, page: Path, tmp: Path, fragment: str = "") -> str:
+    proc = browse(chromium, page.as_uri() + fragment, tmp, "--dump-dom",
+                  "--window-size=1200,800")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert status_of(proc.stdout)["data-errors"] == "0", proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.timeout(900)
+def test_real_tree_items_in_headless_chromium(chromium, tmp_path):
+    shots = Path(os.environ.get("MICS_SCREENSHOT_DIR") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    deep, failed = tmp_path / "deep.html", tmp_path / "failed.html"
+    deep.write_text(tree_html(deep_tree()), encoding="utf-8")
+    failed.write_text(tree_html(deep_tree(failed=True)), encoding="utf-8")
+
+    page = dom(chromium, deep, tmp_path)
+    st = status_of(page)
+    assert st["data-nodes"] == str(len(embedded_data(deep.read_text())["nodes"]))
+    assert st["data-ghosts"] == "1"
+    scale = float(re.search(r'<svg[^>]*data-scale="([0-9.]+)"', page).group(1))
+    assert scale >= 0.9  # a deep tree is not shrunk until its labels are unreadable
+    assert re.search(r'<g class="node path leaks[^"]*" data-id="a1.d1.mentor-a"', page)
+    assert "\u26a0 leak" in page
+    # hover shows the step text, no click needed
+    page = dom(chromium, deep, tmp_path, "#hover=a1.d3.mentor-b")
+    hover = re.search(r'<div id="hover"[^>]*data-for="a1.d3.mentor-b"[^>]*>(.*?)</div>', page,
+                      re.S)
+    assert hover is not None and "mentor-b step at depth 4" in hover.group(1)
+    # a failed mentor call is drawn and explains itself
+    page = dom(chromium, deep, tmp_path, "#node=a1.d2.mentor-c.failed")
+    detail = re.search(r'<aside id="detail">(.*?)</aside>', page, re.S).group(1)
+    assert "call failed" in detail and "HTTP 503 from m-c" in detail
+    # zoom
+    page = dom(chromium, deep, tmp_path, "#zoom=2")
+    assert 'data-scale="2.000"' in page
+    # a failed question opens on its failure
+    page = dom(chromium, failed, tmp_path)
+    detail = re.search(r'<aside id="detail">(.*?)</aside>', page, re.S).group(1)
+    assert "Failed: no_mentor" in detail and "connection refused" in detail
+    assert re.search(r'<g class="ghost selected" data-id="a1.d3.mentor-[abc].failed"', page)
+
+    for name, path, fragment in (("deep", deep, "#hover=a1.d3.mentor-b"),
+                                 ("failed", failed, ""), ("zoomed-out", deep, "#zoom=0.5")):
+        shot = shots / f"tree-{name}.png"
+        browse(chromium, path.as_uri() + fragment, tmp_path, f"--screenshot={shot}",
+               "--window-size=1400,900")
+        with Image.open(shot) as img:
+            colours = img.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colours is not None and len(colours) > 20, name
