@@ -44,7 +44,8 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _search_with_progress(run_dir: Path, store: RunStore | None = None) -> RunSummary:
+def _search_with_progress(run_dir: Path, store: RunStore | None = None,
+                          retry_failed: bool = False) -> RunSummary:
     with Progress(TextColumn("[bold]searching"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("ok {task.fields[ok]}  failed {task.fields[bad]}"),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
@@ -59,7 +60,7 @@ def _search_with_progress(run_dir: Path, store: RunStore | None = None) -> RunSu
             progress.update(task, advance=1, **tally)
 
         return anyio.run(lambda: search_run(run_dir, on_start=on_start, on_done=on_done,
-                                            store=store))
+                                            store=store, retry_failed=retry_failed))
 
 
 def _record_and_search(run: Path, cfg, data: Path, image_root: Path | None,  # noqa: ANN001
@@ -92,6 +93,19 @@ def _print_summary(summary: RunSummary, title: str = "run summary") -> None:
                       f"[bold]mics resume {summary.run_dir}[/]")
 
 
+def _finish(summary: RunSummary) -> None:
+    """Exit non-zero unless every question was decided (issue 10): 130/143 after SIGINT /
+    SIGTERM, 3 with deferred or unfinished questions, after one line saying why."""
+    line = summary.deferred_line()
+    if line:
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
+    elif summary.pending and summary.stop_signal is None:
+        err.print(f"{summary.pending} questions not finished; run `mics resume "
+                  f"{summary.run_dir}`", markup=False, highlight=False, soft_wrap=True)
+    if summary.exit_code:
+        raise typer.Exit(summary.exit_code)
+
+
 def _guarded(fn, *args):  # noqa: ANN001, ANN202
     try:
         return fn(*args)
@@ -111,14 +125,22 @@ def search(
 ) -> None:
     """Search every question of DATA; re-running on the same --run resumes it."""
     cfg = _guarded(lambda: with_seed(load_config(config), seed))
-    _print_summary(_guarded(_record_and_search, run, cfg, data, image_root, limit))
+    summary = _guarded(_record_and_search, run, cfg, data, image_root, limit)
+    _print_summary(summary)
+    _finish(summary)
 
 
 @app.command()
-def resume(run: RunDir) -> None:
+def resume(
+    run: RunDir,
+    retry_failed: Annotated[bool, typer.Option(
+        "--retry-failed", help="Also re-search questions that failed for an infrastructure "
+        "cause (a failed call), including runs made before deferral existed.")] = False,
+) -> None:
     """Continue an interrupted run; stored calls are never sent again."""
-    summary = _guarded(_search_with_progress, run)
+    summary = _guarded(_search_with_progress, run, None, retry_failed)
     _print_summary(summary)
+    _finish(summary)
 
 
 @app.command()
@@ -174,6 +196,9 @@ def export(
     answer_in_target: Annotated[bool, typer.Option(
         "--answer-in-target", help="sft/sharegpt: keep the final-answer line in the target.")]
     = False,
+    exclude_leaks: Annotated[bool, typer.Option(
+        "--exclude-leaks", help="Leave out questions whose chosen path has a step that states "
+        "the correct answer (step-values / preferences: leaking steps).")] = False,
 ) -> None:
     """Write training data; `reference` is results.jsonl + failed.jsonl (Chiron-o1 schema)."""
     from mics.export import FORMATS, Filters
@@ -183,7 +208,8 @@ def export(
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         _fail(f"unknown --format {', '.join(bad)}; choose from {', '.join(FORMATS)} or all")
-    filters = Filters(min_score=min_score, only_full_score=only_full_score, max_depth=max_depth)
+    filters = Filters(min_score=min_score, only_full_score=only_full_score, max_depth=max_depth,
+                      exclude_leaks=exclude_leaks)
 
     def write() -> dict[str, int]:
         with RunStore.open(run, write=False) as store:
@@ -239,6 +265,7 @@ def demo(
     summary = _guarded(_record_and_search, run, cfg, data, images, None)
     _print_summary(summary, title="demo summary (simulated models)")
     console.print(f"next: [bold]mics export {run} --out {run}/export[/]")
+    _finish(summary)
 
 
 def main() -> None:

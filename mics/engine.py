@@ -114,6 +114,7 @@ class Engine:
         self.models = models
         self.gate = gate
         self.on_done = on_done or (lambda _o: None)
+        self.retry_qids: set[str] = set()  # finished questions to search again (--retry-failed)
 
     # ---- run level -------------------------------------------------------------------------
 
@@ -144,7 +145,8 @@ class Engine:
                         outcomes.append(failed)
                     continue
                 existing = self.store.get_question(item.qid)
-                if existing and existing["status"] in FINISHED and not existing.get("retryable"):
+                if (existing and existing["status"] in FINISHED and not existing.get("retryable")
+                        and item.qid not in self.retry_qids):
                     continue
                 await slots.acquire()
                 if self.gate.stopping:

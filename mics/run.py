@@ -47,6 +47,31 @@ class RunSummary:
     calls: dict[str, int] = field(default_factory=dict)  # this session: sent, memo_hits, ...
     seconds: float = 0.0
     interrupted: bool = False
+    # issue 10: questions left undecided because a call still failed; endpoint -> questions
+    deferred: int = 0
+    deferred_by_endpoint: dict[str, int] = field(default_factory=dict)
+    breakers_opened: list[str] = field(default_factory=list)  # this session, in order
+    stop_signal: int | None = None  # SIGINT / SIGTERM that stopped this session
+
+    @property
+    def exit_code(self) -> int:
+        """0 only for a run with every question decided: 128 + signal after a stop, 3 when
+        questions are deferred or unfinished (so `search && export` never exports partial
+        data unnoticed)."""
+        if self.stop_signal is not None:
+            return 128 + self.stop_signal
+        return 3 if self.deferred or self.pending else 0
+
+    def deferred_line(self) -> str | None:
+        """The one line that says what is deferred and why, or None."""
+        if not self.deferred:
+            return None
+        names = sorted(self.deferred_by_endpoint, key=lambda n: -self.deferred_by_endpoint[n])
+        down = [n for n in names if n in self.breakers_opened]
+        what = (f"endpoint {', '.join(down)} unreachable" if down else
+                f"calls to {', '.join(names) or 'an endpoint'} failed")
+        return (f"{self.deferred} question{'s' if self.deferred != 1 else ''} deferred: {what}; "
+                f"run `mics resume {self.run_dir}` when it is back")
 
 
 def file_sha256(path: Path) -> str:
@@ -141,12 +166,15 @@ async def search_run(
     on_done: Callable[[Outcome], None] | None = None,
     on_interrupt: Callable[[], None] | None = None,
     store: RunStore | None = None,
+    retry_failed: bool = False,
 ) -> RunSummary:
     """Search (or resume) the run recorded in `run_dir`.
 
     The first SIGINT/SIGTERM stops sending new calls; calls in flight finish and are stored,
     and unfinished questions stay resumable. A second one exits at once (commits are atomic).
-    Pass `store` to keep the writer lock held since the run was recorded.
+    Pass `store` to keep the writer lock held since the run was recorded. `retry_failed` also
+    re-searches questions stored as failed for an infrastructure cause (see `infra_failed`),
+    runs made before deferral included.
     """
     started = time.perf_counter()
     with contextlib.nullcontext(store) if store else RunStore.open(run_dir, write=True) as store:
@@ -159,6 +187,8 @@ async def search_run(
         models = build_models(config)
         gate = CallGate(store, session=uuid.uuid4().hex[:12])
         engine = Engine(config, store, models, gate, on_done=on_done)
+        if retry_failed:
+            engine.retry_qids = infra_failed(store)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_watch_interrupts, gate, on_interrupt)
@@ -175,16 +205,19 @@ async def search_run(
         summary = summarize(store)
         summary.calls = dict(gate.counts)
         summary.interrupted = gate.stopping
+        summary.breakers_opened = list(gate.breakers_opened)
+        summary.stop_signal = getattr(gate, "stop_signal", None)
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
 
 
 async def _watch_interrupts(gate: CallGate, on_interrupt: Callable[[], None] | None) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _signum in signals:
+        async for signum in signals:
             if gate.stopping:
-                os._exit(130)
+                os._exit(128 + int(signum))
             gate.stop()
+            gate.stop_signal = int(signum)  # type: ignore[attr-defined]
             if on_interrupt:
                 on_interrupt()
 
@@ -203,6 +236,7 @@ def summarize(store: RunStore) -> RunSummary:
     """Counts by status and stop reason, computed from the store."""
     summary = RunSummary(run_dir=str(store.run_dir))
     reasons: Counter[str] = Counter()
+    by_endpoint: Counter[str] = Counter()
     for _qid, status, stop_reason in store.question_statuses():
         summary.questions += 1
         if status == "succeeded":
@@ -213,8 +247,41 @@ def summarize(store: RunStore) -> RunSummary:
             summary.pending += 1
         if stop_reason:
             reasons[stop_reason] += 1
+        if status == "deferred":
+            summary.deferred += 1
+            summary.pending -= 1
+            rec = store.get_question(_qid) or {}
+            for name in ((rec.get("outcome") or {}).get("details") or {}).get("endpoints", []):
+                by_endpoint[name] += 1
     summary.stop_reasons = dict(sorted(reasons.items()))
+    summary.deferred_by_endpoint = dict(sorted(by_endpoint.items()))
     return summary
+
+
+INFRA_STOPS = ("no_mentor", "no_intern", "no_judge", "deferred")
+
+
+def infra_failed(store: RunStore) -> set[str]:
+    """Questions stored as failed for an infrastructure cause: a retryable stop reason, or a
+    failure (e.g. an old run's "All mentor scores are zero.") of a question whose calls are in
+    the failure log, or whose tree holds a sample or mentor whose call failed."""
+    failed_calls = {f.get("qid") for f in store.iter_failures() if f.get("kind") == "call"}
+    out = set()
+    for qid, rec in store.iter_questions():
+        if rec.get("status") != "failed" or rec.get("stop_reason") == "bad_record":
+            continue
+        details = (rec.get("outcome") or {}).get("details") or {}
+        text = str(details.get("mentor_errors_by_depth", "")) + str(details.get("mentor_errors",
+                                                                                 ""))
+        if (rec.get("stop_reason") in INFRA_STOPS or qid in failed_calls
+                or "call failed" in text or _tree_has_failed_call(store, qid)):
+            out.add(qid)
+    return out
+
+
+def _tree_has_failed_call(store: RunStore, qid: str) -> bool:
+    return any(s.get("verdict") in ("call-failed", "judge-failed")
+               for n in store.get_nodes(qid) for s in n.get("samples", []))
 
 
 def cache_hit_rates(store: RunStore) -> tuple[float | None, dict[str, tuple[int, int]]]:

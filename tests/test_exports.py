@@ -155,7 +155,7 @@ def test_sft_schema(exported):
     assert [r["id"] for r in records] == [r["rid"] for r in results]
     for r, ref in zip(records, results, strict=True):
         assert set(r) - {"image"} == {"id", "conversations", "answer", "gt_answer",
-                                       "generated_by", "difficulty"}
+                                       "generated_by", "difficulty", "leaks_answer"}
         images = r.get("image", [])
         assert sorted(images) == sorted(ref["images"])
         assert [t["from"] for t in r["conversations"]] == ["human", "gpt"]
@@ -171,7 +171,7 @@ def test_sharegpt_schema(exported):
     sft = read_jsonl(exported / "sft.jsonl")
     for r, s in zip(records, sft, strict=True):
         assert set(r) == {"id", "messages", "images", "answer", "gt_answer", "generated_by",
-                          "difficulty"}
+                          "difficulty", "leaks_answer"}
         assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
         assert r["images"] == s.get("image", [])
         assert [m["content"] for m in r["messages"]] == [t["value"] for t in s["conversations"]]
@@ -189,7 +189,7 @@ def test_step_values_schema(exported, fixed_run):
     assert [r["node_id"] for r in records] == [n["node_id"] for n in stored]
     keys = {"rid", "question", "gt_answer", "images", "node_id", "parent_id", "attempt",
             "depth", "mentor", "prefix", "step", "value", "correct", "total", "chosen",
-            "reused", "difficulty"}
+            "reused", "difficulty", "leaks_answer"}
     for r in records:
         assert set(r) == keys
         assert r["value"] == r["correct"] / r["total"] and r["depth"] >= 1
@@ -205,7 +205,8 @@ def test_preferences_schema(exported):
         assert set(r) == {"rid", "question", "gt_answer", "images", "depth", "parent_id",
                           "prefix", "chosen", "rejected", "margin", "difficulty"}
         c, j = r["chosen"], r["rejected"]
-        assert set(c) == set(j) == {"node_id", "mentor", "step", "score", "correct", "total"}
+        assert set(c) == set(j) == {"node_id", "mentor", "step", "score", "correct", "total",
+                                    "leaks_answer"}
         assert c["score"] > j["score"] and r["margin"] == c["score"] - j["score"]
         assert c["node_id"] != j["node_id"] and c["mentor"] != j["mentor"]
         assert c["node_id"].split(".")[1] == j["node_id"].split(".")[1] == f"d{r['depth'] - 1}"
