@@ -98,6 +98,8 @@ td,th{border:1px solid #e5e7eb;padding:3px 6px;text-align:left;vertical-align:to
 .node circle{stroke:#374151;stroke-width:1.5}
 .node.path circle{stroke:#1d4ed8;stroke-width:5}
 .node.reused circle{stroke-dasharray:4 3}
+.node.leak text.score{fill:#fde047}
+.leak-note{color:#b45309;font-weight:600}
 .node.selected circle{stroke:#f59e0b;stroke-width:5}
 .node text{font-size:11px;text-anchor:middle;pointer-events:none}
 .node .score{fill:#fff;font-weight:600}
@@ -150,11 +152,11 @@ function color(n){if(n.root)return '#9ca3af';
   var h=Math.max(0,Math.min(1,n.score))*120;return 'hsl('+h+',65%,45%)';}
 var selected=null;
 data.nodes.forEach(function(n){
-  var cls='node'+(n.on_path?' path':'')+(n.reused?' reused':'');
+  var cls='node'+(n.on_path?' path':'')+(n.reused?' reused':'')+(n.leaks_answer?' leak':'');
   var g=el('g',{'class':cls,'data-id':n.id,tabindex:'0',role:'button'},svg);
   el('circle',{cx:px(n.id),cy:py(n.id),r:R,fill:color(n)},g);
   var t=el('text',{x:px(n.id),y:py(n.id)+4,'class':'score'},g);
-  t.textContent=n.root?'root':n.score.toFixed(2);
+  t.textContent=n.root?'root':(n.leaks_answer?'\u26a0 ':'')+n.score.toFixed(2);
   var l=el('text',{x:px(n.id),y:py(n.id)+R+14},g);
   l.textContent=n.root?('attempt '+n.attempt):(n.mentor||'?');
   var tip=el('title',{},g);tip.textContent=n.id;
@@ -172,6 +174,8 @@ function show(n){var d=document.getElementById('detail');d.textContent='';
   add(d,'p',n.id,'muted');
   if(!n.root){add(d,'p','MICS-Score '+n.score.toFixed(3)+' ('+n.correct+'/'+n.total+
     ' correct)'+(n.chosen?' \u00b7 chosen':'')+(n.reused?' \u00b7 reused step':''));}
+  if(n.leaks_answer){add(d,'p','\u26a0 this step states the correct answer (answer leak)',
+    'leak-note');}
   add(d,'h3','Step');add(d,'pre',n.step);
   if(n.samples.length){add(d,'h3','Intern samples');var tb=add(d,'table');
     var hr=add(tb,'tr');['intern','temp','answer','verdict'].forEach(function(h){add(hr,'th',h);});
@@ -201,6 +205,15 @@ def _script_json(value: Any) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
+def _mentor_errors(data: dict[str, Any]) -> str:
+    rows = data.get("mentor_errors") or []
+    if not rows:
+        return ""
+    items = "".join(f"<li>depth {html.escape(r['depth'])} · <b>{html.escape(r['mentor'])}</b>: "
+                    f"{html.escape(r['error'])}</li>" for r in rows)
+    return f'<div class="mentor-errors"><b>Mentor errors:</b><ul>{items}</ul></div>'
+
+
 def tree_html(g: nx.DiGraph, title: str | None = None) -> str:
     """One self-contained HTML page drawing a question's tree."""
     data = tree_json(g)
@@ -223,8 +236,10 @@ def tree_html(g: nx.DiGraph, title: str | None = None) -> str:
 <p><b>Stop:</b> {e(data['stop'])} · <b>nodes:</b> {data['node_count']} ·
 <b>attempts:</b> {data['attempts']} · <b>chosen path:</b> {e(path)} ·
 <b>scores:</b> {e(trajectory)}</p>
+{_mentor_errors(data)}
 <p class="legend muted">MICS-Score {legend}<span>blue ring: chosen path</span>
-<span>dashed: reused step</span><span>click a node for details</span></p>
+<span>dashed: reused step</span><span>⚠: step states the answer</span>
+<span>click a node for details</span></p>
 </header>
 <div id="main"><div id="canvas"></div><aside id="detail"><p class="muted">Click a node.</p>
 </aside></div>
