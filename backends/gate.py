@@ -71,7 +71,7 @@ class CallGate:
         self._kill_after = int(kill) if kill else None
         self._stored = 0
         self.stopping = False
-        self._names: dict[int, str] = {}
+        self.stop_signal: int | None = None  # the signal that asked for the stop, if any
 
     def stop(self) -> None:
         """Send no new calls from now on; calls in flight finish and are stored."""
@@ -88,12 +88,6 @@ class CallGate:
         if brk is None:
             brk = self._breakers[id(model)] = CircuitBreaker(model.config)
         return brk
-
-    def open_breakers(self) -> list[str]:
-        """Names of the endpoints whose breaker is open now."""
-        return sorted({m for m in self.breakers_opened
-                       if any(b.is_open for k, b in self._breakers.items()
-                              if self._names.get(k) == m)})
 
     async def chat(
         self, model: ChatModel, call: Call, *, role: str, qid: str
@@ -171,7 +165,6 @@ class CallGate:
         attempt = 0
         limiter = self._limiter(model)
         breaker = self._breaker(model)
-        self._names[id(model)] = cfg.name
         try:
             while pending:
                 if not breaker.allow():

@@ -77,6 +77,8 @@ def _print_summary(summary: RunSummary, title: str = "run summary") -> None:
     table.add_row("questions searched", str(summary.questions))
     table.add_row("succeeded", str(summary.succeeded))
     table.add_row("failed", str(summary.failed))
+    if summary.deferred:
+        table.add_row("deferred (a call failed)", str(summary.deferred))
     if summary.pending:
         table.add_row("not finished", str(summary.pending))
     for reason, n in summary.stop_reasons.items():

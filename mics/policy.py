@@ -45,7 +45,10 @@ def question_rng(run_seed: int, qid: str, attempt: int = 0) -> random.Random:
 
 
 def mics_score(correct: int, total: int) -> float:
-    """MICS-Score: correct samples / (samples per intern x interns); failures count as wrong."""
+    """MICS-Score: correct samples / (samples per intern x interns). A sample without a final
+    answer counts as wrong; one whose call failed is never scored under the default
+    `on_call_failure = "defer"` (the depth waits for resume) and counts as wrong only under
+    `"count_wrong"`, the reference's rule."""
     if total <= 0:
         return 0.0
     return correct / total

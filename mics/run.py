@@ -206,7 +206,7 @@ async def search_run(
         summary.calls = dict(gate.counts)
         summary.interrupted = gate.stopping
         summary.breakers_opened = list(gate.breakers_opened)
-        summary.stop_signal = getattr(gate, "stop_signal", None)
+        summary.stop_signal = gate.stop_signal
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
 
@@ -217,7 +217,7 @@ async def _watch_interrupts(gate: CallGate, on_interrupt: Callable[[], None] | N
             if gate.stopping:
                 os._exit(128 + int(signum))
             gate.stop()
-            gate.stop_signal = int(signum)  # type: ignore[attr-defined]
+            gate.stop_signal = int(signum)
             if on_interrupt:
                 on_interrupt()
 
