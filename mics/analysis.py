@@ -54,6 +54,8 @@ def stop_label(rec: dict[str, Any]) -> str:
     if kind == "error":
         outcome = rec.get("outcome") or {}
         return f"error: {rec.get('stop_reason') or '?'}: {outcome.get('error', '')}".rstrip(": ")
+    if rec.get("status") == "deferred":  # a call failed; `mics resume` decides it
+        return f"deferred: {(rec.get('outcome') or {}).get('error', '')}".rstrip(": ")
     return "not finished"
 
 
