@@ -186,3 +186,30 @@ def test_exports_carry_the_flag_and_exclude_leaks_filters(tmp_path: Path) -> Non
     assert clean and not any(r["leaks_answer"] for r in clean)
     assert not leaking & {r["rid"] for r in clean}
     assert counts_clean["results"] < counts_all["results"]
+
+
+def test_inspect_and_viz_show_leaks_and_mentor_errors(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.app import app
+    from mics.analysis import load_tree, run_summary
+    from mics.viz import tree_html
+
+    data = leak_config("flag")
+    data["mentors"][2]["options"] = {"malformed_rate": 1.0}
+    qs = make_questions(2)
+    with RunStore.open(tmp_path / "r", create=True) as store:
+        run_engine(store, parse_config(data), qs)
+        summary = run_summary(store)
+        g = load_tree(store, "q0")
+    rates = {r["mentor"]: r for r in summary["answer_leaks"]}
+    assert set(rates) == {"m0", "m1"} and all(r["steps"] for r in rates.values())
+    assert any(r["leaking"] for r in rates.values())
+    page = tree_html(g)
+    assert "Mentor errors:" in page and "m2" in page and "malformed" in page
+    assert '"leaks_answer":true' in page.replace(" ", "")
+    out = CliRunner().invoke(app, ["inspect", str(tmp_path / "r"), "q0"],
+                             env={"COLUMNS": "200"})
+    assert out.exit_code == 0 and "mentor error" in out.stdout and "m2" in out.stdout
+    out = CliRunner().invoke(app, ["inspect", str(tmp_path / "r")], env={"COLUMNS": "200"})
+    assert "answer leaks per mentor" in out.stdout
