@@ -1,9 +1,13 @@
 """The offline `exact` judge: Yes/No from string matching, no model call.
 
 Reads the "Model answer:" and "Correct answer:" fields of a judge prompt (mics.prompts) and says
-Yes when the normalised answers are equal, when the normalised correct answer occurs in the
-model answer as whole words, or when both name the same multiple-choice letter
-(gold "B" or "B. Pneumonia" vs "(B)", "B", "Option B", "Answer: B.").
+Yes when both name the same multiple-choice letter (gold "B" or "B. Pneumonia" vs "(B)", "B.",
+"B) ...", "Option B", "Answer: B"), or when the canonical tokens (mics.answers.answer_tokens)
+are equal or the correct answer's tokens occur as a run in the model answer's, provided the
+model answer adds no negation and names the same side (left/right/bilateral) as the correct
+answer when that names one. Numbers compare as numbers with their sign (`-5` is not `5`,
+`1.5` is not `1-5`, `2/3` is not `2.3`, `0.50` is `0.5`); receptor and staging strings
+compare exactly (`HER2+` is not `HER2-`, `T2N0M0` is not `T2N1M0`).
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ import re
 from typing import Any
 
 from backends.base import Call
+from mics.answers import LATERALITY, NEGATIONS, answer_tokens
 from mics.config import ModelConfig
-from mics.steps import normalize_answer
 from mics.types import Reply, Usage
 
 _FIELDS = re.compile(r"Model answer:(.*?)\n\s*Correct answer:(.*?)(?:\n\s*\n|\Z)", re.S)
@@ -52,15 +56,25 @@ def _without_letter(answer: str) -> str:
 
 
 def matches(model_answer: str, correct: str) -> bool:
-    """Same choice letter, or normalised equality / whole-word containment."""
-    got, want = normalize_answer(model_answer), normalize_answer(correct)
+    """Same choice letter, or equal canonical tokens / the correct answer's tokens as a run."""
     gold_letter = choice_letter(correct, gold=True)
     if gold_letter:
         letter = choice_letter(model_answer)
         if letter:  # both name a letter: the letters decide
             return letter == gold_letter
-        want = normalize_answer(_without_letter(correct))  # "B. Pneumonia" -> "pneumonia"
-    return bool(got and want) and (got == want or f" {want} " in f" {got} ")
+        correct = _without_letter(correct)  # "B. Pneumonia" -> "Pneumonia"
+    got, want = answer_tokens(model_answer), answer_tokens(correct)
+    if not got or not want:
+        return False
+    if got == want:
+        return True
+    sides = set(want) & LATERALITY
+    if sides and set(got) & LATERALITY != sides:
+        return False  # a side the correct answer names is never ignored
+    if (set(got) & NEGATIONS) - set(want):
+        return False  # "no pneumonia" does not contain "pneumonia"
+    n = len(want)
+    return any(got[i:i + n] == want for i in range(len(got) - n + 1))
 
 
 class ExactJudge:
@@ -74,7 +88,7 @@ class ExactJudge:
         self.role = role
 
     def identity(self) -> dict[str, Any]:
-        return {"backend": "exact"}
+        return {"backend": "exact", "rules": 2}  # rules 2: issue 10 (signs, numbers, sides)
 
     async def complete(self, call: Call) -> Reply:
         got, want = fields(call.prompt.user_text())

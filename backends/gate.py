@@ -4,6 +4,7 @@ key = hash(model identity, full prompt, image hashes, sampling, sample index)
   -> stored reply if the memo has it (resume and dedup for free)
   -> else join an identical call already in flight
   -> else wait for the endpoint's limiter, send, retry with bounded backoff
+     (unless the endpoint's circuit breaker is open: then it fails at once)
   -> write the reply to the memo (committed) -> return it.
 A call that still fails is recorded in the store and returned as a CallFailure, never raised.
 """
@@ -14,16 +15,17 @@ import hashlib
 import os
 import random
 import signal
+import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
 import orjson
 
 from backends.base import BackendError, Call, ChatModel, FatalError, RolloutModel, TransientError
-from backends.limits import EndpointLimiter
+from backends.limits import CircuitBreaker, EndpointLimiter
 from mics.types import CallFailure, Reply
 
 # Fault-injection hook for crash tests: SIGKILL this process right after the Nth stored call.
@@ -63,10 +65,14 @@ class CallGate:
         self._inflight: dict[str, anyio.Event] = {}
         self._failures: dict[str, CallFailure] = {}
         self._limiters: dict[int, EndpointLimiter] = {}
+        self._breakers: dict[int, CircuitBreaker] = {}
+        self.breakers_opened: list[str] = []  # endpoint names, in the order they opened
+        self.on_breaker: Callable[[str, str], None] = _announce_breaker
         kill = os.environ.get(KILL_AFTER_ENV)
         self._kill_after = int(kill) if kill else None
         self._stored = 0
         self.stopping = False
+        self.stop_signal: int | None = None  # the signal that asked for the stop, if any
 
     def stop(self) -> None:
         """Send no new calls from now on; calls in flight finish and are stored."""
@@ -77,6 +83,12 @@ class CallGate:
         if lim is None:
             lim = self._limiters[id(model)] = EndpointLimiter(model.config)
         return lim
+
+    def _breaker(self, model: Any) -> CircuitBreaker:
+        brk = self._breakers.get(id(model))
+        if brk is None:
+            brk = self._breakers[id(model)] = CircuitBreaker(model.config)
+        return brk
 
     async def chat(
         self, model: ChatModel, call: Call, *, role: str, qid: str
@@ -153,11 +165,23 @@ class CallGate:
         pending = list(range(len(calls)))
         attempt = 0
         limiter = self._limiter(model)
+        breaker = self._breaker(model)
         try:
             while pending:
+                if not breaker.allow():
+                    error = (f"circuit open: endpoint {cfg.name} unreachable "
+                             f"({breaker.failures} consecutive failures; last: "
+                             f"{breaker.last_error})")
+                    for i in pending:
+                        history[keys[i]].append(error)
+                        done[keys[i]] = self._fail(model, [keys[i]], role=role, qid=qid,
+                                                   attempts=attempt, retryable=True,
+                                                   history=history[keys[i]])
+                    break
                 attempt += 1
                 outcome = await self._attempt_batch(model, limiter, [calls[i] for i in pending],
                                                     role)
+                self._watch_health(model, breaker, outcome)
                 failed: list[tuple[int, BackendError]] = []
                 for i, result in zip(pending, outcome, strict=True):
                     if isinstance(result, BackendError):
@@ -207,6 +231,22 @@ class CallGate:
                                  for r in results if isinstance(r, Reply)))
         return results
 
+    def _watch_health(self, model: Any, breaker: CircuitBreaker,
+                      outcome: list[Reply | BackendError]) -> None:
+        """Feed the breaker: any reply closes it; connection failures and 5xx count."""
+        if any(isinstance(r, Reply) for r in outcome):
+            breaker.success()
+            return
+        seen: set[int] = set()
+        for e in outcome:
+            if not isinstance(e, BackendError) or id(e) in seen:
+                continue
+            seen.add(id(e))
+            counts = e.retryable and (e.status is None or e.status >= 500)
+            if counts and breaker.failure(f"{type(e).__name__}: {e}"):
+                self.breakers_opened.append(model.config.name)
+                self.on_breaker(model.config.name, breaker.last_error)
+
     @staticmethod
     def _backoff(cfg: Any, attempt: int, retry_after: float | None) -> float:
         delay = min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (attempt - 1))
@@ -238,3 +278,9 @@ class CallGate:
         for key in keys:
             self._failures[key] = failure
         return failure
+
+
+def _announce_breaker(name: str, last_error: str) -> None:
+    print(f"CIRCUIT BREAKER OPEN: endpoint {name} is unreachable (last error: {last_error}); "
+          f"no more calls go to it until a probe succeeds. Questions that need it are deferred.",
+          file=sys.stderr, flush=True)

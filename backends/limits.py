@@ -62,3 +62,49 @@ class EndpointLimiter:
     def cool_down(self, seconds: float) -> None:
         """After a 429, pause the whole endpoint, not just the call that saw it."""
         self.cool_until = max(self.cool_until, time.monotonic() + seconds)
+
+
+class CircuitBreaker:
+    """Per endpoint: after `breaker_after` consecutive connection failures or 5xx, stop sending.
+
+    While open, calls fail at once (the engine defers their questions); after
+    `breaker_cooldown_s` one probe call is let through, and a success closes the breaker.
+    `breaker_after = 0` turns it off."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.threshold = cfg.breaker_after
+        self.cooldown = cfg.breaker_cooldown_s
+        self.failures = 0
+        self.open_until: float | None = None
+        self.probing = False
+        self.last_error = ""
+        self.opened = 0  # how many times it opened this session
+
+    @property
+    def is_open(self) -> bool:
+        return self.open_until is not None
+
+    def allow(self) -> bool:
+        """Whether a call may be sent now (a probe when the cool-down is over)."""
+        if self.open_until is None:
+            return True
+        if not self.probing and time.monotonic() >= self.open_until:
+            self.probing = True
+            return True
+        return False
+
+    def success(self) -> None:
+        self.failures, self.open_until, self.probing = 0, None, False
+
+    def failure(self, error: str) -> bool:
+        """Count a connection failure or 5xx; True when this one opened the breaker."""
+        self.last_error = error
+        self.failures += 1
+        was_open = self.open_until is not None
+        if self.threshold and (self.failures >= self.threshold or self.probing):
+            self.open_until = time.monotonic() + self.cooldown
+            self.probing = False
+            if not was_open:
+                self.opened += 1
+                return True
+        return False

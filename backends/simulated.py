@@ -13,7 +13,7 @@ from mics.config import ModelConfig
 from mics.types import Image, Prompt, Reply, Usage
 
 _ROLE_OPTIONS = {
-    "mentor": {"quality": 0.5, "malformed_rate": 0.0},
+    "mentor": {"quality": 0.5, "malformed_rate": 0.0, "leak_rate": None},
     "intern": {"skill": 0.8},
     "judge": {},
 }
@@ -43,7 +43,8 @@ class SimulatedModel:
 
     def identity(self) -> dict[str, Any]:
         return {"backend": "simulated", "model": self.config.model, "role": self.role,
-                "options": {k: v for k, v in sorted(self.options.items()) if k != "latency_s"}}
+                "options": {k: v for k, v in sorted(self.options.items())
+                            if k != "latency_s" and v is not None}}  # unset: as before
 
     def _reply_text(self, call: Call) -> str:
         text = render_text(call.prompt)
@@ -52,7 +53,8 @@ class SimulatedModel:
         if self.role == "mentor":
             return simulator.mentor_reply(
                 text, quality=self.options["quality"],
-                malformed_rate=self.options["malformed_rate"], **common,
+                malformed_rate=self.options["malformed_rate"],
+                leak_rate=self.options["leak_rate"], **common,
             )
         if self.role == "intern":
             return simulator.intern_reply(text, skill=self.options["skill"], **common)

@@ -5,8 +5,11 @@ from the prompt text alone, so the in-process backend and the loopback HTTP test
 the same replies:
 
 - a simulated **mentor** writes well-formed `### Step k:` chains that continue the reasoning
-  prefix; each step carries a clue ("points toward: <answer>") with probability `quality`, and
-  the chain ends with `### The final answer is: <answer>`;
+  prefix; each step carries a clue with probability `quality`, and the chain ends with
+  `### The final answer is: <answer>`. By default a clue states the answer ("points toward:
+  <answer>"), so every clue step leaks it (mics.leaks). With `leak_rate` set, a clue states it
+  only with that probability; otherwise it is an "evidence code" (the answer hex-encoded) that
+  a simulated intern decodes but that names nothing, so the demo shows leaks being caught;
 - a simulated **intern** answers correctly with a probability that rises with the number of
   clues in the prefix (times its `skill`, lowered at high temperature);
 - a simulated **judge** says Yes when the normalised answers match.
@@ -21,6 +24,7 @@ import re
 from mics.steps import FINAL_MARKER, count_steps, normalize_answer
 
 CLUE = "points toward:"
+CODE = "evidence code:"
 _PREFIX_MARK = "Reasoning prefix:"
 
 _OBSERVATIONS = (
@@ -67,6 +71,7 @@ def mentor_reply(
     sample_index: int = 0,
     quality: float = 0.5,
     malformed_rate: float = 0.0,
+    leak_rate: float | None = None,
 ) -> str:
     """Continue the reasoning prefix in a mentor prompt with 1-4 new steps and the answer."""
     answer = _field(text, "Correct answer:").rstrip(".") or "unknown"
@@ -80,6 +85,8 @@ def mentor_reply(
     for k in range(done + 1, done + new + 1):
         sentence = rng.choice(_OBSERVATIONS)
         clue = f" This {CLUE} {answer}." if rng.random() < quality else ""
+        if clue and leak_rate is not None and rng.random() >= leak_rate:
+            clue = f" The {CODE} {answer.encode().hex()}."
         steps.append(f"### Step {k}: {sentence}.{clue}")
     steps.append(f"{FINAL_MARKER} {answer}")
     return "\n\n".join(steps)
@@ -96,8 +103,8 @@ def intern_reply(
 ) -> str:
     """Answer from the clues in the prefix; more clues, higher skill -> more often right."""
     prefix = _after(text, _PREFIX_MARK)
-    clues = [c.strip().rstrip(".") for c in re.findall(rf"{CLUE}\s*([^\n]+?)(?:\.\s|\.$|\n|$)",
-                                                         prefix)]
+    clues = [_decode(kind, c.strip().rstrip(".")) for kind, c in re.findall(
+        rf"({CLUE}|{CODE})\s*([^\n]+?)(?:\.\s|\.$|\n|$)", prefix)]
     rng = _rng("intern", seed, model, text, temperature, sample_index)
     p = skill * (1 - 0.35 ** len(clues)) * (1 - 0.1 * max(0.0, temperature - 0.5))
     if clues and rng.random() < p:
@@ -105,6 +112,15 @@ def intern_reply(
     if rng.random() < 0.05:
         return "The findings are difficult to interpret."  # no marker: counted wrong
     return f"{FINAL_MARKER} {rng.choice(_DISTRACTORS)}"
+
+
+def _decode(kind: str, clue: str) -> str:
+    if kind != CODE:
+        return clue
+    try:
+        return bytes.fromhex(clue).decode()
+    except ValueError:
+        return clue
 
 
 def judge_reply(text: str) -> str:

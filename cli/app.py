@@ -129,8 +129,10 @@ def _start(run: Path, cfg: RunConfig, data: Path, image_root: Path | None, limit
 
 
 def exit_code(summary: RunSummary) -> int:
-    """The one place a finished search/resume becomes an exit code (0: ran to its end)."""
-    return 0
+    """The one place a finished search/resume becomes an exit code: 0 only when every question
+    was decided; 130/143 after SIGINT/SIGTERM; 3 with deferred or unfinished questions (so
+    `mics search ... && mics export ...` never exports partial data unnoticed)."""
+    return summary.exit_code
 
 
 def _closing(summary: RunSummary, as_json: bool, title: str = "run summary") -> None:
@@ -144,6 +146,12 @@ def _closing(summary: RunSummary, as_json: bool, title: str = "run summary") -> 
     elif summary.questions and summary.failed == summary.questions:
         warn(f"every record failed ({summary.failed}); see `mics inspect {summary.run_dir}` "
              "for why")
+    line = summary.deferred_line()
+    if line:
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
+    elif summary.pending and summary.stop_signal is None:
+        err.print(f"{summary.pending} questions not finished; run `mics resume "
+                  f"{summary.run_dir}`", markup=False, highlight=False, soft_wrap=True)
     code = exit_code(summary)
     if code:
         raise typer.Exit(code)
@@ -160,6 +168,8 @@ def _print_summary(summary: RunSummary, title: str = "run summary",
     table.add_row("questions searched", str(summary.questions))
     table.add_row("succeeded", str(summary.succeeded))
     table.add_row("failed", str(summary.failed))
+    if summary.deferred:
+        table.add_row("deferred (a call failed)", str(summary.deferred))
     if summary.pending:
         table.add_row("not finished", str(summary.pending))
     for reason, n in summary.stop_reasons.items():
@@ -208,6 +218,9 @@ def resume(
         "content).")] = None,
     image_root: Annotated[Path | None, typer.Option(
         help="With --data: the new directory image paths are under.")] = None,
+    retry_failed: Annotated[bool, typer.Option(
+        "--retry-failed", help="Also re-search questions that failed for an infrastructure "
+        "cause (a failed call), including runs made before deferral existed.")] = False,
     as_json: AsJson = False,
     every_s: ProgressEvery = 30.0,
 ) -> None:
@@ -220,10 +233,11 @@ def resume(
 
     def go() -> RunSummary:
         if data is None:
-            return _search(run, as_json, every_s)
+            return _search(run, as_json, every_s, retry_failed=retry_failed)
         with RunStore.open(run, write=True) as store:
             relocate_dataset(store, data, image_root)
-            return _search(run, as_json, every_s, store=store)
+            return _search(run, as_json, every_s, store=store,
+                           retry_failed=retry_failed)
 
     _closing(_guarded(go), as_json)
 
@@ -337,6 +351,9 @@ def export(
     prm_label: Annotated[str, typer.Option(
         "--prm-label", help="prm step labels: positive (value > 0, Math-Shepherd's hard "
         "label) | full (value == 1).")] = "positive",
+    exclude_leaks: Annotated[bool, typer.Option(
+        "--exclude-leaks", help="Leave out questions whose chosen path has a step that states "
+        "the correct answer (step-values / preferences: leaking steps).")] = False,
 ) -> None:
     """Write training data; `reference` is results.jsonl + failed.jsonl (Chiron-o1 schema).
 
@@ -360,7 +377,8 @@ def export(
         _fail(f"--image-root is not a directory: {image_root}")
     if out.exists() and not out.is_dir():
         _fail(f"--out {out} is a file; export writes a directory of files")
-    filters = Filters(min_score=min_score, only_full_score=only_full_score, max_depth=max_depth)
+    filters = Filters(min_score=min_score, only_full_score=only_full_score, max_depth=max_depth,
+                      exclude_leaks=exclude_leaks)
 
     def write() -> dict[str, int]:
         from mics.export_hf import MissingExtra, export_hf

@@ -108,6 +108,10 @@ def _summary_tables(s: dict[str, Any], max_trees: int) -> list[Table]:
                                                 "win rate", "mean score"],
                   [[r["depth"], r["mentor"], r["proposed"], r["won"], _pct(r["win_rate"]),
                     _num(r["mean_score"])] for r in s["mentor_wins"]])
+    leaks = _table("answer leaks per mentor (steps that state the correct answer)",
+                   ["mentor", "steps", "leaking", "leak rate"],
+                   [[r["mentor"], r["steps"], r["leaking"], _pct(r["leak_rate"])]
+                    for r in s.get("answer_leaks", [])])
     acc = _table("intern accuracy per temperature", ["intern", "temp", "samples",
                                                      "correct", "accuracy", "no answer",
                                                      "failed"],
@@ -128,7 +132,7 @@ def _summary_tables(s: dict[str, Any], max_trees: int) -> list[Table]:
                    [[r["role"], *usage(r)] for r in s["usage_by_role"]])
     models = _table("calls, tokens and cost per model", ["role", "model", *usage_cols],
                     [[r["role"], r["model"], *usage(r)] for r in s["usage_by_model"]])
-    tables = [overview, stops, scores, wins, acc, agree, roles, models]
+    tables = [overview, stops, scores, wins, leaks, acc, agree, roles, models]
     if s["failed_questions"]:
         tables.append(_table("failed questions", ["question", "stop", "depth", "error"],
                              [[r["qid"], r["stop_reason"], r["depth"], r["error"]]
@@ -150,6 +154,9 @@ def _tree_view(data: dict[str, Any], full_steps: bool) -> Tree:
     tree = Tree(head)
     tree.add(Text.assemble(("question: ", "bold"), data["question"]))
     tree.add(Text.assemble(("ground truth: ", "bold"), data["gt_answer"]))
+    for m in data.get("mentor_errors", []):
+        tree.add(Text.assemble((f"mentor error (depth {m['depth']}) ", "bold red"),
+                               (f"{m['mentor']}: ", "bold"), m["error"]))
     by_id = {n["id"]: n for n in data["nodes"]}
     kids: dict[str, list[str]] = {n["id"]: [] for n in data["nodes"]}
     has_parent = set()
@@ -167,6 +174,8 @@ def _tree_view(data: dict[str, Any], full_steps: bool) -> Tree:
             text.append("  ★ chosen", style="bold green")
         if n["reused"]:
             text.append("  (reused step)", style="dim")
+        if n.get("leaks_answer"):
+            text.append("  ⚠ states the answer", style="bold yellow")
         return text
 
     def add(parent: Tree, nid: str) -> None:

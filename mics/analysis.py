@@ -54,6 +54,8 @@ def stop_label(rec: dict[str, Any]) -> str:
     if kind == "error":  # named by its stop reason, the word `mics status` uses too
         outcome = rec.get("outcome") or {}
         return f"{rec.get('stop_reason') or 'error'}: {outcome.get('error', '')}".rstrip(": ")
+    if rec.get("status") == "deferred":  # a call failed; `mics resume` decides it
+        return f"deferred: {(rec.get('outcome') or {}).get('error', '')}".rstrip(": ")
     return "not finished"
 
 
@@ -88,6 +90,7 @@ def question_graph(qid: str, rec: dict[str, Any] | None, nodes: list[dict[str, A
         gt_answer=question.get("gt_answer", ""), images=list(question.get("image_paths", [])),
         error=outcome.get("error", ""), generated_by=list(outcome.get("generated_by", [])),
         details=dict(outcome.get("details") or {}),
+        mentor_errors=mentor_errors(outcome),
     )
     for n in nodes:
         samples = [{k: s.get(k) for k in ("intern", "temperature", "answer", "correct",
@@ -106,6 +109,36 @@ def question_graph(qid: str, rec: dict[str, Any] | None, nodes: list[dict[str, A
             g.add_edge(n["parent_id"], n["node_id"], on_path=n["node_id"] in on_path
                        and n["parent_id"] in on_path)
     return g
+
+
+def mentor_errors(outcome: dict[str, Any]) -> list[dict[str, str]]:
+    """Why mentors had no candidate (call failed, malformed, leaked under `reject`), by depth;
+    for a deferred question, every call that still failed."""
+    details = outcome.get("details") or {}
+    rows = [{"depth": str(d), "mentor": m, "error": e}
+            for d, by_mentor in (details.get("mentor_errors_by_depth") or {}).items()
+            for m, e in by_mentor.items()]
+    if not rows and details.get("mentor_errors"):
+        depth = str(int(details.get("depth", 0)) + 1)
+        rows = [{"depth": depth, "mentor": m, "error": e}
+                for m, e in details["mentor_errors"].items()]
+    for f in details.get("failures") or []:
+        rows.append({"depth": str(int(details.get("depth", 0)) + 1), "mentor": f["model"],
+                     "error": f"{f['role']} call failed: {f['error']}"})
+    return rows
+
+
+def leak_rates(trees: list[nx.DiGraph]) -> list[dict[str, Any]]:
+    """Per mentor: candidate steps, how many state the correct answer, and the rate."""
+    steps: Counter[str] = Counter()
+    leaks: Counter[str] = Counter()
+    for g in trees:
+        for _, a in g.nodes(data=True):
+            if not a["root"]:
+                steps[a["mentor"] or "?"] += 1
+                leaks[a["mentor"] or "?"] += bool(a.get("leaks_answer"))
+    return [{"mentor": m, "steps": n, "leaking": leaks[m], "leak_rate": _ratio(leaks[m], n)}
+            for m, n in sorted(steps.items())]
 
 
 def load_tree(store: Any, qid: str) -> nx.DiGraph:
@@ -140,6 +173,7 @@ def tree_json(g: nx.DiGraph) -> dict[str, Any]:
         **tree_summary(g),
         "question": g.graph["question"], "gt_answer": g.graph["gt_answer"],
         "images": g.graph["images"], "error": g.graph["error"],
+        "mentor_errors": g.graph.get("mentor_errors", []),
         "nodes": [{"id": n, **a} for n, a in g.nodes(data=True)],
         "edges": [{"source": u, "target": v, "on_path": a["on_path"]}
                   for u, v, a in g.edges(data=True)],
@@ -357,6 +391,7 @@ def run_summary(store: Any, prices: dict[str, dict[str, float]] | None = None
                   for k in sorted(stops, key=lambda k: (k not in STOP_KINDS, STOP_KINDS.index(k)
                                                         if k in STOP_KINDS else 0, k))],
         "score_by_depth": score_rows, "mentor_wins": mentor_rows,
+        "answer_leaks": leak_rates(trees),
         "intern_accuracy": accuracy, "intern_agreement": agreement,
         "usage_by_role": roles, "usage_by_model": models,
         "failed_questions": failed, "trees": summaries,

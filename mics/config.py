@@ -21,7 +21,8 @@ class ConfigError(ValueError):
 class SearchConfig:
     max_depth: int = 3
     root_steps: int = 2
-    intern_samples: tuple[float, ...] = (1.2, 0.2)  # one sample per temperature per intern
+    intern_samples: tuple[float, ...] = (1.2, 0.2)  # the temperatures each intern samples at
+    samples_per_temperature: int = 1  # independent calls per (intern, temperature)
     intern_top_p: float = 1.0
     intern_top_k: int = -1
     intern_max_tokens: int = 512
@@ -35,6 +36,28 @@ class SearchConfig:
     reuse_cached_step: bool = True
     seed: int = 0
     concurrency: int = 8  # questions searched at once
+    on_call_failure: str = "defer"  # or "count_wrong" (the reference: a failed sample is wrong)
+    on_answer_leak: str = "flag"  # or "reask" / "reject" (see mics.leaks)
+    step_join: str = "newline"  # spec 2.1-2.3; "blank_line" joins path and step with "\n\n"
+
+    @property
+    def joiner(self) -> str:
+        """What goes between the selected path and a candidate step (and a continuation)."""
+        return "\n\n" if self.step_join == "blank_line" else "\n"
+
+    def sample_plan(self) -> tuple[tuple[float, int], ...]:
+        """(temperature, sample number) of every sample an intern draws per candidate.
+
+        The sample number counts earlier samples at the same temperature, so each one is its
+        own call (and memo entry); the default plan, one sample per distinct temperature, gives
+        every sample number 0, the keys runs made before this had."""
+        seen: dict[float, int] = {}
+        plan = []
+        for temp in self.intern_samples:
+            for _ in range(self.samples_per_temperature):
+                plan.append((temp, seen.get(temp, 0)))
+                seen[temp] = seen.get(temp, 0) + 1
+        return tuple(plan)
 
     @property
     def restarts(self) -> int:
@@ -60,6 +83,8 @@ class ModelConfig:
     backoff_s: float = 0.5
     max_backoff_s: float = 30.0
     max_rate_limit_wait_s: float = 300.0  # cap on a server-requested wait (Retry-After & co.)
+    breaker_after: int = 10  # consecutive connection failures / 5xx that open the breaker; 0: off
+    breaker_cooldown_s: float = 30.0  # then one probe call is let through after this long
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -84,6 +109,11 @@ class RunConfig:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> RunConfig:
+        """A stored config; one stored before `step_join` existed keeps the blank-line join
+        it was searched with, so resuming it replays its calls."""
+        d = dict(d)
+        if isinstance(d.get("search"), dict) and "step_join" not in d["search"]:
+            d["search"] = {**d["search"], "step_join": "blank_line"}
         return parse_config(d, where="stored config")
 
 
@@ -136,6 +166,14 @@ def _parse_search(table: dict[str, Any]) -> SearchConfig:
         raise ConfigError("[search].intern_samples: needs at least one temperature")
     if cfg.concurrency < 1:
         raise ConfigError("[search].concurrency: must be >= 1")
+    if cfg.samples_per_temperature < 1:
+        raise ConfigError("[search].samples_per_temperature: must be >= 1")
+    for key, allowed in (("on_call_failure", ("defer", "count_wrong")),
+                         ("on_answer_leak", ("flag", "reask", "reject")),
+                         ("step_join", ("newline", "blank_line"))):
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"[search].{key}: expected one of "
+                              f"{', '.join(repr(a) for a in allowed)}, got {getattr(cfg, key)!r}")
     if cfg.on_all_zero != "fail":
         head, _, n = cfg.on_all_zero.partition(":")
         if head != "restart" or not n.isdigit() or int(n) < 1:
@@ -162,6 +200,8 @@ def _parse_model(table: Any, where: str) -> ModelConfig:
         raise ConfigError(f"{where}.max_retries: must be >= 0")
     if cfg.max_rate_limit_wait_s < 0:
         raise ConfigError(f"{where}.max_rate_limit_wait_s: must be >= 0")
+    if cfg.breaker_after < 0:
+        raise ConfigError(f"{where}.breaker_after: must be >= 0 (0 turns the breaker off)")
     return cfg
 
 

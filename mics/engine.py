@@ -4,6 +4,13 @@ Within a depth all mentor calls run concurrently, then every intern sample of ev
 submitted together (one batch per intern), then the judge calls run concurrently. Decisions come
 from `mics.policy`; every model call goes through the `CallGate`; nodes are stored as each depth
 completes, so a replay against a full memo rebuilds the same tree without sending anything.
+
+Scores you can train on: every intern sample is its own call (intern, temperature, sample
+number); verdicts are cached per question under `answer_key` (case and whitespace only); with
+`on_call_failure = "defer"` (the default) a depth with any call still failed after retries is
+not decided: the question is stored "deferred" with its cause and resumed later, so a score
+never depends on network luck; a mentor without a candidate has no score (None), never 0.0;
+steps that state the answer are flagged, re-asked or rejected (`on_answer_leak`, mics.leaks).
 """
 
 from __future__ import annotations
@@ -17,23 +24,31 @@ import anyio
 from backends.base import Call, ChatModel, RolloutModel
 from backends.gate import CallGate, StopRequested
 from mics import policy
+from mics.answers import answer_key
 from mics.config import RunConfig
+from mics.leaks import leaks_answer
 from mics.prompts import intern_prompt, judge_prompt, mentor_prompt, parse_verdict
-from mics.steps import ParsedChain, count_steps, extract_final_answer, normalize_answer, parse_chain
+from mics.steps import ParsedChain, count_steps, extract_final_answer, parse_chain
 from mics.types import (
     ROOT_TEXT,
     CallFailure,
     Node,
     Outcome,
+    Prompt,
     Question,
     RecordError,
     Reply,
     Sample,
     Sampling,
+    Text,
 )
 
 FINISHED = ("succeeded", "failed")
 RETRYABLE = ("no_mentor", "no_intern", "no_judge")  # infrastructure failures: resume retries
+DEFERRED = "deferred"  # status and stop reason of a question left undecided by a failed call
+LEAK_REMINDER = ("\n\nReminder: your steps must not state or name the correct answer before "
+                 "the final line `### The final answer is:`; reason towards it from the "
+                 "findings instead.")
 
 
 @dataclass
@@ -58,6 +73,7 @@ class _Proposal:
     first: int  # number of the first proposed step
     reused: bool
     usage: dict[str, Any] = field(default_factory=dict)
+    reasked: bool = False  # asked again because the first reply leaked the answer
 
 
 @dataclass
@@ -69,9 +85,10 @@ class _Tree:
     parent_id: str = ""
     author: str | None = None  # mentor of the currently selected node
     chains: dict[str, _Proposal] = field(default_factory=dict)
-    scores: dict[str, list[float]] = field(default_factory=dict)
+    scores: dict[str, list[float | None]] = field(default_factory=dict)  # None: no candidate
     previous: list[str] = field(default_factory=list)
-    verdicts: dict[str, str] = field(default_factory=dict)  # normalised answer -> verdict
+    verdicts: dict[str, str] = field(default_factory=dict)  # answer_key(answer) -> verdict
+    call_failures: list[dict[str, str]] = field(default_factory=list)  # this depth's failed calls
     judge_errors: list[str] = field(default_factory=list)  # causes of "judge-failed" verdicts
     mentor_errors: dict[str, dict[str, str]] = field(default_factory=dict)  # depth -> mentor
 
@@ -97,6 +114,7 @@ class Engine:
         self.models = models
         self.gate = gate
         self.on_done = on_done or (lambda _o: None)
+        self.retry_qids: set[str] = set()  # finished questions to search again (--retry-failed)
 
     # ---- run level -------------------------------------------------------------------------
 
@@ -127,7 +145,8 @@ class Engine:
                         outcomes.append(failed)
                     continue
                 existing = self.store.get_question(item.qid)
-                if existing and existing["status"] in FINISHED and not existing.get("retryable"):
+                if (existing and existing["status"] in FINISHED and not existing.get("retryable")
+                        and item.qid not in self.retry_qids):
                     continue
                 await slots.acquire()
                 if self.gate.stopping:
@@ -163,7 +182,8 @@ class Engine:
         outcome.details["attempts"] = attempt + 1
         self.store.put_question(q.qid, {
             "status": outcome.status, "index": q.index, "question": q.to_dict(),
-            "stop_reason": outcome.stop_reason, "retryable": outcome.stop_reason in RETRYABLE,
+            "stop_reason": outcome.stop_reason,
+            "retryable": outcome.stop_reason in (*RETRYABLE, DEFERRED),
             "outcome": outcome.to_dict(),
         })
         self.on_done(outcome)
@@ -178,13 +198,16 @@ class Engine:
         self.store.put_nodes(q.qid, [(root.node_id, root.to_dict())])
         tree.parent_id = root.node_id
         for depth in range(self.search.max_depth):
+            tree.call_failures = []
             nodes, mentor_errors = await self._depth(q, tree, depth)
             self._check_stop()
             if mentor_errors:
                 tree.mentor_errors[str(depth + 1)] = mentor_errors
+            if tree.call_failures and self.search.on_call_failure == "defer":
+                return self._deferred(q, tree, depth)
             by_mentor = {n.mentor: n for n in nodes}
             for m in mentor_names:
-                tree.scores[m].append(by_mentor[m].score if m in by_mentor else 0.0)
+                tree.scores[m].append(by_mentor[m].score if m in by_mentor else None)
             scored = [policy.Scored(n.mentor or "", n.correct, n.total) for n in nodes]
             decision = policy.decide(scored, depth=depth, max_depth=self.search.max_depth,
                                      previous=tree.previous, past_scores=tree.scores, rng=rng)
@@ -214,12 +237,12 @@ class Engine:
                     errors[mentor.config.name] = proposal
                     continue
                 tree.chains[proposal.mentor] = proposal
-                nodes.append(node := self._node(tree, depth, proposal))
+                nodes.append(node := self._node(q, tree, depth, proposal))
                 await self._evaluate_in_order(q, node, tree)
             return nodes, errors
         proposals, errors = await self._propose(q, tree, depth)
         self._check_stop()
-        nodes = [self._node(tree, depth, p) for p in proposals]
+        nodes = [self._node(q, tree, depth, p) for p in proposals]
         await self._evaluate(q, nodes, tree)
         return nodes, errors
 
@@ -254,6 +277,20 @@ class Engine:
                            scores=scores, final_depth=depth + 1,
                            details={"depth": depth, "mentor_errors": mentor_errors})
         return None
+
+    @staticmethod
+    def _deferred(q: Question, tree: _Tree, depth: int) -> Outcome:
+        """Undecided: calls of this depth still failed after retries; `mics resume` sends
+        exactly those (every other call of the depth is in the memo)."""
+        failures = tree.call_failures
+        models = sorted({f["model"] for f in failures})
+        first = failures[0]
+        return Outcome(
+            qid=q.qid, status=DEFERRED, stop_reason=DEFERRED, stage=first["role"],
+            error=f"{len(failures)} call(s) to {', '.join(models)} failed at depth {depth + 1}: "
+                  f"{first['error']}",
+            scores={m: list(s) for m, s in tree.scores.items()}, final_depth=depth + 1,
+            details={"depth": depth, "endpoints": models, "failures": failures[:20]})
 
     def _infra_cause(self, tree: _Tree, by_mentor: dict[str | None, Node], depth: int
                      ) -> Outcome | None:
@@ -299,10 +336,13 @@ class Engine:
         first = count_steps(tree.prefix) + 1
         need = policy.root_step_count(depth, self.search.root_steps)
         cached = tree.chains.get(name)
+        leak_rule = self.search.on_answer_leak
         if (self.search.reuse_cached_step and depth > 0 and name == tree.author
                 and cached is not None):
             steps = cached.parsed.run(first, need)
-            if steps is not None:  # a real next "### Step", never the final line (B3)
+            # a real next "### Step", never the final line (B3); a leaking cached step is asked
+            # afresh unless leaks are only flagged
+            if steps is not None and (leak_rule == "flag" or not self._leaks(q, steps)):
                 return _Proposal(name, steps, cached.chain, cached.parsed, first, reused=True)
         prompt = mentor_prompt(q, tree.prefix, self.cfg.prompts)
         sampling = Sampling(temperature=self.search.mentor_temperature,
@@ -315,24 +355,50 @@ class Engine:
             reply = await self.gate.chat(mentor, Call(prompt, sampling, index), role="mentor",
                                          qid=q.qid)
             if isinstance(reply, CallFailure):
-                return f"call failed after {reply.attempts} attempt(s): {reply.error}"
+                return self._call_failed(tree, "mentor", name, reply)
             parsed = parse_chain(reply.text)
             steps = parsed.run(first, need)  # echoed earlier steps are ignored (B4)
-            if steps is not None:
-                chain = f"{tree.prefix}\n\n{parsed.continuation(first)}"
-                return _Proposal(name, steps, chain, parsed, first, reused=False,
-                                 usage=_usage(reply))
-            error = f"reply has no '### Step {first}'" + (
-                f" to '### Step {first + need - 1}'" if need > 1 else "")
+            if steps is None:
+                error = f"reply has no '### Step {first}'" + (
+                    f" to '### Step {first + need - 1}'" if need > 1 else "")
+                continue
+            reasked = False
+            if leak_rule == "reask" and self._leaks(q, steps):
+                again = Prompt(prompt.system, (*prompt.parts, Text(LEAK_REMINDER)))
+                retry = await self.gate.chat(mentor, Call(again, sampling, index),
+                                             role="mentor", qid=q.qid)
+                if isinstance(retry, CallFailure):
+                    return self._call_failed(tree, "mentor", name, retry)
+                reparsed = parse_chain(retry.text)
+                if (resteps := reparsed.run(first, need)) is not None:
+                    reply, parsed, steps, reasked = retry, reparsed, resteps, True
+            if leak_rule == "reject" and self._leaks(q, steps):
+                error = f"'### Step {first}' states the correct answer (on_answer_leak = reject)"
+                continue
+            chain = f"{tree.prefix}{self.search.joiner}{parsed.continuation(first)}"
+            return _Proposal(name, steps, chain, parsed, first, reused=False,
+                             usage=_usage(reply), reasked=reasked)
         return f"malformed after {tries} tries: {error}"
 
-    def _node(self, tree: _Tree, depth: int, p: _Proposal) -> Node:
-        step = "\n\n".join(p.steps)
+    @staticmethod
+    def _leaks(q: Question, steps: list[str]) -> bool:
+        return any(leaks_answer(s, q.gt_answer) for s in steps)
+
+    @staticmethod
+    def _call_failed(tree: _Tree, role: str, model: str, failure: CallFailure) -> str:
+        """Record a call that still failed after retries; the mentor error text."""
+        tree.call_failures.append({"role": role, "model": model, "error": failure.error})
+        return f"call failed after {failure.attempts} attempt(s): {failure.error}"
+
+    def _node(self, q: Question, tree: _Tree, depth: int, p: _Proposal) -> Node:
+        step = "\n\n".join(p.steps)  # two root steps: a blank line, as the reference
         return Node(
             node_id=f"a{tree.attempt}.d{depth}.{p.mentor}", parent_id=tree.parent_id,
             attempt=tree.attempt, depth=depth, mentor=p.mentor, step=step,
-            prefix=f"{tree.prefix}\n\n{step}", chain=p.chain, reused=p.reused,
+            prefix=f"{tree.prefix}{self.search.joiner}{step}", chain=p.chain, reused=p.reused,
             usage={"mentor": p.usage} if p.usage else {},
+            leaks_answer=self._leaks(q, p.steps),
+            reasked=p.reasked,
         )
 
     # ---- interns and judge -----------------------------------------------------------------
@@ -340,15 +406,15 @@ class Engine:
     async def _evaluate(self, q: Question, nodes: list[Node], tree: _Tree) -> None:
         """All intern samples of all candidates at once, then the judge, then the scores."""
         verdicts = tree.verdicts
-        temps = self.search.intern_samples
+        plan = self.search.sample_plan()
         replies: dict[tuple[int, int, int], Reply | CallFailure] = {}
 
         async def intern_batch(j: int, intern: RolloutModel) -> None:
             calls, slots = [], []
             for n_i, node in enumerate(nodes):
                 prompt = intern_prompt(q, node.prefix, self.cfg.prompts)  # per call (B9)
-                for t_i, temp in enumerate(temps):
-                    calls.append(Call(prompt, self._intern_sampling(temp)))
+                for t_i, (temp, number) in enumerate(plan):
+                    calls.append(Call(prompt, self._intern_sampling(temp), number))
                     slots.append((n_i, j, t_i))
             got = await self.gate.rollouts(intern, calls, qid=q.qid) if calls else []
             replies.update(zip(slots, got, strict=True))
@@ -360,20 +426,29 @@ class Engine:
         await self._judge_all(q, replies, tree)
         for n_i, node in enumerate(nodes):
             for j, intern in enumerate(self.models.interns):
-                for t_i, temp in enumerate(temps):
+                for t_i, (temp, number) in enumerate(plan):
                     reply = replies[(n_i, j, t_i)]
-                    node.samples.append(self._sample(intern.config.name, temp, reply, verdicts))
+                    self._note_failure(tree, intern.config.name, reply)
+                    node.samples.append(self._sample(intern.config.name, temp, reply, verdicts,
+                                                     number))
         self._tally(nodes, tree)
+
+    @staticmethod
+    def _note_failure(tree: _Tree, intern: str, reply: Reply | CallFailure) -> None:
+        if isinstance(reply, CallFailure):
+            tree.call_failures.append({"role": "intern", "model": intern, "error": reply.error})
 
     async def _evaluate_in_order(self, q: Question, node: Node, tree: _Tree) -> None:
         """The reference order for one candidate: one intern call at a time, judged at once."""
         prompt = intern_prompt(q, node.prefix, self.cfg.prompts)
         for intern in self.models.interns:
-            for temp in self.search.intern_samples:
-                call = Call(prompt, self._intern_sampling(temp))
+            for temp, number in self.search.sample_plan():
+                call = Call(prompt, self._intern_sampling(temp), number)
                 [reply] = await self.gate.rollouts(intern, [call], qid=q.qid)
                 await self._judge_all(q, {0: reply}, tree)
-                node.samples.append(self._sample(intern.config.name, temp, reply, tree.verdicts))
+                self._note_failure(tree, intern.config.name, reply)
+                node.samples.append(self._sample(intern.config.name, temp, reply, tree.verdicts,
+                                                 number))
         self._tally([node], tree)
 
     @staticmethod
@@ -390,20 +465,24 @@ class Engine:
 
     async def _judge_all(self, q: Question, replies: dict[Any, Reply | CallFailure],
                          tree: _Tree) -> None:
-        """Judge each distinct normalised answer once per question (the cache is keyed by the
-        question, the normalised answer and so the ground truth); fills `tree.verdicts`."""
+        """Judge each distinct answer once per question: the cache is keyed by the question
+        (and so the ground truth) and `answer_key` (case and whitespace only), so two answers a
+        judge could tell apart never share a verdict. Of answers sharing a key, the smallest
+        string is the one judged, whatever order the replies came in. Fills `tree.verdicts`."""
         verdicts = tree.verdicts
         answers: dict[str, str] = {}
         for reply in replies.values():
             if isinstance(reply, Reply):
                 ans = extract_final_answer(reply.text)
-                if ans is not None and normalize_answer(ans) not in verdicts:
-                    answers.setdefault(normalize_answer(ans), ans)
+                if ans is not None and (key := answer_key(ans)) not in verdicts:
+                    answers[key] = min(answers.get(key, ans), ans)
 
         async def judge_one(norm: str, ans: str) -> None:
             verdicts[norm], error = await self._judge(q, ans)
             if error:
                 tree.judge_errors.append(error)
+                tree.call_failures.append({"role": "judge", "model": self.models.judge.config.name,
+                                           "error": error})
 
         async with anyio.create_task_group() as tg:
             for norm in sorted(answers):
@@ -426,16 +505,16 @@ class Engine:
 
     @staticmethod
     def _sample(intern: str, temp: float, reply: Reply | CallFailure,
-                verdicts: dict[str, str]) -> Sample:
+                verdicts: dict[str, str], number: int = 0) -> Sample:
         if isinstance(reply, CallFailure):
             return Sample(intern, temp, None, None, False, "call-failed",
-                          {"error": reply.error})
+                          {"error": reply.error}, number)
         answer = extract_final_answer(reply.text)
         usage = {"intern": _usage(reply)}
         if answer is None:
-            return Sample(intern, temp, None, reply.text, False, "no-answer", usage)
-        verdict = verdicts[normalize_answer(answer)]
-        return Sample(intern, temp, answer, reply.text, verdict == "yes", verdict, usage)
+            return Sample(intern, temp, None, reply.text, False, "no-answer", usage, number)
+        verdict = verdicts[answer_key(answer)]
+        return Sample(intern, temp, answer, reply.text, verdict == "yes", verdict, usage, number)
 
 
 def _usage(reply: Reply) -> dict[str, Any]:

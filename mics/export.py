@@ -13,7 +13,9 @@
 - ``prm``: TRL stepwise supervision (``prm.jsonl``), one row per searched path.
 
 Every record carries ``difficulty`` (final depth, stop reason, score trajectory of the chosen
-path, curriculum level) for curriculum ordering. Filters select questions (see
+path, curriculum level) for curriculum ordering, and ``leaks_answer`` (mics.leaks: a step states
+the correct answer). A mentor that had no candidate at a depth (its call failed, or its reply
+was malformed) has ``null`` there in ``scores``, never 0.0. Filters select questions (see
 :class:`Filters`). Docs: ``docs/exports.md``.
 """
 
@@ -29,6 +31,7 @@ import orjson
 
 from mics.analysis import chosen_path, stop_kind
 from mics.dataset import _groups
+from mics.leaks import leaks_answer
 from mics.steps import FINAL_MARKER
 
 FORMATS = ("reference", "sft", "sharegpt", "step-values", "preferences", "prm")
@@ -55,11 +58,30 @@ def reference_result(rec: dict[str, Any]) -> dict[str, Any]:
         "question": q["question"],
         "gt_answer": q["gt_answer"],
         "reasoning": o["reasoning"],
-        "scores": o["scores"],
+        "scores": mentor_scores(o),
         "final_depth": str(o["final_depth"]),
         "generated_by": o["generated_by"],
         "search_id": o["search_id"],
+        "leaks_answer": question_leaks(rec),
     }
+
+
+def mentor_scores(outcome: dict[str, Any]) -> dict[str, list[float | None]]:
+    """Scores per mentor and depth; ``None`` where the mentor had no candidate (also for runs
+    stored before this rule, which wrote 0.0 there: their mentor errors say where)."""
+    scores = {m: list(v) for m, v in (outcome.get("scores") or {}).items()}
+    errors = (outcome.get("details") or {}).get("mentor_errors_by_depth") or {}
+    for depth, by_mentor in errors.items():
+        for m in by_mentor:
+            if m in scores and 0 < int(depth) <= len(scores[m]):
+                scores[m][int(depth) - 1] = None
+    return scores
+
+
+def question_leaks(rec: dict[str, Any]) -> bool:
+    """Whether the exported reasoning states the correct answer before its final line."""
+    q, o = rec.get("question") or {}, rec.get("outcome") or {}
+    return bool(o.get("reasoning")) and leaks_answer(o["reasoning"], q.get("gt_answer", ""))
 
 
 def failure_record(qid: str, rec: dict[str, Any]) -> dict[str, Any]:
@@ -67,7 +89,7 @@ def failure_record(qid: str, rec: dict[str, Any]) -> dict[str, Any]:
     o = rec["outcome"]
     details = dict(o.get("details", {}))
     if o.get("scores"):
-        details["scores"] = o["scores"]
+        details["scores"] = mentor_scores(o)
     return {"rid": o.get("qid", qid), "stage": o["stage"], "error": o["error"],
             "details": details}
 
@@ -126,15 +148,20 @@ class Filters:
 
     ``min_score``: the last chosen step's score is at least this (failed questions score 0);
     ``only_full_score``: the search stopped on a full score; ``max_depth``: the final depth is
-    at most this.
+    at most this; ``exclude_leaks``: no step of the chosen path, and nothing in the exported
+    reasoning before its final line, states the correct answer.
     """
 
     min_score: float | None = None
     only_full_score: bool = False
     max_depth: int | None = None
+    exclude_leaks: bool = False
 
     def keep(self, rec: dict[str, Any], nodes: list[dict[str, Any]]) -> bool:
         """Whether a question passes every filter."""
+        if self.exclude_leaks and (question_leaks(rec) or any(
+                n.get("leaks_answer") for n in chosen_path(nodes) if n["depth"] >= 0)):
+            return False
         diff = difficulty(rec, nodes)
         if self.only_full_score and diff["stop_kind"] != "full_score":
             return False
@@ -150,7 +177,8 @@ class Filters:
 
     @property
     def active(self) -> bool:
-        return self.min_score is not None or self.only_full_score or self.max_depth is not None
+        return (self.min_score is not None or self.only_full_score
+                or self.max_depth is not None or self.exclude_leaks)
 
 
 # ---------------------------------------------------------------- SFT prompt and target
@@ -233,7 +261,7 @@ def _chain(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]], answer_in
     target = escape_placeholders(o["reasoning"].strip() if answer_in_target else steps)
     meta = {"answer": answer if answer is not None else q["gt_answer"],
             "gt_answer": q["gt_answer"], "generated_by": o["generated_by"],
-            "difficulty": difficulty(rec, nodes)}
+            "difficulty": difficulty(rec, nodes), "leaks_answer": question_leaks(rec)}
     return prompt, images, target, meta
 
 
@@ -297,7 +325,8 @@ def step_value_records(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]
              "attempt": n["attempt"], "depth": n["depth"] + 1, "mentor": n["mentor"],
              "prefix": n["prefix"], "step": n["step"], "value": n["score"],
              "correct": n["correct"], "total": n["total"], "chosen": n["chosen"],
-             "reused": n["reused"], "difficulty": diff}
+             "reused": n["reused"], "leaks_answer": n.get("leaks_answer", False),
+             "difficulty": diff}
             for n in nodes if n["depth"] >= 0]
 
 

@@ -43,7 +43,8 @@ def preference_pairs(nodes: list[dict[str, Any]]
 
 def _node_meta(n: dict[str, Any]) -> dict[str, Any]:
     return {"node_id": n["node_id"], "mentor": n["mentor"], "score": n["score"],
-            "correct": n["correct"], "total": n["total"]}
+            "correct": n["correct"], "total": n["total"],
+            "leaks_answer": bool(n.get("leaks_answer", False))}
 
 
 def _pair_meta(qid: str, rec: dict[str, Any], diff: dict[str, Any], c: dict[str, Any],
@@ -138,15 +139,17 @@ def prm_records(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]],
     abs_paths, diff = absolute_images(images, image_root), difficulty(rec, nodes)
     out = []
     for path in paths:
-        completions, labels, values, ids = [], [], [], []
+        completions, labels, values, ids, leaks = [], [], [], [], []
         for n in path:
             for section in step_sections(n["step"]):
                 completions.append(escape_placeholders(section))
                 labels.append(step_label(n["score"], rule))
                 values.append(n["score"])
                 ids.append(n["node_id"])
+                leaks.append(bool(n.get("leaks_answer", False)))
         out.append({"prompt": prompt, "completions": completions, "labels": labels,
                     "values": values, "images": abs_paths,
-                    "metadata": {"rid": qid, "node_ids": ids, "label_rule": rule,
+                    "metadata": {"rid": qid, "node_ids": ids, "leaks_answer": leaks,
+                                 "label_rule": rule,
                                  "leaf_chosen": path[-1]["chosen"], "difficulty": diff}})
     return out

@@ -45,19 +45,25 @@ def question_rng(run_seed: int, qid: str, attempt: int = 0) -> random.Random:
 
 
 def mics_score(correct: int, total: int) -> float:
-    """MICS-Score: correct samples / (samples per intern x interns); failures count as wrong."""
+    """MICS-Score: correct samples / (samples per intern x interns). A sample without a final
+    answer counts as wrong; one whose call failed is never scored under the default
+    `on_call_failure = "defer"` (the depth waits for resume) and counts as wrong only under
+    `"count_wrong"`, the reference's rule."""
     if total <= 0:
         return 0.0
     return correct / total
 
 
 def select_full_score(
-    full: Sequence[Scored], past_scores: Mapping[str, Sequence[float]], rng: random.Random
+    full: Sequence[Scored], past_scores: Mapping[str, Sequence[float | None]],
+    rng: random.Random
 ) -> str:
-    """Among full-score candidates only (B1, B2): highest cumulative score, then seeded random."""
+    """Among full-score candidates only (B1, B2): highest cumulative score (a depth where the
+    mentor had no candidate adds nothing), then seeded random."""
     if len(full) == 1:
         return full[0].mentor
-    totals = {c.mentor: sum(past_scores.get(c.mentor, ())) for c in full}
+    totals = {c.mentor: sum(s for s in past_scores.get(c.mentor, ()) if s is not None)
+              for c in full}
     best = max(totals.values())
     tied = [c.mentor for c in full if totals[c.mentor] == best]
     return tied[0] if len(tied) == 1 else rng.choice(tied)
@@ -81,7 +87,7 @@ def decide(
     depth: int,
     max_depth: int,
     previous: Sequence[str],
-    past_scores: Mapping[str, Sequence[float]],
+    past_scores: Mapping[str, Sequence[float | None]],
     rng: random.Random,
 ) -> Decision:
     """Apply the MICS decision for one depth (0-based) to its scored candidates."""

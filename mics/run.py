@@ -15,7 +15,7 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,10 +49,35 @@ class RunSummary:
     interrupted: bool = False
     total: int | None = None  # records in the dataset (after --limit); None when unknown
     tokens: int = 0  # prompt + completion tokens of the replies this session stored
+    # issue 10: questions left undecided because a call still failed; endpoint -> questions
+    deferred: int = 0
+    deferred_by_endpoint: dict[str, int] = field(default_factory=dict)
+    breakers_opened: list[str] = field(default_factory=list)  # this session, in order
+    stop_signal: int | None = None  # SIGINT / SIGTERM that stopped this session
+
+    @property
+    def exit_code(self) -> int:
+        """0 only for a run with every question decided: 128 + signal after a stop, 3 when
+        questions are deferred or unfinished (so `search && export` never exports partial
+        data unnoticed)."""
+        if self.stop_signal is not None:
+            return 128 + self.stop_signal
+        return 3 if self.deferred or self.pending else 0
+
+    def deferred_line(self) -> str | None:
+        """The one line that says what is deferred and why, or None."""
+        if not self.deferred:
+            return None
+        names = sorted(self.deferred_by_endpoint, key=lambda n: -self.deferred_by_endpoint[n])
+        down = [n for n in names if n in self.breakers_opened]
+        what = (f"endpoint {', '.join(down)} unreachable" if down else
+                f"calls to {', '.join(names) or 'an endpoint'} failed")
+        return (f"{self.deferred} question{'s' if self.deferred != 1 else ''} deferred: {what}; "
+                f"run `mics resume {self.run_dir}` when it is back")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for `--json`."""
-        return asdict(self)
+        """Plain data for `--json` (with the exit code and the deferred line)."""
+        return {**asdict(self), "exit_code": self.exit_code, "deferred_line": self.deferred_line()}
 
 
 def file_sha256(path: Path) -> str:
@@ -129,6 +154,7 @@ def load_run(store: RunStore) -> tuple[RunConfig, dict[str, Any]]:
 
 def dataset_items(dataset: dict[str, Any], store: RunStore | None = None,
                   on_done: Callable[[Outcome], None] | None = None, fmt: str = "chiron",
+                  retry: Collection[str] = (),
                   ) -> Iterator[Question | RecordError]:
     """The run's records, read lazily (`fmt`: [dataset].format); refuses a dataset changed
     since the run started.
@@ -138,7 +164,9 @@ def dataset_items(dataset: dict[str, Any], store: RunStore | None = None,
     and dropped without opening their images, and the images of every other question are
     checked against the fingerprints stored when they were first validated: a question whose
     image changed is stored as failed (retried by a resume once the image is restored), never
-    searched with the new image.
+    searched with the new image. Questions in `retry` (finished ones to search again, see
+    `infra_failed`) are never skipped, and then the whole file is read again (the resume point
+    is dropped and recomputed at the end of the session).
     """
     path = Path(dataset["path"])
     if not path.is_file():
@@ -146,6 +174,8 @@ def dataset_items(dataset: dict[str, Any], store: RunStore | None = None,
                        f"`mics resume RUN --data NEW_PATH`")
     _check_unchanged(path, dataset, store)
     point = None
+    if store is not None and retry and store.writable:
+        store.put_meta("resume_point", None)
     if store is not None:  # past what finished since it was last marked (after a kill -9)
         point = mark_resume_point(store, dataset, fmt) if store.writable else resume_point(
             store, dataset)
@@ -154,7 +184,7 @@ def dataset_items(dataset: dict[str, Any], store: RunStore | None = None,
 
     def skip(qid: str) -> bool:
         rec = store.get_question(qid)  # type: ignore[union-attr]
-        if is_done(rec):
+        if is_done(rec) and qid not in retry:
             finished[qid] = rec  # type: ignore[assignment]
         return qid in finished
 
@@ -312,6 +342,7 @@ async def search_run(
     on_gate: Callable[[CallGate], None] | None = None,
     store: RunStore | None = None,
     models: Models | None = None,
+    retry_failed: bool = False,
 ) -> RunSummary:
     """Search (or resume) the run recorded in `run_dir`.
 
@@ -322,11 +353,15 @@ async def search_run(
     `on_start(total, ok, failed)` gets the record count and what was finished before the
     resume point; finished questions after it go to `on_done` (details "skipped") as read;
     `on_gate` the session's call gate (its counts and tokens, for progress lines).
+    `retry_failed` also
+    re-searches questions stored as failed for an infrastructure cause (see `infra_failed`),
+    runs made before deferral included.
     """
     started = time.perf_counter()
     with contextlib.nullcontext(store) if store else RunStore.open(run_dir, write=True) as store:
         config, dataset = load_run(store)
-        items = dataset_items(dataset, store, on_done, config.dataset.format)
+        retry = infra_failed(store) if retry_failed else set()
+        items = dataset_items(dataset, store, on_done, config.dataset.format, retry)
         point = resume_point(store, dataset)
         total = dataset_total(dataset)
         if on_start:
@@ -336,6 +371,7 @@ async def search_run(
         if on_gate:
             on_gate(gate)
         engine = Engine(config, store, models, gate, on_done=on_done)
+        engine.retry_qids = retry
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_watch_interrupts, gate, on_interrupt)
@@ -357,6 +393,8 @@ async def search_run(
         summary.calls = dict(gate.counts)
         summary.tokens = gate.tokens
         summary.interrupted = gate.stopping
+        summary.breakers_opened = list(gate.breakers_opened)
+        summary.stop_signal = gate.stop_signal
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
 
@@ -373,10 +411,11 @@ async def _mark_every(store: RunStore, dataset: dict[str, Any], seconds: float,
 
 async def _watch_interrupts(gate: CallGate, on_interrupt: Callable[[], None] | None) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _signum in signals:
+        async for signum in signals:
             if gate.stopping:
-                os._exit(130)
+                os._exit(128 + int(signum))
             gate.stop()
+            gate.stop_signal = int(signum)
             if on_interrupt:
                 on_interrupt()
 
@@ -395,6 +434,7 @@ def summarize(store: RunStore) -> RunSummary:
     """Counts by status and stop reason, computed from the store."""
     summary = RunSummary(run_dir=str(store.run_dir))
     reasons: Counter[str] = Counter()
+    by_endpoint: Counter[str] = Counter()
     for _qid, status, stop_reason in store.question_statuses():
         summary.questions += 1
         if status == "succeeded":
@@ -405,7 +445,14 @@ def summarize(store: RunStore) -> RunSummary:
             summary.pending += 1
         if stop_reason:
             reasons[stop_reason] += 1
+        if status == "deferred":
+            summary.deferred += 1
+            summary.pending -= 1
+            rec = store.get_question(_qid) or {}
+            for name in ((rec.get("outcome") or {}).get("details") or {}).get("endpoints", []):
+                by_endpoint[name] += 1
     summary.stop_reasons = dict(sorted(reasons.items()))
+    summary.deferred_by_endpoint = dict(sorted(by_endpoint.items()))
     return summary
 
 
@@ -448,6 +495,32 @@ def run_activity(store: RunStore, summary: RunSummary) -> dict[str, Any]:
             "questions_per_hour": None if rate is None else round(rate * 3600, 1),
             "eta_s": None if rate is None or left is None else round(left / rate),
             "sessions": len(spans), "running_pid": pid}
+
+
+INFRA_STOPS = ("no_mentor", "no_intern", "no_judge", "deferred")
+
+
+def infra_failed(store: RunStore) -> set[str]:
+    """Questions stored as failed for an infrastructure cause: a retryable stop reason, or a
+    failure (e.g. an old run's "All mentor scores are zero.") of a question whose calls are in
+    the failure log, or whose tree holds a sample or mentor whose call failed."""
+    failed_calls = {f.get("qid") for f in store.iter_failures() if f.get("kind") == "call"}
+    out = set()
+    for qid, rec in store.iter_questions():
+        if rec.get("status") != "failed" or rec.get("stop_reason") == "bad_record":
+            continue
+        details = (rec.get("outcome") or {}).get("details") or {}
+        text = str(details.get("mentor_errors_by_depth", "")) + str(details.get("mentor_errors",
+                                                                                 ""))
+        if (rec.get("stop_reason") in INFRA_STOPS or qid in failed_calls
+                or "call failed" in text or _tree_has_failed_call(store, qid)):
+            out.add(qid)
+    return out
+
+
+def _tree_has_failed_call(store: RunStore, qid: str) -> bool:
+    return any(s.get("verdict") in ("call-failed", "judge-failed")
+               for n in store.get_nodes(qid) for s in n.get("samples", []))
 
 
 def cache_hit_rates(store: RunStore) -> tuple[float | None, dict[str, tuple[int, int]]]:

@@ -74,7 +74,9 @@ def extract_final_answer(text: str | None) -> str | None:
 
 
 def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and articles, collapse spaces: for exact matching."""
+    """Lower-case, drop punctuation and articles, collapse spaces. Loose: it merges `HER2+`
+    and `HER2-`, so it never keys a verdict (see mics.answers.answer_key) and the exact judge
+    does not use it; the simulator and analysis use it to compare answers roughly."""
     t = text.lower()
     t = re.sub(r"[^\w\s]", " ", t)
     t = re.sub(r"\b(a|an|the)\b", " ", t)

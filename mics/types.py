@@ -169,6 +169,7 @@ class Sample:
     correct: bool
     verdict: str  # "yes", "no", "no-answer", "call-failed", "judge-failed", "unparsable"
     usage: dict[str, Any] = field(default_factory=dict)
+    sample_index: int = 0  # the sample number at this temperature (its own call)
 
 
 @dataclass
@@ -189,6 +190,8 @@ class Node:
     chosen: bool = False
     reused: bool = False  # step taken from the mentor's cached chain, no new call
     usage: dict[str, Any] = field(default_factory=dict)
+    leaks_answer: bool = False  # the step states the correct answer (mics.leaks)
+    reasked: bool = False  # the mentor was asked again after a leak (on_answer_leak = reask)
 
     @property
     def score(self) -> float:
@@ -213,10 +216,11 @@ class Outcome:
     """How one question's search ended."""
 
     qid: str
-    status: str  # "succeeded" | "failed"
-    stop_reason: str  # "full_score" | "max_depth" | "all_zero" | "no_mentor" | "bad_record"
+    status: str  # "succeeded" | "failed" | "deferred" (a call failed; resume decides it)
+    stop_reason: str  # "full_score" | "max_depth" | "all_zero" | "no_mentor" | "bad_record" |
+    # "deferred"
     reasoning: str = ""
-    scores: dict[str, list[float]] = field(default_factory=dict)
+    scores: dict[str, list[float | None]] = field(default_factory=dict)  # None: no candidate
     final_depth: int = 0
     generated_by: list[str] = field(default_factory=list)
     search_id: str = ""

@@ -359,6 +359,15 @@ def _script_json(value: Any) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
+def _mentor_errors(data: dict[str, Any]) -> str:
+    rows = data.get("mentor_errors") or []
+    if not rows:
+        return ""
+    items = "".join(f"<li>depth {html.escape(r['depth'])} · <b>{html.escape(r['mentor'])}</b>: "
+                    f"{html.escape(r['error'])}</li>" for r in rows)
+    return f'<div class="mentor-errors"><b>Mentor errors:</b><ul>{items}</ul></div>'
+
+
 def tree_html(g: nx.DiGraph, title: str | None = None) -> str:
     """One self-contained HTML page drawing a question's tree."""
     data = tree_json(g)
@@ -387,6 +396,7 @@ def tree_html(g: nx.DiGraph, title: str | None = None) -> str:
 <b>nodes:</b> {data['node_count']} ·
 <b>attempts:</b> {data['attempts']} · <b>chosen path:</b> {e(path)} ·
 <b>scores:</b> {e(trajectory)}</p>
+{_mentor_errors(data)}
 <p class="legend muted">MICS-Score {legend}
 <span><i class="ring r-path"></i>blue ring: chosen path</span>
 <span><i class="ring r-sel"></i>orange ring: selected</span>

@@ -47,7 +47,7 @@ def test_chiron_demo_search_and_export(tmp_path, chiron):
     results, failed = read_jsonl(out / "results.jsonl"), read_jsonl(out / "failed.jsonl")
     assert len(results) + len(failed) == 10
     keys = {"rid", "images", "question", "gt_answer", "reasoning", "scores", "final_depth",
-            "generated_by", "search_id"}
+            "generated_by", "search_id", "leaks_answer"}
     for r in results:
         assert set(r) == keys
         assert isinstance(r["final_depth"], str) and isinstance(r["search_id"], str)
@@ -161,7 +161,7 @@ def test_first_sigint_stops_gracefully_and_resume_completes(tmp_path, demo_data)
                 stored = store.call_count()
     proc.send_signal(signal.SIGINT)
     out, errs = proc.communicate(timeout=60)
-    assert proc.returncode == 0, errs
+    assert proc.returncode == 130, errs  # issue 10: a stopped run exits 128 + SIGINT
     assert "resume with" in out
     with RunStore.open(run, write=False) as store:
         statuses = [rec["status"] for _, rec in store.iter_questions()]

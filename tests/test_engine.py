@@ -178,7 +178,7 @@ def test_mentor_failure_is_recorded_not_fatal(tmp_path):
         for q in qs:
             assert all(n["mentor"] != "m2" for n in store.get_nodes(q.qid))
             o = outcomes[q.qid]
-            assert o.scores["m2"] == [0.0] * len(o.scores["m2"])
+            assert o.scores["m2"] == [None] * len(o.scores["m2"])  # no candidate: no score
             errors = o.details["mentor_errors_by_depth"]
             assert set(errors) == {str(d + 1) for d in range(o.final_depth)}
             assert all("malformed" in e["m2"] for e in errors.values())

@@ -225,7 +225,7 @@ def single_server_run(tmp_path_factory, tokenizer_dir) -> dict:
     from conftest import CHIRON
 
     if not (CHIRON / "demo.jsonl").is_file():
-        pytest.skip("../shared/data/chiron-demo is not available")
+        pytest.fail("../shared/data/chiron-demo is missing: CI always has it beside the checkout")
     tmp = tmp_path_factory.mktemp("single")
     with LoopbackServer({**CHAT_MODELS, **INTERNS}) as srv:
         cfg = tmp / "single.toml"
