@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import anyio
 
 from bench.common import write_questions
 from bench.overhead import sim_config
+from cli.signals import run_until_signalled
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "MICS-BENCH-RESULT "
@@ -49,7 +49,7 @@ def build(run_dir: Path, questions: int, concurrency: int, seed: int = 0) -> dic
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: in-flight questions are left running
 
     t0 = time.perf_counter()
-    summary = anyio.run(partial(search_run, run_dir, on_done=on_done))
+    summary = run_until_signalled(lambda stop: search_run(run_dir, on_done=on_done, stop=stop))
     seconds = time.perf_counter() - t0
     with RunStore.open(run_dir, write=False) as store:
         stats = store.stats()

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from cli.bench import register as register_bench
 from cli.report import register
+from cli.signals import run_until_signalled
 from mics.config import ConfigError, load_config, parse_config
 from mics.export import export_reference
 from mics.run import (
@@ -58,8 +59,8 @@ def _search_with_progress(run_dir: Path, store: RunStore | None = None) -> RunSu
             tally["ok" if outcome.status == "succeeded" else "bad"] += 1
             progress.update(task, advance=1, **tally)
 
-        return anyio.run(lambda: search_run(run_dir, on_start=on_start, on_done=on_done,
-                                            store=store))
+        return run_until_signalled(lambda stop: search_run(
+            run_dir, on_start=on_start, on_done=on_done, store=store, stop=stop))
 
 
 def _record_and_search(run: Path, cfg, data: Path, image_root: Path | None,  # noqa: ANN001

@@ -7,9 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration problem, reported before any model call."""
+from mics.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
-import os
-import signal
 import time
 import uuid
 from collections import Counter
@@ -28,12 +26,9 @@ from mics import __version__
 from mics.config import ConfigError, RunConfig
 from mics.dataset import read_dataset
 from mics.engine import Engine, Models
+from mics.errors import RunError
 from mics.types import Outcome, Question, RecordError
 from store import RunStore, StoreError
-
-
-class RunError(RuntimeError):
-    """A run cannot start or resume; the message says why and what to do."""
 
 
 @dataclass
@@ -141,11 +136,13 @@ async def search_run(
     on_done: Callable[[Outcome], None] | None = None,
     on_interrupt: Callable[[], None] | None = None,
     store: RunStore | None = None,
+    stop: anyio.Event | None = None,
 ) -> RunSummary:
     """Search (or resume) the run recorded in `run_dir`.
 
-    The first SIGINT/SIGTERM stops sending new calls; calls in flight finish and are stored,
-    and unfinished questions stay resumable. A second one exits at once (commits are atomic).
+    Setting `stop` stops sending new calls; calls in flight finish and are stored, and
+    unfinished questions stay resumable (cancelling the caller's scope also stops it). No
+    signal handler is installed here: the CLI maps Ctrl-C to `stop` (cli/signals.py).
     Pass `store` to keep the writer lock held since the run was recorded.
     """
     started = time.perf_counter()
@@ -161,15 +158,16 @@ async def search_run(
         engine = Engine(config, store, models, gate, on_done=on_done)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_watch_interrupts, gate, on_interrupt)
+                tg.start_soon(_stop_when_set, stop or anyio.Event(), gate, on_interrupt)
                 await engine.run(items, collect=False)
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             fatal = _first(group, (RunAborted, StoreError))
             if fatal is None:
                 raise
-            raise RunError(f"run stopped: {fatal}. Everything finished so far is stored; fix the "
-                           f"cause, then `mics resume {run_dir}`") from None
+            raise RunError.from_error(fatal, f"run stopped: {fatal}. Everything finished so far "
+                                      f"is stored; fix the cause, then `mics resume {run_dir}`"
+                                      ) from None
         finally:
             await models.aclose()
         summary = summarize(store)
@@ -179,14 +177,12 @@ async def search_run(
     return summary
 
 
-async def _watch_interrupts(gate: CallGate, on_interrupt: Callable[[], None] | None) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _signum in signals:
-            if gate.stopping:
-                os._exit(130)
-            gate.stop()
-            if on_interrupt:
-                on_interrupt()
+async def _stop_when_set(stop: anyio.Event, gate: CallGate,
+                         on_interrupt: Callable[[], None] | None) -> None:
+    await stop.wait()
+    gate.stop()
+    if on_interrupt:
+        on_interrupt()
 
 
 def _first(group: BaseExceptionGroup, kind: type[BaseException] | tuple[type[BaseException], ...]

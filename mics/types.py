@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 ROOT_TEXT = "Let's think about how to solve this problem clearly and reasonably step by step."
+
+QuestionStatus = Literal["running", "succeeded", "failed"]
+FinalStatus = Literal["succeeded", "failed"]
+# full_score / max_depth: succeeded; all_zero: failed (MICS said no); no_mentor / no_intern /
+# no_judge: failed for lack of a working model (retried on resume); bad_record: unusable input
+StopReason = Literal["full_score", "max_depth", "all_zero", "no_mentor", "no_intern", "no_judge",
+                     "bad_record"]
+Verdict = Literal["yes", "no", "no-answer", "call-failed", "judge-failed", "unparsable"]
 
 
 @dataclass(frozen=True)
@@ -167,7 +175,7 @@ class Sample:
     answer: str | None  # text after the final-answer marker; None when missing
     raw: str | None
     correct: bool
-    verdict: str  # "yes", "no", "no-answer", "call-failed", "judge-failed", "unparsable"
+    verdict: Verdict
     usage: dict[str, Any] = field(default_factory=dict)
 
 
@@ -213,8 +221,8 @@ class Outcome:
     """How one question's search ended."""
 
     qid: str
-    status: str  # "succeeded" | "failed"
-    stop_reason: str  # "full_score" | "max_depth" | "all_zero" | "no_mentor" | "bad_record"
+    status: FinalStatus
+    stop_reason: StopReason  # why the search ended: see StopReason above
     reasoning: str = ""
     scores: dict[str, list[float]] = field(default_factory=dict)
     final_depth: int = 0

@@ -1,0 +1,40 @@
+"""Ctrl-C for the command line: the only place mics installs signal handlers or exits at once.
+
+The library is stopped by its owner through an `anyio.Event`; here SIGINT/SIGTERM set that
+event. The first signal stops sending new calls (calls in flight finish and are stored); a
+second one exits at once with status 130 (every commit is atomic, so nothing stored is lost).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+
+T = TypeVar("T")
+EXIT_INTERRUPTED = 130
+
+
+def run_until_signalled(body: Callable[[anyio.Event], Awaitable[T]]) -> T:
+    """`anyio.run` `body(stop)`, where the first SIGINT/SIGTERM sets `stop`, a second exits."""
+
+    async def main() -> T:
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_signals, stop)
+            result = await body(stop)
+            tg.cancel_scope.cancel()
+        return result
+
+    return anyio.run(main)
+
+
+async def _watch_signals(stop: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _signum in signals:
+            if stop.is_set():
+                os._exit(EXIT_INTERRUPTED)
+            stop.set()
