@@ -169,7 +169,8 @@ async def search_run(
                                       f"is stored; fix the cause, then `mics resume {run_dir}`"
                                       ) from None
         finally:
-            await models.aclose()
+            with anyio.CancelScope(shield=True):  # close clients even when the owner cancels
+                await models.aclose()
         summary = summarize(store)
         summary.calls = dict(gate.counts)
         summary.interrupted = gate.stopping

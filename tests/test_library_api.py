@@ -75,10 +75,19 @@ def test_the_old_error_classes_are_the_new_ones() -> None:
     assert (base.BackendError, base.TransientError, base.PermanentError, base.FatalError) == (
         mics.BackendError, mics.TransientError, mics.PermanentError, mics.FatalError)
     assert issubclass(StopRequested, mics.Stopped) and issubclass(RunAborted, mics.RunError)
+    assert issubclass(mics.RunError, RuntimeError)  # what `except RuntimeError` code caught
     assert issubclass(mics.ConfigError, ValueError) and issubclass(mics.DataError, ValueError)
     assert [c.kind for c in (mics.TransientError, mics.OutOfMemoryError, mics.PermanentError,
                              mics.FatalError)] == ["transient", "oom", "permanent", "fatal"]
     assert mics.OutOfMemoryError("x").retryable and not mics.FatalError("x").retryable
+
+
+def test_the_lmdb_store_satisfies_the_run_store_protocol(tmp_path: Path) -> None:
+    from store import RunStore
+
+    with RunStore.open(tmp_path / "R", create=True) as store:
+        assert isinstance(store, mics.RunStore)
+    assert not isinstance(object(), mics.RunStore)
 
 
 def test_re_raising_keeps_status_and_retry_after() -> None:
