@@ -19,15 +19,25 @@ EXIT_INTERRUPTED = 130
 
 
 def run_until_signalled(body: Callable[[anyio.Event], Awaitable[T]]) -> T:
-    """`anyio.run` `body(stop)`, where the first SIGINT/SIGTERM sets `stop`, a second exits."""
+    """`anyio.run` `body(stop)`, where the first SIGINT/SIGTERM sets `stop`, a second exits.
+
+    An error from `body` comes out as itself, not wrapped in an ExceptionGroup."""
 
     async def main() -> T:
         stop = anyio.Event()
+        results: list[T] = []
+        error: Exception | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, stop)
-            result = await body(stop)
-            tg.cancel_scope.cancel()
-        return result
+            try:
+                results.append(await body(stop))
+            except Exception as e:  # re-raised below, outside the task group
+                error = e
+            finally:
+                tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return results[0]
 
     return anyio.run(main)
 

@@ -85,7 +85,10 @@ def search_sync(
     seed: int | None = None,
     on_done: Callable[[Outcome], None] | None = None,
 ) -> RunSummary:
-    """`search` for scripts with no event loop (in a notebook, ``await mics.search``)."""
+    """`search` for scripts with no event loop (in a notebook, ``await mics.search``).
+
+    Ctrl-C cancels it (KeyboardInterrupt); what finished is stored and `resume_sync` goes on.
+    """
     _require_no_loop("search")
     return anyio.run(partial(search, config, questions, run_dir, image_root=image_root,
                              limit=limit, seed=seed, on_done=on_done))
