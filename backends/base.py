@@ -13,35 +13,14 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import anyio
 
 from mics.config import ModelConfig
+from mics.errors import (  # noqa: F401 - the error kinds backends raise, re-exported
+    BackendError,
+    FatalError,
+    OutOfMemoryError,
+    PermanentError,
+    TransientError,
+)
 from mics.types import Prompt, Reply, Sampling
-
-
-class BackendError(Exception):
-    """A model call failed. `retryable` says whether trying again may help."""
-
-    retryable = True
-
-    def __init__(self, message: str, *, retry_after: float | None = None,
-                 status: int | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.status = status
-
-
-class TransientError(BackendError):
-    """Rate limits, 5xx, timeouts, dropped connections: retried with backoff."""
-
-    retryable = True
-
-
-class PermanentError(BackendError):
-    """Bad request, auth, unknown model: fails fast, never retried."""
-
-    retryable = False
-
-
-class FatalError(PermanentError):
-    """The endpoint cannot serve any call (bad key, no such model): the run stops."""
 
 
 @dataclass(frozen=True)

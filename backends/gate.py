@@ -26,20 +26,21 @@ import orjson
 
 from backends.base import BackendError, Call, ChatModel, FatalError, RolloutModel, TransientError
 from backends.limits import CircuitBreaker, EndpointLimiter
+from mics.errors import RunError, Stopped
 from mics.types import CallFailure, Reply
 
 # Fault-injection hook for crash tests: SIGKILL this process right after the Nth stored call.
 KILL_AFTER_ENV = "MICS_KILL_AFTER_CALLS"
 
 
-class StopRequested(Exception):
+class StopRequested(Stopped):
     """A graceful stop was asked for: no new calls are sent; stored replies still answer."""
 
 
 STOPPED = CallFailure(error="not sent: stopping", attempts=0, retryable=True)
 
 
-class RunAborted(RuntimeError):
+class RunAborted(RunError):
     """An endpoint failed in a way no retry can fix (e.g. HTTP 401); the run stops, work kept."""
 
 
@@ -72,7 +73,6 @@ class CallGate:
         self._kill_after = int(kill) if kill else None
         self._stored = 0
         self.stopping = False
-        self.stop_signal: int | None = None  # the signal that asked for the stop, if any
 
     def stop(self) -> None:
         """Send no new calls from now on; calls in flight finish and are stored."""
@@ -198,7 +198,7 @@ class CallGate:
                     if isinstance(e, FatalError):
                         self._fail(model, [keys[i]], role=role, qid=qid, attempts=attempt,
                                    retryable=False, history=history[keys[i]])
-                        raise RunAborted(str(e)) from None
+                        raise RunAborted.from_error(e) from None
                     if not e.retryable or attempt > cfg.max_retries:
                         done[keys[i]] = self._fail(model, [keys[i]], role=role, qid=qid,
                                                    attempts=attempt, retryable=e.retryable,

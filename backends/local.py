@@ -65,7 +65,7 @@ import anyio
 import anyio.to_thread
 import orjson
 
-from backends.base import BackendError, Call, PermanentError, TransientError
+from backends.base import BackendError, Call, OutOfMemoryError, PermanentError, TransientError
 from backends.hf import LOAD_LOCK
 from mics.config import ModelConfig
 from mics.types import Image, Prompt, Reply, Sampling, Usage
@@ -833,7 +833,8 @@ class _Runner:
         if oom and torch.cuda.is_available():
             torch.cuda.empty_cache()
         what = "out of memory" if oom else "generation failed"
-        err = TransientError(f"model {self.name!r}: {what}: {type(e).__name__}: {e}")
+        kind = OutOfMemoryError if oom else TransientError
+        err = kind(f"model {self.name!r}: {what}: {type(e).__name__}: {e}")
         err.oom = oom  # type: ignore[attr-defined]
         return err
 

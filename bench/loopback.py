@@ -18,7 +18,8 @@ Strict modes: a served model may name a real `target` ("sglang" with a `version`
 what that server does (bench/targets.py, docs/endpoints.md). Without one it is lenient.
 
 Stdlib only: a ThreadingHTTPServer with TCP_NODELAY and a listen backlog of 1024 (both needed
-for honest timings on loopback, see spec/feasibility.md).
+for honest timings on loopback: without the first, Nagle's algorithm and delayed ACKs stall
+small replies ~40 ms each; with the default backlog of 5, 16+ connections at once stall 1 s).
 """
 
 from __future__ import annotations

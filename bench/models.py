@@ -1,4 +1,4 @@
-"""Random models built offline for tests and benchmarks (feasibility §2, §3 and §4).
+"""Random models built offline for tests and benchmarks (tiny Qwen2, Qwen2-VL, Qwen2.5-VL).
 
 The builders are deterministic: the same seed writes byte-identical folders. Weights use
 `initializer_range=0.2` and an untied output head, so greedy output is not degenerate.

@@ -30,6 +30,7 @@ import anyio  # noqa: E402
 
 from bench.common import write_questions  # noqa: E402
 from bench.overhead import sim_config  # noqa: E402
+from cli.signals import run_until_signalled  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "MICS-BENCH-RESULT "
@@ -54,7 +55,7 @@ def build(run_dir: Path, questions: int, concurrency: int, seed: int = 0) -> dic
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: in-flight questions are left running
 
     t0 = time.perf_counter()
-    summary = anyio.run(partial(search_run, run_dir, on_done=on_done))
+    summary = run_until_signalled(lambda stop: search_run(run_dir, on_done=on_done, stop=stop))
     seconds = time.perf_counter() - t0
     with RunStore.open(run_dir, write=False) as store:
         stats = store.stats()

@@ -73,19 +73,22 @@ def _guarded(fn, *args):  # noqa: ANN001, ANN202
 
 
 def _search(run_dir: Path, as_json: bool, every_s: float, **kwargs: Any) -> RunSummary:
-    """search_run with whole-run progress (stderr under --json, so stdout stays JSON)."""
-    import anyio
-
+    """search_run with whole-run progress (stderr under --json, so stdout stays JSON); the
+    first SIGINT/SIGTERM stops it (exit 130/143 once in-flight calls are stored)."""
     from cli.progress import RunProgress
+    from cli.signals import run_until_signalled
     from mics.run import search_run
 
     progress = RunProgress(err if as_json else console, every_s)
+    signals: list[int] = []
     try:
-        return anyio.run(lambda: search_run(
+        summary = run_until_signalled(lambda stop: search_run(
             run_dir, on_start=progress.on_start, on_done=progress.on_done,
-            on_gate=progress.on_gate, **kwargs))
+            on_gate=progress.on_gate, stop=stop, **kwargs), on_signal=signals.append)
     finally:
         progress.close()
+    summary.stop_signal = signals[0] if signals else None
+    return summary
 
 
 def _first_missing(path: Path) -> Path | None:

@@ -7,14 +7,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mics.errors import ConfigError
 from mics.prompts import DEFAULT_PACK, MEDICAL, PACKS, pack_templates
 from mics.templates import TEMPLATE_KEYS, PromptTemplates, TemplateError, check_template
 
 DATASET_FORMATS = ("chiron", "generic")  # mics.dataset.read_dataset(fmt=...); docs/datasets.md
 
-
-class ConfigError(ValueError):
-    """A configuration problem, reported before any model call."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Read Chiron / MMRP-style datasets into validated Questions (spec 2.1 and 6).
+"""Read Chiron / MMRP-style datasets into validated Questions (docs/algorithm.md: input).
 
 Every record becomes either a :class:`Question` or a :class:`RecordError`; a bad record never
 stops the reading of the others. Differences from the reference loader:
@@ -122,7 +122,7 @@ def clean_captions(captions: Sequence[str], image_paths: Sequence[str]) -> tuple
 
 
 def format_case_info(presentation: str, age: str, gender: str, captions: Sequence[str]) -> str:
-    """Build the reference case-info string (spec 2.1.3), without a trailing newline."""
+    """Build the reference case-info string (docs/algorithm.md: input), no trailing newline."""
     lines = [f"Chief complaint: {presentation}", f"Age: {age}", f"Gender: {gender}"]
     if captions:
         lines.append("Image analysis:")

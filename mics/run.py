@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import itertools
 import os
-import signal
 import time
 import uuid
 from collections import Counter
@@ -28,12 +27,9 @@ from mics import __version__
 from mics.config import ConfigError, RunConfig
 from mics.dataset import Cursor, read_dataset
 from mics.engine import FINISHED, RETRYABLE, Engine, Models
+from mics.errors import RunError
 from mics.types import Outcome, Question, RecordError
 from store import RunStore, StoreError
-
-
-class RunError(RuntimeError):
-    """A run cannot start or resume; the message says why and what to do."""
 
 
 @dataclass
@@ -343,19 +339,20 @@ async def search_run(
     store: RunStore | None = None,
     models: Models | None = None,
     retry_failed: bool = False,
+    stop: anyio.Event | None = None,
 ) -> RunSummary:
     """Search (or resume) the run recorded in `run_dir`.
 
-    The first SIGINT/SIGTERM stops sending new calls; calls in flight finish and are stored,
-    and unfinished questions stay resumable. A second one exits at once (commits are atomic).
+    Setting `stop` stops sending new calls; calls in flight finish and are stored, and
+    unfinished questions stay resumable (cancelling the caller's scope also stops it). No
+    signal handler is installed here: the CLI maps Ctrl-C to `stop` (cli/signals.py).
     Pass `store` to keep the writer lock held since the run was recorded, and `models` when
     they were built already (to check a config before anything was created).
     `on_start(total, ok, failed)` gets the record count and what was finished before the
     resume point; finished questions after it go to `on_done` (details "skipped") as read;
     `on_gate` the session's call gate (its counts and tokens, for progress lines).
-    `retry_failed` also
-    re-searches questions stored as failed for an infrastructure cause (see `infra_failed`),
-    runs made before deferral included.
+    `retry_failed` also re-searches questions stored as failed for an infrastructure cause
+    (see `infra_failed`), runs made before deferral included.
     """
     started = time.perf_counter()
     with contextlib.nullcontext(store) if store else RunStore.open(run_dir, write=True) as store:
@@ -374,7 +371,7 @@ async def search_run(
         engine.retry_qids = retry
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_watch_interrupts, gate, on_interrupt)
+                tg.start_soon(_stop_when_set, stop or anyio.Event(), gate, on_interrupt)
                 tg.start_soon(_mark_every, store, dataset, MARK_EVERY_S,
                               config.dataset.format)
                 await engine.run(items, collect=False)
@@ -383,10 +380,12 @@ async def search_run(
             fatal = _first(group, (RunAborted, StoreError))
             if fatal is None:
                 raise
-            raise RunError(f"run stopped: {fatal}. Everything finished so far is stored; fix the "
-                           f"cause, then `mics resume {run_dir}`") from None
+            raise RunError.from_error(fatal, f"run stopped: {fatal}. Everything finished so far "
+                                      f"is stored; fix the cause, then `mics resume {run_dir}`"
+                                      ) from None
         finally:
-            await models.aclose()
+            with anyio.CancelScope(shield=True):  # close clients even when the owner cancels
+                await models.aclose()
         mark_resume_point(store, dataset, config.dataset.format)
         summary = summarize(store)
         summary.total = total
@@ -394,7 +393,6 @@ async def search_run(
         summary.tokens = gate.tokens
         summary.interrupted = gate.stopping
         summary.breakers_opened = list(gate.breakers_opened)
-        summary.stop_signal = gate.stop_signal
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
 
@@ -409,15 +407,12 @@ async def _mark_every(store: RunStore, dataset: dict[str, Any], seconds: float,
         mark_resume_point(store, dataset, fmt)
 
 
-async def _watch_interrupts(gate: CallGate, on_interrupt: Callable[[], None] | None) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            if gate.stopping:
-                os._exit(128 + int(signum))
-            gate.stop()
-            gate.stop_signal = int(signum)
-            if on_interrupt:
-                on_interrupt()
+async def _stop_when_set(stop: anyio.Event, gate: CallGate,
+                         on_interrupt: Callable[[], None] | None) -> None:
+    await stop.wait()
+    gate.stop()
+    if on_interrupt:
+        on_interrupt()
 
 
 def _first(group: BaseExceptionGroup, kind: type[BaseException] | tuple[type[BaseException], ...]

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 ROOT_TEXT = "Let's think about how to solve this problem clearly and reasonably step by step."
+
+QuestionStatus = Literal["running", "succeeded", "failed", "deferred"]
+# deferred: a call still failed after retries with on_call_failure = "defer"; resume decides it
+FinalStatus = Literal["succeeded", "failed", "deferred"]
+# full_score / max_depth: succeeded; all_zero: failed (MICS said no); no_mentor / no_intern /
+# no_judge: failed for lack of a working model (retried on resume); deferred: left undecided by
+# a failed call (resumed); bad_record: unusable input
+StopReason = Literal["full_score", "max_depth", "all_zero", "no_mentor", "no_intern", "no_judge",
+                     "deferred", "bad_record"]
+Verdict = Literal["yes", "no", "no-answer", "call-failed", "judge-failed", "unparsable"]
 
 
 @dataclass(frozen=True)
@@ -167,7 +177,7 @@ class Sample:
     answer: str | None  # text after the final-answer marker; None when missing
     raw: str | None
     correct: bool
-    verdict: str  # "yes", "no", "no-answer", "call-failed", "judge-failed", "unparsable"
+    verdict: Verdict
     usage: dict[str, Any] = field(default_factory=dict)
     sample_index: int = 0  # the sample number at this temperature (its own call)
 
@@ -216,9 +226,8 @@ class Outcome:
     """How one question's search ended."""
 
     qid: str
-    status: str  # "succeeded" | "failed" | "deferred" (a call failed; resume decides it)
-    stop_reason: str  # "full_score" | "max_depth" | "all_zero" | "no_mentor" | "bad_record" |
-    # "deferred"
+    status: FinalStatus
+    stop_reason: StopReason  # why the search ended: see StopReason above
     reasoning: str = ""
     scores: dict[str, list[float | None]] = field(default_factory=dict)  # None: no candidate
     final_depth: int = 0

@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 import lmdb
 import orjson
 
+from mics.errors import StoreError
+
 __all__ = ["SCHEMA_VERSION", "RunStore", "SchemaError", "StoreError", "StoreLocked"]
 
 SCHEMA_VERSION = 1
@@ -43,10 +45,6 @@ TRIM_INTERVAL_S = 0.25  # a writer unmaps the store pages it touched at most thi
 _MADV_DONTNEED = 4
 _T = TypeVar("_T")
 _Op = Callable[["lmdb.Transaction"], None]
-
-
-class StoreError(Exception):
-    """Any problem with a run store, with a one-line message meant for the user."""
 
 
 class StoreLocked(StoreError):

@@ -221,7 +221,7 @@ def test_bad_model_folder_is_permanent(tmp_path: Path) -> None:
 
 
 def test_generation_errors_are_transient_once(tiny_lm: Path) -> None:
-    from backends.base import TransientError
+    from backends.base import OutOfMemoryError, TransientError
 
     model = local(tiny_lm)
     m = model._runner.load()
@@ -241,5 +241,5 @@ def test_generation_errors_are_transient_once(tiny_lm: Path) -> None:
         raise AssertionError("rollout should fail")
 
     errors = [anyio.run(attempt) for _ in range(3)]
-    assert [type(e) for e in errors] == [TransientError, TransientError, PermanentError]
+    assert [type(e) for e in errors] == [OutOfMemoryError, TransientError, PermanentError]
     assert "out of memory" in str(errors[0]) and "boom" in str(errors[2])
