@@ -22,7 +22,6 @@ import time
 
 PROCESS_START = time.time()  # before the heavier imports: "from start" includes them
 
-from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
