@@ -172,7 +172,7 @@ def dataset_items(dataset: dict[str, Any], store: RunStore | None = None,
     point = None
     if store is not None and retry and store.writable:
         store.put_meta("resume_point", None)
-    if store is not None:  # past what finished since it was last marked (after a kill -9)
+    if store is not None and not retry:  # past what finished since last marked (kill -9)
         point = mark_resume_point(store, dataset, fmt) if store.writable else resume_point(
             store, dataset)
     cursor = Cursor(point["offset"], point["line"], point["index"]) if point else Cursor()

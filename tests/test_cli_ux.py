@@ -138,7 +138,7 @@ def test_progress_lines_in_a_log_count_the_whole_run(tmp_path, demo):
     data, images = demo
     run = tmp_path / "R"
     args = ["--image-root", images, "-c", EXAMPLE, "--run", run, "--progress-every", "0.1"]
-    killed = mics("search", data, *args, env={KILL_AFTER_ENV: "600"}, check=False)
+    killed = mics("search", data, *args, env={KILL_AFTER_ENV: "300"}, check=False)
     assert killed.returncode == -signal.SIGKILL
     lines = [ln for ln in killed.stdout.splitlines() if ln.startswith("progress: ")]
     assert lines and lines[0].startswith("progress: 0/12 done, ok 0, failed 0, deferred 0")
@@ -244,7 +244,7 @@ def test_resume_never_opens_finished_questions_images_and_detects_changed_ones(t
     shutil.copytree(images, img_root)
     run = tmp_path / "R"
     killed = mics("search", data, "--image-root", img_root, "-c", EXAMPLE, "--run", run,
-                  env={KILL_AFTER_ENV: "600"}, check=False)
+                  env={KILL_AFTER_ENV: "300"}, check=False)
     assert killed.returncode == -signal.SIGKILL
     with RunStore.open(run, write=False) as store:
         recs = dict(store.iter_questions())

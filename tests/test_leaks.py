@@ -178,7 +178,7 @@ def test_exports_carry_the_flag_and_exclude_leaks_filters(tmp_path: Path) -> Non
     for name, recs in rows.items():
         for r in recs:
             assert isinstance(r["leaks_answer"] if name != "preferences.jsonl"
-                              else r["chosen"]["leaks_answer"], bool), name
+                              else r["metadata"]["chosen"]["leaks_answer"], bool), name
     leaking = {r["rid"] for r in rows["results.jsonl"] if r["leaks_answer"]}
     assert leaking and len(leaking) < len(rows["results.jsonl"])
     clean = [json.loads(x) for x in (tmp_path / "clean" / "results.jsonl").read_text()
