@@ -36,7 +36,7 @@ class SearchConfig:
     concurrency: int = 8  # questions searched at once
     on_call_failure: str = "defer"  # or "count_wrong" (the reference: a failed sample is wrong)
     on_answer_leak: str = "flag"  # or "reask" / "reject" (see mics.leaks)
-    step_join: str = "newline"  # spec 2.1-2.3; "blank_line" joins path and step with "\n\n"
+    step_join: str = "newline"  # the reference's join (docs/algorithm.md); "blank_line": "\n\n"
 
     @property
     def joiner(self) -> str:
