@@ -23,6 +23,8 @@ from typing import Any
 import anyio
 
 from backends.gate import CallGate, RunAborted
+from backends.images import CACHE_DIR_NAME as IMAGE_CACHE_DIR
+from backends.images import use_directory as use_image_directory
 from backends.registry import build_chat, build_rollout
 from mics import __version__
 from mics.config import ConfigError, RunConfig
@@ -157,6 +159,7 @@ async def search_run(
             limit = dataset.get("limit")
             on_start(min(total, limit) if total is not None and limit is not None else total)
         models = build_models(config)
+        use_image_directory(Path(run_dir) / IMAGE_CACHE_DIR)  # encode each image once per run
         gate = CallGate(store, session=uuid.uuid4().hex[:12])
         engine = Engine(config, store, models, gate, on_done=on_done)
         try:
