@@ -71,3 +71,21 @@ def test_images_bench_encodes_each_distinct_image_once(tmp_path: Path) -> None:
     assert r["encodes"] == 300 and r["encodes_equal_distinct"]
     assert r["disk_hits"] + r["memory_hits"] == 300
     assert r["resume_encodes"] == 0 and r["resume_disk_hits"] == 300
+
+
+def test_images_bench_command_writes_its_figures(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import orjson
+
+    out = tmp_path / "images.json"
+    proc = subprocess.run([sys.executable, "-m", "cli.app", "bench", "images", "--images", "40",
+                           "--concurrency", "8", "--json", str(out)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "COLUMNS": "160"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = orjson.loads(out.read_bytes())["images"]
+    assert r["encodes"] == 40 == r["distinct_images"] and r["resume_encodes"] == 0
+    assert r["requests"] == 80 and r["failed"] == 0
