@@ -84,9 +84,9 @@ class LoopSettings:
 
     questions: int = 200
     cap: int = 16
-    # Paper-shaped (API mentors >> batched 7B interns > a chat judge), scaled down ~10x. Much
-    # shorter and the engine is CPU-bound on a 2-core machine: the HTTP client alone costs
-    # ~4 ms of CPU per request, and 200 questions make ~4,000 requests.
+    # Paper-shaped (API mentors >> batched 7B interns > a chat judge), scaled down ~10x
+    # (`--preset fast`: 100x). 200 questions make ~4,000 requests; at under 1 ms of engine CPU
+    # each, the fast preset is still near CPU-bound on a busy 2-core machine.
     mentor_latency: Latency = (1.0, 2.0)
     intern_latency: Latency = (0.25, 0.5)
     judge_latency: Latency = (0.1, 0.2)
