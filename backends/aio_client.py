@@ -9,7 +9,8 @@ per request (see BENCHMARKS.md), and keeps what the call gate relies on:
 - keep-alive connections, at most `max_concurrency` of them; TCP_NODELAY on every socket
   (aiohttp sets it on each connection); no redirects followed;
 - request bodies serialized with orjson; one process-wide SSL context (certifi's CA bundle, as
-  httpx uses), and none at all for http:// endpoints.
+  httpx uses), and none at all for http:// endpoints;
+- HTTP(S)_PROXY / NO_PROXY from the environment, as httpx honours them, read once per client.
 A session belongs to one event loop: it is opened on first use, and opened again if a later
 call comes from another loop (e.g. a second `anyio.run`).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import urllib.request
 from functools import lru_cache
 from typing import Any
 
@@ -37,6 +39,17 @@ def ssl_context() -> ssl.SSLContext:
         return ssl.create_default_context(cafile=certifi.where())
     except ImportError:  # pragma: no cover - certifi comes with httpx
         return ssl.create_default_context()
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url` (HTTP_PROXY, HTTPS_PROXY; NO_PROXY exempts)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    proxy = urllib.request.getproxies_environment().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass_environment(parts.hostname or ""):
+        return None
+    return proxy
 
 
 class Response:
@@ -72,6 +85,7 @@ class AioClient:
                                               sock_read=timeout_s)
         self._ssl: ssl.SSLContext | bool = (ssl_context() if self.base_url.startswith("https:")
                                             else False)
+        self._proxy = env_proxy(self.base_url)
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -102,7 +116,7 @@ class AioClient:
         url = self.base_url + path
         try:
             async with session.request(method, url, data=body, headers=headers,
-                                       allow_redirects=False) as r:
+                                       allow_redirects=False, proxy=self._proxy) as r:
                 return Response(r.status, r.headers, await r.read())
         except aiohttp.ConnectionTimeoutError as e:
             raise httpx.ConnectTimeout(str(e) or "timed out connecting") from None

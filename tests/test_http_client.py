@@ -170,3 +170,18 @@ def test_malformed_json_raises_value_error() -> None:
         resp.json()
     assert resp.text == "{not json"
     assert orjson.loads(Response(200, {}, b'{"a": 1}').content) == {"a": 1}
+
+
+def test_environment_proxies_are_honoured_like_httpx(monkeypatch: pytest.MonkeyPatch) -> None:
+    from backends.aio_client import env_proxy
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
+                 "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert env_proxy("https://api.example.org/v1") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.local:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,internal.example.org")
+    assert env_proxy("https://api.example.org/v1") == "http://proxy.local:3128"
+    assert env_proxy("https://internal.example.org/v1") is None
+    assert env_proxy("http://127.0.0.1:30000") is None
+    assert AioClient("https://api.example.org/v1", timeout_s=1, max_connections=1)._proxy
