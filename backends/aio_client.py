@@ -18,6 +18,7 @@ call comes from another loop (e.g. a second `anyio.run`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import urllib.request
 from functools import lru_cache
@@ -39,6 +40,16 @@ def ssl_context() -> ssl.SSLContext:
         return ssl.create_default_context(cafile=certifi.where())
     except ImportError:  # pragma: no cover - certifi comes with httpx
         return ssl.create_default_context()
+
+
+def _abandon(session: aiohttp.ClientSession) -> None:
+    """Mark a session of a finished event loop closed (its sockets died with the loop), so it
+    does not warn about being unclosed."""
+    connector = session.connector
+    session.detach()
+    if connector is not None:
+        with contextlib.suppress(Exception):
+            connector._close()  # the loop is closed: this only marks the connector closed
 
 
 def env_proxy(url: str) -> str | None:
@@ -92,6 +103,8 @@ class AioClient:
     def _open(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         if self._session is None or self._loop is not loop or self._session.closed:
+            if self._session is not None and self._loop is not None and self._loop.is_closed():
+                _abandon(self._session)
             connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=0, ssl=self._ssl,
                                              keepalive_timeout=15.0)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
@@ -141,3 +154,5 @@ class AioClient:
             same_loop = False
         if same_loop:
             await session.close()
+        elif self._loop is not None and self._loop.is_closed():
+            _abandon(session)

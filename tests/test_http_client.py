@@ -154,7 +154,9 @@ def test_a_client_survives_a_new_event_loop() -> None:
             return (await client.post("/chat/completions", json=BODY)).status_code
 
         assert anyio.run(one) == 200
+        first = client._session
         assert anyio.run(one) == 200  # a second anyio.run: a fresh session, same client
+        assert client._session is not first and first.closed  # the old one: no unclosed warning
 
         async def close() -> None:
             await client.aclose()
