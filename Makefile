@@ -31,3 +31,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest
+
+.PHONY: bench
+bench: $(STAMP)  ## re-measure every figure in BENCHMARKS.md (bench/run_all.sh; QUICK=1: faster)
+	bash bench/run_all.sh

@@ -26,6 +26,7 @@ import orjson
 
 from backends.base import BackendError, Call, ChatModel, FatalError, RolloutModel, TransientError
 from backends.limits import CircuitBreaker, EndpointLimiter
+from backends.memo_writer import MemoWriter
 from mics.errors import RunError, Stopped
 from mics.types import CallFailure, Reply
 
@@ -63,7 +64,8 @@ class CallGate:
         self.session = session
         self.counts: Counter[str] = Counter()  # sent / memo_hits / joined / failed / retries
         self.tokens = 0  # prompt + completion tokens of the replies stored by this session
-        self._inflight: dict[str, anyio.Event] = {}
+        self._inflight: dict[str, anyio.Event | None] = {}  # an Event once someone joins
+        self._memo = MemoWriter(store)  # replies arriving together: one commit
         self._failures: dict[str, CallFailure] = {}
         self._limiters: dict[int, EndpointLimiter] = {}
         self._breakers: dict[int, CircuitBreaker] = {}
@@ -129,12 +131,15 @@ class CallGate:
                 results[i] = Reply.from_dict(stored)
                 self.counts["memo_hits"] += 1
             elif key in self._inflight:
-                waits.append((i, self._inflight[key]))
+                event = self._inflight[key]
+                if event is None:
+                    event = self._inflight[key] = anyio.Event()
+                waits.append((i, event))
                 self.counts["joined"] += 1
             elif self.stopping:
                 results[i] = STOPPED  # the engine notices the stop and discards this depth
             else:
-                self._inflight[key] = anyio.Event()
+                self._inflight[key] = None
                 mine.append(i)
         if mine:
             done = await self._send_with_retries(
@@ -183,14 +188,17 @@ class CallGate:
                                                     role)
                 self._watch_health(model, breaker, outcome)
                 failed: list[tuple[int, BackendError]] = []
+                delivered: list[tuple[str, dict, dict]] = []
                 for i, result in zip(pending, outcome, strict=True):
                     if isinstance(result, BackendError):
                         history[keys[i]].append(f"{type(result).__name__}: {result}")
                         failed.append((i, result))
                     else:  # delivered replies are stored now; only the failed ones go again
-                        self._store_reply(model, keys[i], result, role=role, qid=qid,
-                                          attempts=attempt, errors=history[keys[i]])
+                        delivered.append(self._memo_entry(model, keys[i], result, role=role,
+                                                          qid=qid, attempts=attempt,
+                                                          errors=history[keys[i]]))
                         done[keys[i]] = result
+                await self._store_replies(delivered)
                 pending = []
                 for i, e in failed:
                     if e.status == 429:
@@ -212,7 +220,9 @@ class CallGate:
             return done
         finally:
             for key in keys:
-                self._inflight.pop(key).set()
+                event = self._inflight.pop(key)
+                if event is not None:
+                    event.set()
 
     async def _attempt_batch(self, model: Any, limiter: EndpointLimiter, calls: list[Call],
                              role: str) -> list[Reply | BackendError]:
@@ -255,13 +265,17 @@ class CallGate:
             delay = max(delay, min(retry_after, cfg.max_rate_limit_wait_s))
         return delay
 
-    def _store_reply(self, model: Any, key: str, reply: Reply, *, role: str, qid: str,
-                     attempts: int, errors: list[str]) -> None:
+    def _memo_entry(self, model: Any, key: str, reply: Reply, *, role: str, qid: str,
+                    attempts: int, errors: list[str]) -> tuple[str, dict, dict]:
         log = {"role": role, "model": model.config.name, "qid": qid, "session": self.session,
                "attempts": attempts, "errors": errors, "t": round(time.time(), 3)}
-        self.store.memo_put(key, reply.to_dict(), log)
-        self._stored += 1
         self.tokens += reply.usage.prompt_tokens + reply.usage.completion_tokens
+        return key, reply.to_dict(), log
+
+    async def _store_replies(self, entries: list[tuple[str, dict, dict]]) -> None:
+        """Commit delivered replies (grouped with others arriving now) before anyone uses them."""
+        await self._memo.put(entries)
+        self._stored += len(entries)
         if self._kill_after is not None and self._stored >= self._kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 

@@ -15,7 +15,7 @@ Options (`[[interns]].options`):
   seed        base of every call's sampling seed (default 0)
   kind        "auto" (a `vision_config` in config.json means "vl"), "text", "vl"
   prefix_cache       reuse the KV cache of shared prompt prefixes (default true)
-  prefix_cache_size  prefix caches kept across batches, LRU (default 8; 0: within a batch only)
+  prefix_cache_size  prefix caches kept across batches, LRU (default 32; 0: within a batch only)
 
 Rendering: one system message, then one user message whose content is the prompt's parts in
 order (images as {"type": "image"}), with `add_generation_prompt=True`. A text LM cannot see
@@ -25,19 +25,20 @@ Prefix KV reuse (`prefix_cache`): each distinct prompt of a batch is tokenized o
 prompts minus their last token form a token trie. Every trie node (the system + images + question
 block shared by one question's rows, the selected path shared by one depth's candidates, then each
 row) is prefilled once, level by level (one forward pass per level, or a few when segment lengths
-differ a lot), starting from its parent's KV or from a longer match in a bounded LRU of earlier
-nodes (an entry longer than the match is cropped); a shared node saving under 32 tokens is not
-worth its own level. Then ONE batched `generate` runs with every row's cache left-padded to a
-common length (attention mask 0 on the padding) and only each row's last prompt token uncached;
-explicit position ids keep every token at its unpadded position. Shared nodes go into the LRU (an
-entry that is a prefix of another is dropped, as cropping the longer one gives it). Qwen2-VL works
-the same way: image tokens are keyed by the image's content hash, the rows' 3D mrope positions
-come from the model's `get_rope_index`, and pixel values go with the segment holding the image;
-greedy outputs matched reuse-off exactly (Qwen2-VL in the tests, Qwen2.5-VL in a one-off check).
-Other VL architectures, and models whose KV cache is not a plain `DynamicCache` (sliding-window
-layers), run without reuse. `LocalRollout.stats` counts prompt tokens, prefill tokens actually
-computed (padding included), cached tokens and LRU hits/misses; `Usage.cached_tokens` is the
-number of a reply's prompt tokens served from the LRU.
+differ by more than ~10%, so padding stays small), starting from its parent's KV or from a longer
+match in a bounded LRU of earlier nodes (an entry longer than the match is cropped); a shared node
+saving under 32 tokens is not worth its own level. Then ONE batched `generate` runs with every
+row's cache left-padded to a common length (attention mask 0 on the padding) and only each row's
+last prompt token uncached; explicit position ids keep every token at its unpadded position. Shared
+nodes and every row's context go into the LRU (the next depth extends one of this depth's
+candidates; an entry that is a prefix of another is dropped, as cropping the longer one gives it).
+Qwen2-VL works the same way: image tokens are keyed by the image's content hash, the rows' 3D mrope
+positions come from the model's `get_rope_index`, and pixel values go with the segment holding the
+image; greedy outputs matched reuse-off exactly (Qwen2-VL in the tests, Qwen2.5-VL in a one-off
+check). Other VL architectures, and models whose KV cache is not a plain `DynamicCache` (sliding-
+window layers), run without reuse. `LocalRollout.stats` counts prompt tokens, prefill tokens
+actually computed (padding included), cached tokens and LRU hits/misses; `Usage.cached_tokens` is
+the number of a reply's prompt tokens served from the LRU.
 
 Determinism: greedy calls use no randomness, so a reply is exactly reproducible for the same batch;
 across batch compositions and with or without prefix reuse it matched one-at-a-time generation in
@@ -73,7 +74,7 @@ from mics.types import Image, Prompt, Reply, Sampling, Usage
 _OPTIONS: dict[str, Any] = {
     "device": "auto", "dtype": "auto", "max_batch": 16, "min_pixels": 256 * 28 * 28,
     "max_pixels": 1280 * 28 * 28, "seed": 0, "kind": "auto", "prefix_cache": True,
-    "prefix_cache_size": 8,
+    "prefix_cache_size": 32,
 }
 _REPLY_OPTIONS = ("dtype", "kind", "max_pixels", "min_pixels", "seed")
 _TWIN_OPTIONS = ("max_batch", "prefix_cache", "prefix_cache_size", "seed")
@@ -83,6 +84,8 @@ _MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl")  # VL models whose positions come from
 # LocalRollout.stats: prefill_tokens counts positions the model computed (padding included);
 # prefix_hits / prefix_misses count lookups of batch roots and shared trie nodes.
 _MIN_SHARED = 32  # tokens a trie level or a separate forward pass must save to be worth it
+_CHUNK_FILL = 0.9  # an item shares a forward pass with items at most ~1/0.9 times its length
+_CHUNK_SLACK = 8  # ... or at most this many tokens longer
 _STATS = ("batches", "calls", "prompt_tokens", "prefill_tokens", "cached_tokens", "prefix_hits",
           "prefix_misses", "prefix_entries", "prefix_evictions", "fallbacks")
 _IDENTITY_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
@@ -383,12 +386,12 @@ def _runs(flags: list[bool]) -> list[tuple[int, int]]:
 
 def _chunks(items: list[Any], size: Callable[[Any], int]) -> list[list[Any]]:
     """Items grouped by similar size (longest first), one forward pass per group, so that right
-    padding wastes at most about half a pass: an item joins the current group while it is at
-    least half as long as the group's longest (or at most `_MIN_SHARED` shorter)."""
+    padding wastes little: an item joins the current group while it is at least
+    `_CHUNK_FILL` as long as the group's longest (or at most `_CHUNK_SLACK` shorter)."""
     groups: list[list[Any]] = []
     top = 0
     for item in sorted(items, key=size, reverse=True):
-        if groups and (2 * size(item) >= top or top - size(item) <= _MIN_SHARED):
+        if groups and (size(item) >= _CHUNK_FILL * top or top - size(item) <= _CHUNK_SLACK):
             groups[-1].append(item)
         else:
             groups.append([item])
@@ -649,6 +652,9 @@ class _Runner:
             for node in shared or [root]:
                 assert node.kv is not None
                 self.lru.put(ctx[node.rows[0]][: node.length], node.kv)
+            for r, node in leaves.items():  # the next depth extends one of these rows
+                if node.kv is not None and node.length > 0:
+                    self.lru.put(ctx[r][: node.length], node.kv)
 
             lengths = [len(ctx[r]) for r in call_rows]
             width = max(lengths)

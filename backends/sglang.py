@@ -32,6 +32,7 @@ from backends.base import (
     TransientError,
     gather,
 )
+from backends.chat_templates import render_prompt
 from backends.gate import call_key
 from backends.hf import LOAD_LOCK
 from backends.http import api_key, check_response, make_client, transport_error
@@ -119,6 +120,8 @@ class SGLangRollout:
 
     def _render(self, prompt: Prompt) -> str:
         family = self.options["family"]
+        if (fast := render_prompt(self._tokenizer(), family, prompt)) is not None:
+            return fast  # the known templates, without Jinja (equal to apply_chat_template)
         content: list[dict[str, str]] = []
         for part in prompt.parts:
             if isinstance(part, Text):

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from mics.demo_data import _CASES
 
-PACKAGES = ("mics", "anyio", "httpx", "lmdb", "orjson", "rich", "typer", "pillow")
+PACKAGES = ("mics", "anyio", "httpx", "aiohttp", "lmdb", "orjson", "rich", "typer", "pillow")
 
 
 # ---------------------------------------------------------------- workload

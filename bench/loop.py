@@ -18,6 +18,11 @@ its own process, so its work does not share an interpreter with the client's.
     Sequential runs take minutes, so it runs on a few questions picked at evenly spaced
     quantiles of their sequential work (known from the engine's trees); the whole set's
     reference time is also modelled, as a cross-check of the extrapolation.
+(c) Reference order, sharded: the same sequential order with `cap` questions at once, which is
+    what a user of the Chiron-o1 runner gets by starting it `cap` ways on `get_chunk` shards
+    (each shard one call at a time). Measured on 2 x cap representative questions; a static
+    `get_chunk` split of all N questions is also modelled. `speedup_vs_sharded` is the fair
+    baseline; efficiency against the bound stays the headline.
 
 Schedule bound: no schedule can beat max(the slowest question's critical path, sum of each
 endpoint's latencies / its cap). Latencies are the ones the server drew (recorded server side);
@@ -66,6 +71,12 @@ from store import RunStore
 Latency = tuple[float, float]
 ROOT = Path(__file__).resolve().parents[1]
 
+# Named latency presets for `mics bench loop --preset`: (mentor, intern, judge) seconds.
+PRESETS: dict[str, tuple[Latency, Latency, Latency]] = {
+    "default": ((1.0, 2.0), (0.25, 0.5), (0.1, 0.2)),
+    "fast": ((0.1, 0.2), (0.025, 0.05), (0.01, 0.02)),  # CPU-bound unless each call is cheap
+}
+
 
 @dataclass(frozen=True)
 class LoopSettings:
@@ -73,13 +84,16 @@ class LoopSettings:
 
     questions: int = 200
     cap: int = 16
-    # Paper-shaped (API mentors >> batched 7B interns > a chat judge), scaled down ~10x. Much
-    # shorter and the engine is CPU-bound on a 2-core machine: the HTTP client alone costs
-    # ~4 ms of CPU per request, and 200 questions make ~4,000 requests.
+    # Paper-shaped (API mentors >> batched 7B interns > a chat judge), scaled down ~10x
+    # (`--preset fast`: 100x). 200 questions make ~4,000 requests; at under 1 ms of engine CPU
+    # each, the fast preset is still near CPU-bound on a busy 2-core machine.
     mentor_latency: Latency = (1.0, 2.0)
     intern_latency: Latency = (0.25, 0.5)
     judge_latency: Latency = (0.1, 0.2)
     reference_questions: int = 3
+    # The reference order sharded `cap` ways (questions at once), as its own runner's
+    # `get_chunk` lets a user run it; measured on this many questions (0: 2 x cap).
+    sharded_questions: int = 0
     concurrency: int = 0  # questions the engine searches at once; 0: all of them
     interns: str = "sglang"  # "sglang": batched /generate (the paper's setup), or "openai"
     seed: int = 0
@@ -254,17 +268,18 @@ def loop_config(url: str, cap: int, concurrency: int, seed: int,
 # ---------------------------------------------------------------- the reference order
 
 
-async def run_reference(run_dir: Path, config: RunConfig, questions: Sequence[Question]
-                        ) -> dict[str, Any]:
-    """The reference order over `questions` in its own run store; wall time and call counts."""
+async def run_reference(run_dir: Path, config: RunConfig, questions: Sequence[Question],
+                        shards: int = 1) -> dict[str, Any]:
+    """The reference order over `questions` in its own run store, `shards` questions at once
+    (1: one at a time; k: a user running the reference k ways); wall time and call counts."""
     t0 = time.perf_counter()
     with RunStore.open(run_dir, write=True, create=True) as store:
         store.put_meta("config", config.to_dict())
         models = build_models(config)
         gate = CallGate(store, session=f"reference-{uuid.uuid4().hex[:8]}")
-        one_at_a_time = replace(config, search=replace(config.search, concurrency=1))
+        sharded = replace(config, search=replace(config.search, concurrency=shards))
         try:
-            await Engine(one_at_a_time, store, models, gate, schedule="reference").run(questions)
+            await Engine(sharded, store, models, gate, schedule="reference").run(questions)
         finally:
             await models.aclose()
     return {"seconds": time.perf_counter() - t0, "calls": dict(gate.counts)}
@@ -423,6 +438,16 @@ def sequential_work(store: RunStore, latency: dict[str, Latency]) -> dict[str, f
     return out
 
 
+def chunked_time(per_question_s: Sequence[float], shards: int) -> float:
+    """Wall time of the reference sharded as its runner's `get_chunk` does: the dataset cut
+    into `shards` contiguous chunks of ceil(n / shards) questions, each run sequentially in
+    its own process; the slowest chunk sets the time."""
+    if not per_question_s:
+        return 0.0
+    size = -(-len(per_question_s) // max(1, shards))
+    return max(sum(per_question_s[i:i + size]) for i in range(0, len(per_question_s), size))
+
+
 def representative(work: dict[str, float], k: int) -> list[str]:
     """k questions at evenly spaced quantiles of their sequential work (a stratified sample,
     so the reference's questions/hour on them stands for the whole set)."""
@@ -477,6 +502,17 @@ def _run_loop(st: LoopSettings, work: Path, say: Any) -> dict[str, Any]:
         ref = anyio.run(run_reference, work / "reference", config, ref_questions)
         ref_served = srv.served()
 
+    n_sharded = min(n, st.sharded_questions or 2 * st.cap)
+    sharded_picked = set(representative(work_by_q, n_sharded))
+    sharded_questions = [q for q in read_dataset(data)
+                         if isinstance(q, Question) and q.qid in sharded_picked]
+    say(f"reference order sharded {st.cap} ways: {len(sharded_questions)} questions, "
+        f"{st.cap} at a time")
+    with ServerProcess(models, st.latency(), st.seed) as srv:
+        config = loop_config(srv.url, st.cap, concurrency, st.seed, tok)
+        sharded = anyio.run(run_reference, work / "reference-sharded", config,
+                            sharded_questions, st.cap)
+
     say("bound and exports")
     caps = {m.model: m.max_concurrency for m in (*config.mentors, *config.interns, config.judge)}
     loads = endpoint_loads(eng_served, caps)
@@ -490,6 +526,10 @@ def _run_loop(st: LoopSettings, work: Path, say: Any) -> dict[str, Any]:
     ref_lines = _export_lines(work / "reference", work / "export-reference")
     eng_lines = _export_lines(work / "engine", work / "export-engine", keep)
     identical = ref_lines == eng_lines and sum(map(len, ref_lines.values())) == len(keep)
+    sharded_keep = {q.qid for q in sharded_questions}
+    sharded_identical = (_export_lines(work / "reference-sharded", work / "export-sharded")
+                         == _export_lines(work / "engine", work / "export-engine-sharded",
+                                          sharded_keep))
 
     ref_s = ref["seconds"]
     ref_latency = sum(d for _m, _k, d, _t in ref_served)
@@ -504,11 +544,26 @@ def _run_loop(st: LoopSettings, work: Path, say: Any) -> dict[str, Any]:
     full_estimate = scale * sum(work_by_q.values()) + per_call * full_calls
     engine_qph = n / engine_s * 3600
     reference_qph = len(ref_questions) / ref_s * 3600
+    sharded_qph = len(sharded_questions) / sharded["seconds"] * 3600
+    order = [q.qid for q in read_dataset(data) if isinstance(q, Question)]
+    total_work = sum(work_by_q.values())
+    per_q = [full_estimate * work_by_q.get(q, 0.0) / total_work if total_work else 0.0
+             for q in order]
+    chunked_s = chunked_time(per_q, st.cap)
     return {
         "speedup": round(engine_qph / reference_qph, 2),
         "efficiency": round(bound / engine_s, 3),
         "engine_qph": round(engine_qph, 1),
         "reference_qph": round(reference_qph, 1),
+        "speedup_vs_sharded": round(engine_qph / sharded_qph, 2),
+        "reference_sharded_qph": round(sharded_qph, 1),
+        "reference_sharded_s": round(sharded["seconds"], 3),
+        "reference_sharded_questions": len(sharded_questions),
+        "reference_sharded_shards": st.cap,
+        "reference_sharded_gate": sharded["calls"],
+        "reference_sharded_exports_identical": sharded_identical,
+        "reference_sharded_qph_full_estimate": (round(n / chunked_s * 3600, 1)
+                                                if chunked_s else None),
         "exports_identical": identical,
         "questions": n,
         "reference_questions": len(ref_questions),

@@ -78,10 +78,17 @@ def loop(
         min=1, help="Questions the sequential reference order runs (evenly spaced).")] = 3,
     concurrency: Annotated[int, typer.Option(
         min=0, help="Questions the engine searches at once (0: all).")] = 0,
-    mentor_latency: Annotated[str, typer.Option(help="Seconds per mentor call: S or LO,HI.")
-                              ] = "1.0,2.0",
-    intern_latency: Annotated[str, typer.Option(help="Seconds per intern batch.")] = "0.25,0.5",
-    judge_latency: Annotated[str, typer.Option(help="Seconds per judge call.")] = "0.1,0.2",
+    mentor_latency: Annotated[str | None, typer.Option(
+        help="Seconds per mentor call: S or LO,HI (default: the preset's).")] = None,
+    intern_latency: Annotated[str | None, typer.Option(
+        help="Seconds per intern batch (default: the preset's).")] = None,
+    judge_latency: Annotated[str | None, typer.Option(
+        help="Seconds per judge call (default: the preset's).")] = None,
+    preset: Annotated[str, typer.Option(
+        help="Latencies: default (mentor 1-2 s, intern 0.25-0.5 s, judge 0.1-0.2 s) or fast "
+             "(10x shorter).")] = "default",
+    sharded_questions: Annotated[int, typer.Option(
+        min=0, help="Questions the reference sharded CAP ways runs (0: 2 x cap).")] = 0,
     interns: Annotated[str, typer.Option(
         help="Intern backend: sglang (one /generate per batch) or openai.")] = "sglang",
     seed: int = 0,
@@ -89,20 +96,30 @@ def loop(
     work_dir: WorkDir = None,
 ) -> None:
     """Same workload in Chiron-o1's sequential order and by the engine: speedup and efficiency."""
-    from bench.loop import LoopSettings, run_loop
+    from bench.loop import PRESETS, LoopSettings, run_loop
 
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"--preset: one of {', '.join(PRESETS)}, got {preset!r}")
+    mentor0, intern0, judge0 = PRESETS[preset]
     settings = LoopSettings(
         questions=questions, cap=cap, reference_questions=reference_questions,
-        concurrency=concurrency, seed=seed, interns=interns,
-        mentor_latency=_latency(mentor_latency, "--mentor-latency"),
-        intern_latency=_latency(intern_latency, "--intern-latency"),
-        judge_latency=_latency(judge_latency, "--judge-latency"))
+        sharded_questions=sharded_questions, concurrency=concurrency, seed=seed,
+        interns=interns,
+        mentor_latency=(_latency(mentor_latency, "--mentor-latency") if mentor_latency
+                        else mentor0),
+        intern_latency=(_latency(intern_latency, "--intern-latency") if intern_latency
+                        else intern0),
+        judge_latency=_latency(judge_latency, "--judge-latency") if judge_latency else judge0)
     r = run_loop(settings, work_dir, progress=lambda m: console.print(f"[dim]{m}[/]"))
     console.print(table("mics bench loop", [
         ("speedup (engine / reference q/h)", r["speedup"], "acceptance: >= 50 at 200 q, cap 16"),
         ("efficiency (bound / engine time)", r["efficiency"], "acceptance: >= 0.9"),
-        ("exports identical", r["exports_identical"],
-         f"on the {r['reference_questions']} questions both ran"),
+        ("speedup vs the reference sharded CAP ways", r["speedup_vs_sharded"],
+         f"{r['reference_sharded_qph']} q/h measured on {r['reference_sharded_questions']} "
+         f"questions, {r['reference_sharded_shards']} at a time"),
+        ("exports identical", r["exports_identical"] and r["reference_sharded_exports_identical"],
+         f"on the {r['reference_questions']} (sharded: {r['reference_sharded_questions']}) "
+         "questions both ran"),
         ("engine questions/hour", r["engine_qph"], f"{r['questions']} questions"),
         ("reference questions/hour", r["reference_qph"],
          f"{r['reference_questions']} questions run one call at a time"),
@@ -128,7 +145,7 @@ def loop(
                       fmt(v["load_s"]))
     console.print(loads)
     _finish("loop", r, json_out)
-    if not r["exports_identical"]:
+    if not (r["exports_identical"] and r["reference_sharded_exports_identical"]):
         console.print("[bold red]the two orders exported different results[/]")
         raise typer.Exit(1)
 
@@ -246,7 +263,8 @@ def prefix(
     out = run_prefix_bench(**{k: v for k, v in wanted.items() if k in accepted})
     results = out.get("results", []) if isinstance(out, dict) else []
     t = Table(title="mics bench prefix", header_style="bold")
-    keys = ["prefill_token_ratio", "wall_speedup", "greedy_equal"]
+    keys = ["prefill_token_ratio", "prefill_vs_dedup_only", "prefill_vs_unique_bound",
+            "wall_speedup", "greedy_equal"]
     t.add_column("model")
     for k in keys:
         t.add_column(k, justify="right")
@@ -257,6 +275,36 @@ def prefix(
     figures = ({k: v for k, v in out.items() if k != "command"} if isinstance(out, dict)
                else {"results": out})
     _finish("prefix", figures, json_out)
+
+
+@bench_app.command("images")
+def images(
+    count: Annotated[int, typer.Option("--images", min=1, help="Distinct images.")] = 2000,
+    concurrency: Annotated[int, typer.Option(min=1, help="Calls at once.")] = 64,
+    passes: Annotated[int, typer.Option(min=1, help="Calls per image (one per pass).")] = 2,
+    max_side: Annotated[int, typer.Option(help="Downscale limit, as image_max_side.")] = 512,
+    seed: int = 0,
+    json_out: JsonOut = None,
+    work_dir: WorkDir = None,
+) -> None:
+    """Many distinct images at once: each encoded once per run (bench/images.py)."""
+    from bench.images import run_images
+
+    with console.status(f"{count:,} images x {passes} calls, {concurrency} at once"):
+        r = run_images(count, concurrency, passes, max_side=max_side, seed=seed,
+                       work_dir=work_dir)
+    console.print(table("mics bench images", [
+        ("encodes", r["encodes"], f"acceptance: = distinct images ({r['distinct_images']:,})"),
+        ("image cache hits: disk / memory", f"{r['disk_hits']:,} / {r['memory_hits']:,}",
+         f"memory {fmt(r['memory_mb'])} MB of {fmt(r['memory_budget_mb'])} MB"),
+        ("requests", r["requests"], f"{r['failed']} failed; {fmt(r['seconds'])} s"),
+        ("client CPU per request (ms)", r["cpu_ms_per_request"], "image cache and HTTP"),
+        ("encodes on a second run, same run dir", r["resume_encodes"],
+         f"{r['resume_disk_hits']:,} read back from disk"),
+    ]))
+    _finish("images", r, json_out)
+    if not r["encodes_equal_distinct"] or r["resume_encodes"]:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

@@ -22,6 +22,8 @@ from typing import Any
 import anyio
 
 from backends.gate import CallGate, RunAborted
+from backends.images import CACHE_DIR_NAME as IMAGE_CACHE_DIR
+from backends.images import use_directory as use_image_directory
 from backends.registry import build_chat, build_rollout
 from mics import __version__
 from mics.config import ConfigError, RunConfig
@@ -364,6 +366,7 @@ async def search_run(
         if on_start:
             on_start(total, *((point["ok"], point["failed"]) if point else (0, 0)))
         models = models or build_models(config)
+        use_image_directory(Path(run_dir) / IMAGE_CACHE_DIR)  # encode each image once per run
         gate = CallGate(store, session=uuid.uuid4().hex[:12])
         if on_gate:
             on_gate(gate)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Re-measure every figure in BENCHMARKS.md, one JSON per bench under ${OUT:-bench-results}/.
+# Run on a quiet machine: wall-clock figures (efficiency, speedups) depend on other load; every
+# JSON carries the machine stamp, including the 1-minute load average when it was written.
+# `make bench` runs this; QUICK=1 skips the slow ones (0.5B-shaped prefix model, overhead).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-bench-results}
+mkdir -p "$OUT"
+mics() { HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$PY" -m cli.app "$@"; }
+
+mics bench loop --questions 200 --cap 16 --json "$OUT/loop.json"
+mics bench loop --questions 200 --cap 16 --preset fast --json "$OUT/loop-fast.json"
+mics bench loop --questions 200 --cap 64 --preset fast --sharded-questions 64 \
+    --json "$OUT/loop-fast-cap64.json"
+"$PY" -m bench.http_clients --json "$OUT/http-clients.json"
+mics bench images --images 2000 --concurrency 64 --json "$OUT/images.json"
+if [[ "${QUICK:-0}" == 1 ]]; then
+    mics bench prefix --models tiny --json "$OUT/prefix.json"
+    mics bench prefix --models tiny --temperatures 1.2 --json "$OUT/prefix-1t.json"
+else
+    mics bench prefix --json "$OUT/prefix.json"
+    mics bench prefix --temperatures 1.2 --json "$OUT/prefix-1t.json"
+    mics bench overhead --questions 10000 --json "$OUT/overhead.json"
+fi
+mics bench resume --nodes 10000 --json "$OUT/resume.json"
+echo "figures in $OUT/"
