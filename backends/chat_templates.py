@@ -33,7 +33,7 @@ class Compiled:
     tail: str
     image: str = ""
 
-    def content(self, prompt: Prompt) -> str:
+    def content(self, prompt: Prompt, image_text: str = _INTERNVL_IMAGE) -> str:
         out = []
         for part in prompt.parts:
             if isinstance(part, Text):
@@ -42,15 +42,18 @@ class Compiled:
                 if self.family == "qwen2-vl":
                     out.append(self.image)
                 elif self.family == "internvl":
-                    out.append(_INTERNVL_IMAGE)
+                    out.append(image_text)
         return "".join(out)
 
-    def render(self, prompt: Prompt) -> str:
-        return self.head + prompt.system + self.middle + self.content(prompt) + self.tail
+    def render(self, prompt: Prompt, image_text: str = _INTERNVL_IMAGE) -> str:
+        return (self.head + prompt.system + self.middle + self.content(prompt, image_text)
+                + self.tail)
 
 
-def messages(prompt: Prompt, family: str) -> list[dict[str, Any]]:
-    """The chat messages the sglang backend renders for `prompt` (what Jinja sees)."""
+def messages(prompt: Prompt, family: str, image_text: str = _INTERNVL_IMAGE
+             ) -> list[dict[str, Any]]:
+    """The chat messages the sglang backend renders for `prompt` (what Jinja sees); InternVL
+    images are `image_text` (the placeholder the server version expects, and a newline)."""
     content: list[dict[str, str]] = []
     for part in prompt.parts:
         if isinstance(part, Text):
@@ -58,14 +61,15 @@ def messages(prompt: Prompt, family: str) -> list[dict[str, Any]]:
         elif family == "qwen2-vl":
             content.append({"type": "image"})
         elif family == "internvl":
-            content.append({"type": "text", "text": _INTERNVL_IMAGE})
+            content.append({"type": "text", "text": image_text})
     value: Any = content if family == "qwen2-vl" else "".join(c["text"] for c in content)
     return [{"role": "system", "content": prompt.system}, {"role": "user", "content": value}]
 
 
-def jinja_render(tokenizer: Any, prompt: Prompt, family: str) -> str:
+def jinja_render(tokenizer: Any, prompt: Prompt, family: str,
+                 image_text: str = _INTERNVL_IMAGE) -> str:
     """The reference: `apply_chat_template(tokenize=False, add_generation_prompt=True)`."""
-    return tokenizer.apply_chat_template(messages(prompt, family), tokenize=False,
+    return tokenizer.apply_chat_template(messages(prompt, family, image_text), tokenize=False,
                                          add_generation_prompt=True)
 
 
@@ -108,13 +112,15 @@ _compiled: dict[tuple[int, str], tuple[Any, Compiled | None]] = {}
 _lock = threading.Lock()
 
 
-def render_prompt(tokenizer: Any, family: str, prompt: Prompt) -> str | None:
+def render_prompt(tokenizer: Any, family: str, prompt: Prompt,
+                  image_text: str = _INTERNVL_IMAGE) -> str | None:
     """`prompt` rendered as `apply_chat_template` would, without Jinja; None if this
-    tokenizer's template could not be compiled (render it through Jinja then)."""
+    tokenizer's template could not be compiled (render it through Jinja then). InternVL
+    images render as `image_text` (the template treats content as plain text: checked)."""
     key = (id(tokenizer), family)
     entry = _compiled.get(key)
     if entry is None or entry[0] is not tokenizer:
         with _lock:
             entry = _compiled[key] = (tokenizer, compile_template(tokenizer, family))
     compiled = entry[1]
-    return compiled.render(prompt) if compiled is not None else None
+    return compiled.render(prompt, image_text) if compiled is not None else None

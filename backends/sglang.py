@@ -120,7 +120,9 @@ class SGLangRollout:
 
     def _render(self, prompt: Prompt) -> str:
         family = self.options["family"]
-        if (fast := render_prompt(self._tokenizer(), family, prompt)) is not None:
+        image_text = f"{self.placeholder()}\n" if family == "internvl" and any(
+            isinstance(p, Image) for p in prompt.parts) else "<image>\n"
+        if (fast := render_prompt(self._tokenizer(), family, prompt, image_text)) is not None:
             return fast  # the known templates, without Jinja (equal to apply_chat_template)
         content: list[dict[str, str]] = []
         for part in prompt.parts:
