@@ -361,11 +361,12 @@ def _tree(store: Any, qid: str) -> list[tuple[Any, ...]]:
 
 def test_engine_over_http_with_faults_matches_in_process(tmp_path):
     """The whole search over loopback HTTP, with injected faults, gives the in-process trees."""
+    from helpers import sim_config
+
     from mics.config import parse_config
     from mics.engine import Engine
     from mics.run import build_models
     from store import RunStore
-    from helpers import sim_config
 
     qs = make_questions(3)
     sim = sim_config()
