@@ -63,7 +63,8 @@ def test_search_stores_every_node_and_outcome(tmp_path, config):
         assert set(outcomes) == {q.qid for q in qs}
         for q in qs:
             rec = store.get_question(q.qid)
-            assert rec["status"] in ("succeeded", "failed")
+            assert rec["status"] == outcomes[q.qid].status in ("succeeded", "failed")
+            assert rec["outcome"] == outcomes[q.qid].to_dict()
             nodes = store.get_nodes(q.qid)
             assert nodes[0]["node_id"].endswith("root") or any(
                 n["depth"] == -1 for n in nodes)
@@ -75,6 +76,11 @@ def test_search_stores_every_node_and_outcome(tmp_path, config):
                 assert all(len(s) == o.final_depth for s in o.scores.values())
                 chosen = [n for n in nodes if n["chosen"] and n["depth"] >= 0]
                 assert [n["mentor"] for n in chosen] == o.generated_by
+            else:  # a failure says why, and names no chain
+                assert o.stop_reason == "all_zero" and o.error and o.reasoning == ""
+        succeeded = [o for o in outcomes.values() if o.status == "succeeded"]
+        assert succeeded, "no question succeeded: the checks above never ran"
+        assert any(o.final_depth > 1 for o in succeeded)  # the path checks met a deeper tree
         assert gate.counts["sent"] == store.call_count()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -293,13 +292,13 @@ def test_faults_are_seeded_by_request_and_changeable_at_runtime():
 
 def test_slow_fault_and_latency():
     with LoopbackServer(models=MODELS, faults=Faults(forced={"intern-a": "slow"}, slow_s=0.5),
-                        latency={"judge": 0.05}) as srv:
+                        latency={"judge": 2.0}) as srv:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{srv.url}/generate", json={"text": "x"}, timeout=0.1)
-        t = time.perf_counter()
-        httpx.post(f"{srv.url}/v1/chat/completions", json={
-            "model": "judge-a", "messages": [{"role": "user", "content": "x"}]})
-        assert time.perf_counter() - t >= 0.05
+        with pytest.raises(httpx.ReadTimeout):  # the judge's reply waits its latency
+            httpx.post(f"{srv.url}/v1/chat/completions", json={
+                "model": "judge-a", "messages": [{"role": "user", "content": "x"}]},
+                timeout=0.5)
 
 
 def test_api_key_is_checked_when_configured():
@@ -357,9 +356,9 @@ def test_concurrent_clients_and_clean_stop():
     for t in threads:
         t.join()
     client.get("/health")  # idle keep-alive connections stay open
-    t0 = time.perf_counter()
-    srv.stop()
-    assert time.perf_counter() - t0 < 2
+    srv.stop()  # closes them too: the next request finds nothing listening
+    with pytest.raises(httpx.TransportError):
+        client.get("/health")
     client.close()
     assert not errors and len(srv.log) == 320
 

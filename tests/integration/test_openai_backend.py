@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,25 +157,50 @@ def test_usage_reports_cached_tokens():
 
 
 def test_rollout_runs_concurrent_completions_in_order(question):
+    calls = [call(intern_prompt(question, f"### Step 1: s{k}. This points toward: X."), t)
+             for k in range(4) for t in (1.2, 0.2)]
     with LoopbackServer(models=SERVED, latency={"intern": 0.2}) as srv:
         intern = build_rollout(cfg(srv, "sim-intern"))
         sim = SimulatedModel(ModelConfig(name="i", backend="simulated", model="sim-intern",
                                          options={"skill": 0.9}), "intern")
-        calls = [call(intern_prompt(question, f"### Step 1: s{k}. This points toward: X."), t)
-                 for k in range(4) for t in (1.2, 0.2)]
 
-        async def go() -> tuple[list[Reply], float]:
-            start = anyio.current_time()
+        async def go() -> list[Reply]:
             try:
-                got = await intern.rollout(calls)
+                return await intern.rollout(calls)
             finally:
                 await intern.aclose()
-            return got, anyio.current_time() - start
 
-        got, took = anyio.run(go)
+        got = anyio.run(go)
         want = anyio.run(sim.rollout, calls)
         assert [g.text for g in got] == [w.text for w in want]
-        assert took < 0.2 * len(calls) / 2  # concurrent, not one after another
+
+
+def test_rollout_sends_every_completion_at_once(question):
+    """Concurrent, not one after another: the server holds every reply (60 s) and still sees
+    all the rollout's requests arrive; then it stops, dropping the held replies."""
+    calls = [call(intern_prompt(question, f"### Step 1: s{k}."), t)
+             for k in range(4) for t in (1.2, 0.2)]
+    srv = LoopbackServer(models=SERVED, latency={"intern": 60.0}).start()
+    intern = build_rollout(cfg(srv, "sim-intern", max_retries=0))
+
+    async def go() -> None:
+        try:
+            await intern.rollout(calls)
+        finally:
+            await intern.aclose()
+
+    client = threading.Thread(target=anyio.run, args=(go,), daemon=True)
+    client.start()
+    try:
+        deadline = time.monotonic() + 50  # a deadline for a failing run, not a speed check
+        while len(srv.log) < len(calls) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        arrived = len(srv.log)
+    finally:
+        srv.stop()
+        client.join(timeout=30)
+    assert arrived == len(calls)
+    assert not client.is_alive()  # the dropped replies ended the rollout
 
 
 def _fail(srv: LoopbackServer, model_cfg: ModelConfig, c: Call) -> Exception:
