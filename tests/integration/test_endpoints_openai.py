@@ -18,7 +18,7 @@ from backends.http import parse_duration, retry_after
 from backends.openai_chat import OpenAIChat
 from bench.loopback import LoopbackServer
 from mics.config import ConfigError, ModelConfig, SearchConfig, parse_config
-from mics.doctor import _check
+from mics.doctor import check_model
 from mics.types import Prompt, Reply, Sampling, Text
 
 PROMPT = Prompt("You are a mentor.", (Text("Case: chest pain. Propose the next step."),))
@@ -105,9 +105,9 @@ def test_doctor_probe_needs_real_text_at_the_runs_limit():
     search = SearchConfig()
     with LoopbackServer(served("gemini"), keep_bodies=True) as srv:
         base = ModelConfig(name="gemini", backend="openai", model="m", base_url=f"{srv.url}/v1")
-        bad = anyio.run(_check, "mentor", base, search)
+        bad = anyio.run(check_model, "mentor", base, search)
         tuned = replace(base, options={"reasoning_effort": "low", "max_tokens": 8192})
-        good = anyio.run(_check, "mentor", tuned, search)
+        good = anyio.run(check_model, "mentor", tuned, search)
         sent = [b.get("max_tokens") for b in bodies(srv)]
     assert not bad.ok and "empty reply" in bad.message
     assert good.ok and "512 px" in good.message  # the mentor image size is reported
@@ -177,10 +177,10 @@ def test_quota_errors_stop_the_run_naming_the_endpoint(target, status):
 
 def test_server_requested_waits_are_capped_per_endpoint_not_by_max_backoff():
     cfg = ModelConfig(name="e", backend="openai", model="m", max_backoff_s=30.0)
-    assert CallGate._backoff(cfg, 1, 53.0) == 53.0
+    assert CallGate.backoff_delay(cfg, 1, 53.0) == 53.0
     capped = ModelConfig(name="e", backend="openai", model="m", max_rate_limit_wait_s=40.0)
-    assert CallGate._backoff(capped, 1, 53.0) == 40.0
-    assert CallGate._backoff(cfg, 10, None) <= 30.0
+    assert CallGate.backoff_delay(capped, 1, 53.0) == 40.0
+    assert CallGate.backoff_delay(cfg, 10, None) <= 30.0
     base = {"name": "e", "backend": "openai", "model": "m"}
     conf = {"mentors": [base], "interns": [base], "judge": base}
     with pytest.raises(ConfigError, match="max_rate_limit_wait_s"):

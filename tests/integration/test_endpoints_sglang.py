@@ -123,12 +123,16 @@ def test_model_check_matches_launch_path_and_explains_a_mismatch(tokenizer_dir, 
     assert url in message and "served_model" in message
 
 
-def test_model_check_accepts_the_tokenizer_folder_name(tokenizer_dir):
-    model = intern("http://127.0.0.1:9", tokenizer_dir, model="my-intern")
-    info = {"model_path": f"/srv/{tokenizer_dir.name}"}
-    model._check_served("http://127.0.0.1:9", info)  # matches options.tokenizer's folder
-    with pytest.raises(FatalError, match="options.tokenizer="):
-        model._check_served("http://127.0.0.1:9", {"model_path": "/srv/other"})
+def test_model_check_accepts_the_tokenizer_folder_name(tokenizer_dir, image):
+    q = with_image(image)
+    results = {}
+    for path in (f"/srv/{tokenizer_dir.name}", "/srv/other"):  # options.tokenizer's folder
+        with LoopbackServer(served("0.5.9", model_path=path)) as srv:
+            results[path] = rollout(intern(srv.url_for("i"), tokenizer_dir, model="my-intern",
+                                           warmup=False), calls(q))
+    assert all(not isinstance(r, BackendError) for r in results[f"/srv/{tokenizer_dir.name}"])
+    assert all(isinstance(r, FatalError) and "options.tokenizer=" in str(r)
+               for r in results["/srv/other"])
 
 
 @pytest.mark.parametrize(("version", "placeholder"), [("0.5.6", "<IMG_CONTEXT>"),
@@ -202,12 +206,12 @@ def test_router_takes_one_text_per_request_and_serves_get_routes(tokenizer_dir):
 
 
 def test_doctor_names_the_server_version_and_image_size(tokenizer_dir):
-    from mics.doctor import _check
+    from mics.doctor import check_model
 
     with LoopbackServer(served("0.5.6")) as srv:
         cfg = ModelConfig(name="qwen-intern", backend="sglang",
                           model="Qwen/Qwen2.5-VL-7B-Instruct", base_url=srv.url_for("i"),
                           options={"tokenizer": str(tokenizer_dir)})
-        check = anyio.run(_check, "intern", cfg)
+        check = anyio.run(check_model, "intern", cfg)
     assert check.ok, check.message
     assert "SGLang 0.5.6" in check.message and "full size" in check.message

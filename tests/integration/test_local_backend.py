@@ -41,19 +41,6 @@ def png(path: Path, size: tuple[int, int], color: tuple[int, int, int]) -> Image
                     height=size[1])
 
 
-def spy_batches(model: LocalRollout) -> list[int]:
-    """Record the size of every batch the model's executor runs."""
-    sizes: list[int] = []
-    run = model._runner.run
-
-    def counted(calls: Any, seeds: Any) -> Any:
-        sizes.append(len(calls))
-        return run(calls, seeds)
-
-    model._runner.run = counted  # type: ignore[method-assign]
-    return sizes
-
-
 async def concurrently(model: LocalRollout, calls: list[Call]) -> list[Reply]:
     out: list[Reply | None] = [None] * len(calls)
 
@@ -69,19 +56,23 @@ async def concurrently(model: LocalRollout, calls: list[Call]) -> list[Reply]:
 def test_concurrent_rollouts_batch_and_match_sequential(tiny_lm: Path) -> None:
     calls = [text_call(i) for i in range(6)]
 
-    async def main() -> tuple[list[Reply], list[Reply], list[int], list[Reply], list[int]]:
+    def batches(model: LocalRollout) -> tuple[int, int]:
+        return model.stats["batches"], model.stats["calls"]
+
+    async def main() -> tuple[list[Reply], list[Reply], tuple[int, int], list[Reply],
+                              tuple[int, int]]:
         model = local(tiny_lm)
         single = [(await model.rollout([c]))[0] for c in calls]
-        sizes = spy_batches(model)
+        assert batches(model) == (6, 6)  # one at a time: one batch each
+        model.reset_stats()
         batched = await concurrently(model, calls)
         capped = local(tiny_lm, max_batch=4)
-        capped_sizes = spy_batches(capped)
         capped_out = await concurrently(capped, calls)
         await model.aclose()
-        return single, batched, sizes, capped_out, capped_sizes
+        return single, batched, batches(model), capped_out, batches(capped)
 
     single, batched, sizes, capped, capped_sizes = anyio.run(main)
-    assert sizes == [6] and capped_sizes == [4, 2]
+    assert sizes == (1, 6) and capped_sizes == (2, 6)  # six calls: one batch, or 4 + 2
     assert [r.text for r in batched] == [r.text for r in single]
     assert [r.text for r in capped] == [r.text for r in single]
     assert len({r.text for r in single}) > 1  # not degenerate
