@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from bench.chaos import Session
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository (tests/ is one level down)
-CHIRON = ROOT.parent / "shared" / "data" / "chiron-demo"
+CHIRON = ROOT.parent / "shared" / "data" / "chiron-demo"  # the demo cases, beside the repo
+EXAMPLE = ROOT / "examples" / "simulated.toml"
 
 
 def sim_config(**search: Any) -> dict[str, Any]:
@@ -36,10 +37,8 @@ def sim_config(**search: Any) -> dict[str, Any]:
     }
 
 
-EXAMPLE = ROOT / "examples" / "simulated.toml"
-
-
 def make_questions(n: int = 6) -> list[Question]:
+    """`n` text-only questions q0, q1, ... (answers cycle through six diagnoses)."""
     answers = ["Pneumothorax", "Aortic dissection", "Pacemaker lead fracture",
                "Sudden cardiac death", "Renal cell carcinoma", "Appendicitis"]
     return [
