@@ -167,9 +167,28 @@ def test_internvl_refuses_to_guess_without_a_version(tokenizer_dir):
         model._choose_placeholder("http://127.0.0.1:9", None)
     with pytest.raises(FatalError, match="image_placeholder"):
         model.placeholder()
-    model._choose_placeholder("http://a", (0, 5, 6))
-    with pytest.raises(FatalError, match="disagree"):
-        model._choose_placeholder("http://b", (0, 5, 7))
+
+
+def test_internvl_servers_that_disagree_on_the_placeholder_are_refused(tokenizer_dir, image):
+    """Two servers, SGLang 0.5.6 (<IMG_CONTEXT>) and 0.5.7 (<image>), behind one intern:
+    whichever is met second is refused, saying they disagree; the first one serves."""
+    specs = [served(v, family="internvl", model_path="/models/InternVL3-8B")
+             for v in ("0.5.6", "0.5.7")]
+    with LoopbackServer(specs[0]) as a, LoopbackServer(specs[1]) as b:
+        model = intern(a.url_for("i"), tokenizer_dir, model="OpenGVLab/InternVL3-8B",
+                       family="internvl", urls=[b.url_for("i")], warmup=False)
+
+        async def every_question() -> list[Any]:
+            try:
+                return [r for i in range(6) for r in await model.rollout(
+                    calls(replace(with_image(image), qid=f"q{i}", question=f"Case {i}?")))]
+            finally:
+                await model.aclose()
+
+        results = anyio.run(every_question)
+    refused = [r for r in results if isinstance(r, FatalError)]
+    assert refused and all("disagree" in str(r) for r in refused)
+    assert any(not isinstance(r, BackendError) for r in results)
 
 
 def test_placeholder_count_is_checked_before_sending(tokenizer_dir, image):
