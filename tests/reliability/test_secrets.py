@@ -4,11 +4,14 @@ server echoes back in its errors (issue 7, see RELIABILITY.md)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from helpers import ok
 
@@ -26,20 +29,71 @@ def _sentinel(name: str) -> str:
     return f"sk-SENTINEL-{name}-7f3a9c1e5b"
 
 
-class EchoingServer(QuietLoopbackServer):
-    """Answers every third model call with a retryable 503 that echoes the Authorization
-    header back, as a badly written proxy might."""
+class EchoingServer:
+    """A real HTTP proxy in front of a loopback server: it answers every third model call
+    (POST) with a retryable 503 that echoes the Authorization header back, as a badly written
+    proxy might, and forwards everything else."""
 
-    def _model_call(self, path: str, headers: Any, raw: bytes, model: str) -> Any:
-        from bench.loopback import _json
+    def __init__(self, models: dict[str, Any], api_key: str) -> None:
+        self.upstream = QuietLoopbackServer(models, api_key=api_key)
+        self.posts = 0
+        self.lock = threading.Lock()
+        self.httpd: ThreadingHTTPServer | None = None
 
-        with self._lock:
-            self._echo_n = getattr(self, "_echo_n", 0) + 1
-            n = self._echo_n
-        if n % 3 == 1:
-            return _json(503, {"error": {"message": "overloaded; you sent "
-                                         f"{headers.get('Authorization')}"}})
-        return super()._model_call(path, headers, raw, model)
+    def start(self) -> EchoingServer:
+        self.upstream.start()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                return None
+
+            def do_GET(self) -> None:  # noqa: N802 - stdlib name
+                self.forward(b"")
+
+            def do_POST(self) -> None:  # noqa: N802 - stdlib name
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with proxy.lock:
+                    proxy.posts += 1
+                    echo = proxy.posts % 3 == 1
+                if echo:
+                    sent = self.headers.get("Authorization")
+                    self.reply(503, json.dumps({"error": {
+                        "message": f"overloaded; you sent {sent}"}}).encode())
+                else:
+                    self.forward(body)
+
+            def forward(self, body: bytes) -> None:
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "content-length", "connection")}
+                resp = httpx.request(self.command, proxy.upstream.url + self.path,
+                                     headers=headers, content=body, timeout=30)
+                self.reply(resp.status_code, resp.content)
+
+            def reply(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.httpd is not None
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def counts(self) -> dict[str, Any]:
+        return self.upstream.counts()
+
+    def stop(self) -> None:
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+        self.upstream.stop()
 
 
 def _per_model_config(servers: dict[str, QuietLoopbackServer], tokenizer: Path | None) -> str:
