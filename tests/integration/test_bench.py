@@ -44,7 +44,7 @@ def test_loop_smoke(tmp_path):
     assert r["reference_qph"] == pytest.approx(
         r["reference_questions"] / r["reference_s"] * 3600, rel=0.01)
     assert r["speedup"] == pytest.approx(r["engine_qph"] / r["reference_qph"], abs=0.01)
-    assert r["efficiency"] == pytest.approx(r["bound_s"] / r["engine_s"], abs=0.002)
+    assert r["efficiency"] == pytest.approx(r["bound_s"] / r["engine_s"], abs=0.01)
     assert 0 < r["efficiency"] <= 1.0
     assert r["engine_succeeded"] + r["engine_failed"] == r["questions"] == 6
     assert r["bound_s"] == max(r["critical_path_max_s"], r["endpoint_load_max_s"])
