@@ -17,11 +17,11 @@ The scripts (all three questions' worth of reasoning is fixed text, nothing is r
 So with 3 interns x 2 temperatures = 6 samples, a candidate whose prefix holds c marks scores
 2 * min(c, 3) / 6. The rules applied below: one full candidate stops the search with its
 mentor's chain (`full_score`); several full ones: highest cumulative score, then seeded random;
-all zero fails (`all_zero`); otherwise the argmax continues (ties: mentors not chosen before
-first), and at `max_depth` the argmax's chain is the output. The root candidate holds two
-steps, later ones one; the mentor chosen at the last depth is not asked again: its next step
-comes from the chain it wrote (reused). A fresh chain is `path + "\\n" + continuation`; a
-reused candidate keeps its old chain.
+all zero fails (`all_zero`) or, with `restart:N`, starts a fresh tree; otherwise the argmax
+continues (ties: mentors not chosen before first), and at `max_depth` the argmax's chain is
+the output. The root candidate holds two steps, later ones one; the mentor chosen at the last
+depth is not asked again: its next step comes from the chain it wrote (reused). A fresh chain
+is `path + "\\n" + continuation`; a reused candidate keeps its old chain.
 """
 
 from __future__ import annotations
@@ -57,17 +57,23 @@ def _prefix(call: Call) -> str:
 class ScriptedMentor:
     """Writes its script's steps after the ones already in the prefix (see module doc)."""
 
-    def __init__(self, config: ModelConfig, script: Sequence[str]) -> None:
+    def __init__(self, config: ModelConfig, script: Sequence[str],
+                 restart: Sequence[str] | None = None) -> None:
         self.config, self.script, self.calls = config, tuple(script), 0
+        self.restart = tuple(restart) if restart is not None else self.script
 
     def identity(self) -> dict[str, Any]:
-        return {"backend": "scripted", "model": self.config.model, "script": self.script}
+        return {"backend": "scripted", "model": self.config.model, "script": self.script,
+                "restart": self.restart}
 
     async def complete(self, call: Call) -> Reply:
+        """The script; after a restart (a later attempt asks with a higher sample index: 2
+        tries per attempt) the `restart` script."""
         self.calls += 1
+        script = self.script if call.sample_index < 2 else self.restart
         seen = count_steps(_prefix(call))
-        steps = [f"### Step {k}: {self.script[k - 1]} (seen {seen})"
-                 for k in range(seen + 1, len(self.script) + 1)]
+        steps = [f"### Step {k}: {script[k - 1]} (seen {seen})"
+                 for k in range(seen + 1, len(script) + 1)]
         return Reply(text="\n\n".join([*steps, FINAL]), usage=Usage())
 
     async def aclose(self) -> None:
@@ -92,12 +98,14 @@ class ScriptedIntern:
         return None
 
 
-def search(tmp_path: Path, scripts: Sequence[Sequence[str]], **settings: Any
+def search(tmp_path: Path, scripts: Sequence[Sequence[str]],
+           restarts: Sequence[Sequence[str]] | None = None, **settings: Any
            ) -> tuple[Outcome, list[dict[str, Any]], list[ScriptedMentor]]:
-    """One question searched with mentors m0..m2 on `scripts`; its outcome, stored nodes
-    (root left out) and the mentors."""
+    """One question searched with mentors m0..m2 on `scripts` (`restarts` after a restart);
+    its outcome, stored nodes (root left out) and the mentors."""
     cfg = parse_config(sim_config(**settings))
-    mentors = [ScriptedMentor(m, s) for m, s in zip(cfg.mentors, scripts, strict=True)]
+    mentors = [ScriptedMentor(m, s, r) for m, s, r in zip(
+        cfg.mentors, scripts, restarts or [None] * len(scripts), strict=True)]
     models = Models(mentors=mentors,
                     interns=[ScriptedIntern(i, need) for i, need in zip(cfg.interns, (1, 2, 3),
                                                                          strict=True)],
@@ -241,6 +249,30 @@ def test_all_zero_fails_the_question(tmp_path: Path) -> None:
     assert tree(nodes) == [(0, "m0", 0, False, False), (0, "m1", 0, False, False),
                            (0, "m2", 0, False, False)]
     assert [m.calls for m in mentors] == [1, 1, 1]
+
+
+def test_all_zero_restarts_from_the_root_when_asked(tmp_path: Path) -> None:
+    """on_all_zero = "restart:1" (the paper's variant). Attempt 1: no mark, all 0/6: restart.
+    Attempt 2 (a fresh tree; the mentors write their restart scripts): m1 holds 3 marks ->
+    6/6, m0 and m2 none -> 0/6: stop with m1's chain. The scores are the second tree's."""
+    outcome, nodes, mentors = search(
+        tmp_path, [["a", "b", "c"], ["d", "e", "f"], ["g", "h", "i"]],
+        restarts=[["a", "b", "c"], ["KEY d", "KEY KEY e", "f"], ["g", "h", "i"]],
+        on_all_zero="restart:1")
+    assert (outcome.status, outcome.stop_reason, outcome.final_depth) == (
+        "succeeded", "full_score", 1)
+    assert outcome.generated_by == ["m1"] and outcome.details["attempts"] == 2
+    assert outcome.scores == {"m0": [0.0], "m1": [1.0], "m2": [0.0]}
+    assert outcome.reasoning == (
+        f"{ROOT_TEXT}\n"
+        "### Step 1: KEY d (seen 0)\n\n"
+        "### Step 2: KEY KEY e (seen 0)\n\n"
+        "### Step 3: f (seen 0)\n\n"
+        f"{FINAL}")
+    by_attempt = sorted((n["attempt"], n["mentor"], n["correct"], n["chosen"]) for n in nodes)
+    assert by_attempt == [(0, "m0", 0, False), (0, "m1", 0, False), (0, "m2", 0, False),
+                          (1, "m0", 0, False), (1, "m1", 6, True), (1, "m2", 0, False)]
+    assert [m.calls for m in mentors] == [2, 2, 2]
 
 
 def test_tie_prefers_a_mentor_not_chosen_before(tmp_path: Path) -> None:
