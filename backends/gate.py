@@ -202,7 +202,7 @@ class CallGate:
                 pending = []
                 for i, e in failed:
                     if e.status == 429:
-                        limiter.cool_down(self._backoff(cfg, attempt, e.retry_after))
+                        limiter.cool_down(self.backoff_delay(cfg, attempt, e.retry_after))
                     if isinstance(e, FatalError):
                         self._fail(model, [keys[i]], role=role, qid=qid, attempts=attempt,
                                    retryable=False, history=history[keys[i]])
@@ -216,7 +216,7 @@ class CallGate:
                 if pending:
                     self.counts["retries"] += len(pending)
                     wait = max((e.retry_after or 0.0 for _, e in failed), default=0.0) or None
-                    await anyio.sleep(self._backoff(cfg, attempt, wait))
+                    await anyio.sleep(self.backoff_delay(cfg, attempt, wait))
             return done
         finally:
             for key in keys:
@@ -258,7 +258,9 @@ class CallGate:
                 self.on_breaker(model.config.name, breaker.last_error)
 
     @staticmethod
-    def _backoff(cfg: Any, attempt: int, retry_after: float | None) -> float:
+    def backoff_delay(cfg: Any, attempt: int, retry_after: float | None) -> float:
+        """Seconds to wait before attempt `attempt + 1`: jittered exponential backoff capped
+        by max_backoff_s, or the server's Retry-After capped by max_rate_limit_wait_s."""
         delay = min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (attempt - 1))
         delay *= random.uniform(0.5, 1.0)  # jitter only affects timing, never decisions
         if retry_after is not None:  # the server's own wait may exceed max_backoff_s

@@ -65,7 +65,10 @@ class Check:
     message: str
 
 
-async def _check(role: str, cfg: ModelConfig, search: SearchConfig | None = None) -> Check:
+async def check_model(role: str, cfg: ModelConfig, search: SearchConfig | None = None
+                      ) -> Check:
+    """Probe one model once as `role`, with the run's sampling limits; never raises: the
+    check says what failed."""
     where = cfg.base_url or cfg.model
     call = probe(role, search or SearchConfig())
     routers: list[str] = []
@@ -103,7 +106,7 @@ async def doctor(config: RunConfig) -> list[Check]:
     results: list[Check | None] = [None] * len(jobs)
 
     async def one(i: int, role: str, cfg: ModelConfig) -> None:
-        results[i] = await _check(role, cfg, config.search)
+        results[i] = await check_model(role, cfg, config.search)
 
     async with anyio.create_task_group() as tg:
         for i, (role, cfg) in enumerate(jobs):

@@ -1,0 +1,88 @@
+"""Config validation: every mistake is named before any model call."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+from helpers import ROOT, sim_config
+
+from backends.registry import build_chat, build_rollout
+from mics.config import ConfigError, load_config, parse_config
+
+
+def test_defaults_follow_the_reference_and_fix_its_bugs():
+    cfg = parse_config(sim_config())
+    assert cfg.search.max_depth == 3 and cfg.search.root_steps == 2
+    assert cfg.search.intern_samples == (1.2, 0.2)
+    assert cfg.search.judge_temperature == 0.0  # B11
+    assert cfg.search.on_all_zero == "fail" and cfg.search.restarts == 0
+    assert cfg.search.reuse_cached_step is True
+
+
+@pytest.mark.parametrize(("mutate", "needle"), [
+    (lambda d: d["search"].update(max_depht=3), "max_depht"),
+    (lambda d: d["search"].update(max_depth="3"), "[search].max_depth"),
+    (lambda d: d["search"].update(max_depth=0), "max_depth"),
+    (lambda d: d["search"].update(root_steps=3), "root_steps"),
+    (lambda d: d["search"].update(intern_samples=[]), "intern_samples"),
+    (lambda d: d["search"].update(on_all_zero="retry"), "on_all_zero"),
+    (lambda d: d["search"].update(on_all_zero="restart:x"), "on_all_zero"),
+    (lambda d: d.update(extra={}), "extra"),
+    (lambda d: d.pop("judge"), "[judge] missing"),
+    (lambda d: d.update(mentors=[]), "[[mentors]] missing"),
+    (lambda d: d["mentors"][1].pop("model"), "[[mentors]] #2.model"),
+    (lambda d: d["interns"][0].update(tempreature=1), "tempreature"),
+    (lambda d: d["interns"][0].update(max_concurrency=0), "max_concurrency"),
+    (lambda d: d["interns"][1].update(name="i0"), "duplicate name"),
+])
+def test_errors_name_the_key(mutate, needle):
+    data = sim_config()
+    mutate(data)
+    with pytest.raises(ConfigError) as e:
+        parse_config(data)
+    assert needle in str(e.value)
+
+
+def test_restart_mode():
+    assert parse_config(sim_config(on_all_zero="restart:3")).search.restarts == 3
+
+
+def test_unknown_backend_and_options_are_config_errors():
+    data = sim_config()
+    data["mentors"][0]["backend"] = "gpt"  # backends come from config, never from names
+    cfg = parse_config(data)
+    with pytest.raises(ConfigError, match="backend 'gpt'"):
+        build_chat(cfg.mentors[0], "mentor")
+    data = sim_config()
+    data["interns"][0]["options"] = {"skil": 1}
+    with pytest.raises(ConfigError, match="skil"):
+        build_rollout(parse_config(data).interns[0])
+
+
+def test_toml_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[search\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("name", ["simulated.toml", "paper.toml", "local.toml"])
+def test_examples_parse(name):
+    cfg = load_config(ROOT / "examples" / name)
+    assert cfg.mentors and cfg.interns and cfg.judge
+    for m in (*cfg.mentors, *cfg.interns, cfg.judge):
+        assert "key" not in str(m.options).lower() or m.api_key_env
+
+
+def test_bundled_demo_config_is_the_example():
+    bundled = (ROOT / "mics" / "resources" / "simulated.toml").read_text()
+    assert bundled == (ROOT / "examples" / "simulated.toml").read_text()
+    assert tomllib.loads(bundled)
+
+
+def test_round_trip_through_dict():
+    cfg = parse_config(sim_config(on_all_zero="restart:2"))
+    assert parse_config(cfg.to_dict()) == cfg
