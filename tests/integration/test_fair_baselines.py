@@ -12,11 +12,11 @@ from pathlib import Path
 import anyio
 import orjson
 import pytest
+from helpers import ROOT
 
 from bench.loop import PRESETS, chunked_time
 from bench.prefix import dedup_only_tokens, unique_token_bound
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_LATENCY = ["--mentor-latency", "0.01,0.02", "--intern-latency", "0.005,0.01",
                 "--judge-latency", "0.002,0.004"]
 

@@ -6,6 +6,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
+from helpers import ROOT
 from PIL import Image as PILImage
 
 from backends.images import ImageCache, encode
@@ -83,7 +84,7 @@ def test_images_bench_command_writes_its_figures(tmp_path: Path) -> None:
     out = tmp_path / "images.json"
     proc = subprocess.run([sys.executable, "-m", "cli.app", "bench", "images", "--images", "40",
                            "--concurrency", "8", "--json", str(out)],
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "COLUMNS": "160"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     r = orjson.loads(out.read_bytes())["images"]
