@@ -9,11 +9,16 @@ form against `apply_chat_template` on further probes (empty system, whitespace a
 newlines, braces, images first and last). A template that treats content in any other way
 (trims it, escapes it, depends on it) fails the check and keeps rendering through Jinja:
 `render_prompt` then returns None.
+
+`tokenizer` is anything with transformers' `apply_chat_template(messages, tokenize=False,
+add_generation_prompt=True)`: a transformers tokenizer or processor, or the jinja2-only
+`backends.template_source.ChatTemplate` the sglang backend uses.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +38,9 @@ class Compiled:
     tail: str
     image: str = ""
 
-    def content(self, prompt: Prompt) -> str:
+    def content(self, prompt: Prompt, internvl_image: Callable[[], str] | None = None) -> str:
+        """The user turn's text; an InternVL image is `internvl_image()` (the server's
+        placeholder and a newline), "<image>\n" without it."""
         out = []
         for part in prompt.parts:
             if isinstance(part, Text):
@@ -42,14 +49,16 @@ class Compiled:
                 if self.family == "qwen2-vl":
                     out.append(self.image)
                 elif self.family == "internvl":
-                    out.append(_INTERNVL_IMAGE)
+                    out.append(internvl_image() if internvl_image else _INTERNVL_IMAGE)
         return "".join(out)
 
-    def render(self, prompt: Prompt) -> str:
-        return self.head + prompt.system + self.middle + self.content(prompt) + self.tail
+    def render(self, prompt: Prompt, internvl_image: Callable[[], str] | None = None) -> str:
+        return (self.head + prompt.system + self.middle + self.content(prompt, internvl_image)
+                + self.tail)
 
 
-def messages(prompt: Prompt, family: str) -> list[dict[str, Any]]:
+def messages(prompt: Prompt, family: str, internvl_image: str = _INTERNVL_IMAGE
+             ) -> list[dict[str, Any]]:
     """The chat messages the sglang backend renders for `prompt` (what Jinja sees)."""
     content: list[dict[str, str]] = []
     for part in prompt.parts:
@@ -58,7 +67,7 @@ def messages(prompt: Prompt, family: str) -> list[dict[str, Any]]:
         elif family == "qwen2-vl":
             content.append({"type": "image"})
         elif family == "internvl":
-            content.append({"type": "text", "text": _INTERNVL_IMAGE})
+            content.append({"type": "text", "text": internvl_image})
     value: Any = content if family == "qwen2-vl" else "".join(c["text"] for c in content)
     return [{"role": "system", "content": prompt.system}, {"role": "user", "content": value}]
 
@@ -108,13 +117,16 @@ _compiled: dict[tuple[int, str], tuple[Any, Compiled | None]] = {}
 _lock = threading.Lock()
 
 
-def render_prompt(tokenizer: Any, family: str, prompt: Prompt) -> str | None:
+def render_prompt(tokenizer: Any, family: str, prompt: Prompt,
+                  internvl_image: Callable[[], str] | None = None) -> str | None:
     """`prompt` rendered as `apply_chat_template` would, without Jinja; None if this
-    tokenizer's template could not be compiled (render it through Jinja then)."""
+    tokenizer's template could not be compiled (render it through Jinja then). For InternVL,
+    `internvl_image()` gives an image's text (placeholder and newline; called only when the
+    prompt has an image): the compiled form takes content verbatim, so any placeholder fits."""
     key = (id(tokenizer), family)
     entry = _compiled.get(key)
     if entry is None or entry[0] is not tokenizer:
         with _lock:
             entry = _compiled[key] = (tokenizer, compile_template(tokenizer, family))
     compiled = entry[1]
-    return compiled.render(prompt) if compiled is not None else None
+    return compiled.render(prompt, internvl_image) if compiled is not None else None

@@ -114,7 +114,8 @@ class SGLangRollout:
 
     def _render(self, prompt: Prompt) -> str:
         family = self.options["family"]
-        if (fast := render_prompt(self._tokenizer(), family, prompt)) is not None:
+        image = lambda: f"{self.placeholder()}\n"  # noqa: E731 - the server's, as below
+        if (fast := render_prompt(self._tokenizer(), family, prompt, image)) is not None:
             return fast  # the known templates, without Jinja (equal to apply_chat_template)
         content: list[dict[str, str]] = []
         for part in prompt.parts:

@@ -278,3 +278,19 @@ def test_search_with_sglang_interns_never_imports_torch_or_transformers(
     with RunStore.open(tmp_path / "R", write=False) as store:
         assert any(e["role"] == "intern" for e in store.iter_calls())
 
+
+@pytest.mark.parametrize("placeholder", ["<image>", "<IMG_CONTEXT>"])
+def test_internvl_fast_path_uses_the_servers_placeholder(tmp_path: Path, tokenizer_dir: Path,
+                                                         placeholder: str) -> None:
+    """The compiled InternVL form puts the placeholder the server version asks for (SGLang
+    before 0.5.7 wants <IMG_CONTEXT>), equal to apply_chat_template on that text."""
+    folder = _folder_with(tmp_path, tokenizer_dir, "internvl", INTERNVL, "jinja")
+    ours, theirs = load_chat_template(str(folder), "i0"), _auto_tokenizer(folder)
+    with_images = [p for p in _prompts(80, seed=3) if len(p.parts) > 1][:30]
+    for prompt in with_images:
+        fast = render_prompt(ours, "internvl", prompt, lambda: f"{placeholder}\n")
+        assert fast == theirs.apply_chat_template(
+            messages(prompt, "internvl", f"{placeholder}\n"), tokenize=False,
+            add_generation_prompt=True)
+    assert sum(render_prompt(ours, "internvl", p, lambda: f"{placeholder}\n").count(placeholder)
+               for p in with_images) > 0
