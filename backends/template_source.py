@@ -51,17 +51,29 @@ class ChatTemplate:
         self.special_tokens_map = dict(special_tokens)
         self.source = source
 
-    def apply_chat_template(self, conversation: list[dict[str, Any]], tokenize: bool = False,
+    def apply_chat_template(self, conversation: list[dict[str, Any]],
+                            tools: list[dict[str, Any]] | None = None,
+                            documents: list[dict[str, Any]] | None = None, tokenize: bool = False,
                             add_generation_prompt: bool = False, **kwargs: Any) -> str:
         """The conversation as text, as `PreTrainedTokenizer.apply_chat_template` renders it
-        with `tokenize=False` (kwargs reach the template and override special tokens)."""
+        with `tokenize=False` (other kwargs reach the template and override special tokens)."""
         if tokenize:
             raise ValueError("ChatTemplate renders text only: call it with tokenize=False")
+        if unsupported := sorted(set(kwargs) & _TOKENIZER_ONLY):
+            raise ValueError(f"ChatTemplate does not support {', '.join(unsupported)}")
+        if not conversation:
+            raise ValueError("cannot apply a chat template to an empty conversation")
         chat = [_template_message(m) for m in conversation]
         return compile_jinja(self.chat_template).render(
-            messages=chat, tools=None, documents=None,
+            messages=chat, tools=_plain(tools), documents=_plain(documents),
             add_generation_prompt=add_generation_prompt,
             **{**self.special_tokens_map, **kwargs})
+
+
+_TOKENIZER_ONLY = frozenset({"chat_template", "continue_final_message", "return_dict",
+                             "return_assistant_tokens_mask", "sanitize_control_tokens",
+                             "tokenizer_kwargs", "padding", "truncation", "max_length",
+                             "return_tensors"})
 
 
 def _template_message(message: Mapping[str, Any]) -> dict[str, Any]:

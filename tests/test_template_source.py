@@ -294,3 +294,20 @@ def test_internvl_fast_path_uses_the_servers_placeholder(tmp_path: Path, tokeniz
             add_generation_prompt=True)
     assert sum(render_prompt(ours, "internvl", p, lambda: f"{placeholder}\n").count(placeholder)
                for p in with_images) > 0
+
+
+def test_tools_and_extra_variables_reach_the_template_as_in_transformers(
+        tmp_path: Path, tokenizer_dir: Path) -> None:
+    template = ("{{ tools | tojson }}|{{ documents | tojson }}|{{ flavour }}|{{ eos_token }}|"
+                "{% for m in messages %}{{ m['role'] }}={{ m['content'] }};{% endfor %}")
+    folder = _folder_with(tmp_path, tokenizer_dir, "vars", template, "jinja")
+    ours, theirs = load_chat_template(str(folder), "i0"), _auto_tokenizer(folder)
+    chat = [{"role": "system", "content": "s", "name": None}, {"role": "user", "content": "é<"}]
+    kwargs = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+              "documents": [{"title": "t", "text": "x"}], "flavour": "<b>",
+              "eos_token": "OVERRIDE"}
+    text = ours.apply_chat_template(chat, tokenize=False, **kwargs)
+    assert text == theirs.apply_chat_template(chat, tokenize=False, **kwargs)
+    assert "OVERRIDE" in text and "<b>" in text
+    with pytest.raises(ValueError, match="continue_final_message"):
+        ours.apply_chat_template(chat, continue_final_message=True)
