@@ -9,11 +9,16 @@ form against `apply_chat_template` on further probes (empty system, whitespace a
 newlines, braces, images first and last). A template that treats content in any other way
 (trims it, escapes it, depends on it) fails the check and keeps rendering through Jinja:
 `render_prompt` then returns None.
+
+`tokenizer` is anything with transformers' `apply_chat_template(messages, tokenize=False,
+add_generation_prompt=True)`: a transformers tokenizer or processor, or the jinja2-only
+`backends.template_source.ChatTemplate` the sglang backend uses.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +38,9 @@ class Compiled:
     tail: str
     image: str = ""
 
-    def content(self, prompt: Prompt, image_text: str = _INTERNVL_IMAGE) -> str:
+    def content(self, prompt: Prompt, internvl_image: Callable[[], str] | None = None) -> str:
+        """The user turn's text; an InternVL image is `internvl_image()` (the server's
+        placeholder and a newline), "<image>\n" without it."""
         out = []
         for part in prompt.parts:
             if isinstance(part, Text):
@@ -42,18 +49,17 @@ class Compiled:
                 if self.family == "qwen2-vl":
                     out.append(self.image)
                 elif self.family == "internvl":
-                    out.append(image_text)
+                    out.append(internvl_image() if internvl_image else _INTERNVL_IMAGE)
         return "".join(out)
 
-    def render(self, prompt: Prompt, image_text: str = _INTERNVL_IMAGE) -> str:
-        return (self.head + prompt.system + self.middle + self.content(prompt, image_text)
+    def render(self, prompt: Prompt, internvl_image: Callable[[], str] | None = None) -> str:
+        return (self.head + prompt.system + self.middle + self.content(prompt, internvl_image)
                 + self.tail)
 
 
-def messages(prompt: Prompt, family: str, image_text: str = _INTERNVL_IMAGE
+def messages(prompt: Prompt, family: str, internvl_image: str = _INTERNVL_IMAGE
              ) -> list[dict[str, Any]]:
-    """The chat messages the sglang backend renders for `prompt` (what Jinja sees); InternVL
-    images are `image_text` (the placeholder the server version expects, and a newline)."""
+    """The chat messages the sglang backend renders for `prompt` (what Jinja sees)."""
     content: list[dict[str, str]] = []
     for part in prompt.parts:
         if isinstance(part, Text):
@@ -61,15 +67,14 @@ def messages(prompt: Prompt, family: str, image_text: str = _INTERNVL_IMAGE
         elif family == "qwen2-vl":
             content.append({"type": "image"})
         elif family == "internvl":
-            content.append({"type": "text", "text": image_text})
+            content.append({"type": "text", "text": internvl_image})
     value: Any = content if family == "qwen2-vl" else "".join(c["text"] for c in content)
     return [{"role": "system", "content": prompt.system}, {"role": "user", "content": value}]
 
 
-def jinja_render(tokenizer: Any, prompt: Prompt, family: str,
-                 image_text: str = _INTERNVL_IMAGE) -> str:
+def jinja_render(tokenizer: Any, prompt: Prompt, family: str) -> str:
     """The reference: `apply_chat_template(tokenize=False, add_generation_prompt=True)`."""
-    return tokenizer.apply_chat_template(messages(prompt, family, image_text), tokenize=False,
+    return tokenizer.apply_chat_template(messages(prompt, family), tokenize=False,
                                          add_generation_prompt=True)
 
 
@@ -113,14 +118,15 @@ _lock = threading.Lock()
 
 
 def render_prompt(tokenizer: Any, family: str, prompt: Prompt,
-                  image_text: str = _INTERNVL_IMAGE) -> str | None:
+                  internvl_image: Callable[[], str] | None = None) -> str | None:
     """`prompt` rendered as `apply_chat_template` would, without Jinja; None if this
-    tokenizer's template could not be compiled (render it through Jinja then). InternVL
-    images render as `image_text` (the template treats content as plain text: checked)."""
+    tokenizer's template could not be compiled (render it through Jinja then). For InternVL,
+    `internvl_image()` gives an image's text (placeholder and newline; called only when the
+    prompt has an image): the compiled form takes content verbatim, so any placeholder fits."""
     key = (id(tokenizer), family)
     entry = _compiled.get(key)
     if entry is None or entry[0] is not tokenizer:
         with _lock:
             entry = _compiled[key] = (tokenizer, compile_template(tokenizer, family))
     compiled = entry[1]
-    return compiled.render(prompt, image_text) if compiled is not None else None
+    return compiled.render(prompt, internvl_image) if compiled is not None else None

@@ -34,10 +34,10 @@ from backends.base import (
 )
 from backends.chat_templates import render_prompt
 from backends.gate import call_key
-from backends.hf import LOAD_LOCK
 from backends.http import api_key, check_response, make_client, transport_error
 from backends.images import data_url
 from backends.sglang_router import Router, check_mode, generate_each, router_for
+from backends.template_source import load_chat_template
 from mics.config import ModelConfig
 from mics.types import Image, Prompt, Reply, Text, Usage
 
@@ -98,16 +98,10 @@ class SGLangRollout:
                 "family": self.options["family"], "image_max_side": self.options["image_max_side"]}
 
     def _tokenizer(self) -> Any:
+        """The model folder's chat template (jinja2 only: no transformers, no torch)."""
         if self._template is None:
             path = self.options["tokenizer"] or self.config.model
-            try:
-                with LOAD_LOCK:
-                    from transformers import AutoTokenizer
-
-                    self._template = AutoTokenizer.from_pretrained(path)
-            except Exception as e:  # noqa: BLE001 - any load failure is a config problem
-                raise PermanentError(f"{self.config.name}: cannot load the tokenizer/chat template "
-                                     f"from {path!r} ({type(e).__name__}: {e})") from None
+            self._template = load_chat_template(path, f"model {self.config.name!r}")
         return self._template
 
     def render(self, prompt: Prompt) -> str:
@@ -120,9 +114,8 @@ class SGLangRollout:
 
     def _render(self, prompt: Prompt) -> str:
         family = self.options["family"]
-        image_text = f"{self.placeholder()}\n" if family == "internvl" and any(
-            isinstance(p, Image) for p in prompt.parts) else "<image>\n"
-        if (fast := render_prompt(self._tokenizer(), family, prompt, image_text)) is not None:
+        image = lambda: f"{self.placeholder()}\n"  # noqa: E731 - the server's, as below
+        if (fast := render_prompt(self._tokenizer(), family, prompt, image)) is not None:
             return fast  # the known templates, without Jinja (equal to apply_chat_template)
         content: list[dict[str, str]] = []
         for part in prompt.parts:

@@ -102,12 +102,10 @@ def test_content_dependent_templates_fall_back_to_jinja(tokenizer_dir: Path,
 def test_sglang_backend_renders_like_apply_chat_template(tokenizer_dir: Path) -> None:
     from backends.sglang import SGLangRollout
 
-    for family, placeholder in (("qwen2-vl", ""), ("internvl", "<image>"),
-                                ("internvl", "<IMG_CONTEXT>"), ("text", "")):
+    for family in ("qwen2-vl", "internvl", "text"):
         model = SGLangRollout(ModelConfig(
             name="i0", backend="sglang", model="i0", base_url="http://127.0.0.1:9",
             options={"tokenizer": str(tokenizer_dir), "family": family,
-                     "image_placeholder": placeholder}))
+                     "image_placeholder": "<image>"}))  # InternVL's: never guessed
         for prompt in _prompts(30, seed=7):
-            expected = jinja_render(model._tokenizer(), prompt, family, f"{placeholder}\n")
-            assert model.render(prompt) == expected
+            assert model.render(prompt) == jinja_render(model._tokenizer(), prompt, family)
