@@ -167,7 +167,7 @@ def test_processor_legacy_chat_template_json(tmp_path: Path, tokenizer_dir: Path
 ])
 def test_compiled_fast_path_works_on_the_jinja2_template(tmp_path: Path, tokenizer_dir: Path,
                                                          family: str, name: str) -> None:
-    """The pairs tests/integration/test_chat_templates.py compiles, now from the jinja2-only template."""
+    """The pairs test_chat_templates.py compiles, now from the jinja2-only template."""
     from bench.models import CHAT_TEMPLATE
 
     folder = _folder_with(tmp_path, tokenizer_dir, name, TEMPLATES[name] or CHAT_TEMPLATE,
