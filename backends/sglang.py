@@ -33,10 +33,10 @@ from backends.base import (
     gather,
 )
 from backends.chat_templates import render_prompt
-from backends.gate import call_key
 from backends.hf import LOAD_LOCK
 from backends.http import api_key, check_response, make_client, transport_error
 from backends.images import data_url
+from backends.keys import call_key
 from backends.sglang_router import Router, check_mode, generate_each, router_for
 from mics.config import ModelConfig
 from mics.types import Image, Prompt, Reply, Text, Usage
