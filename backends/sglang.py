@@ -37,6 +37,7 @@ from backends.hf import LOAD_LOCK
 from backends.http import api_key, check_response, make_client, transport_error
 from backends.images import data_url
 from backends.keys import call_key
+from backends.messages import chat_messages
 from backends.sglang_router import Router, check_mode, generate_each, router_for
 from mics.config import ModelConfig
 from mics.types import Image, Prompt, Reply, Text, Usage
@@ -80,11 +81,11 @@ class SGLangRollout:
         if not config.base_url:
             raise ValueError(f"model {config.name!r}: base_url is required for sglang")
         self.urls = [config.base_url.rstrip("/"), *(u.rstrip("/") for u in self.options["urls"])]
-        self._clients = {u: make_client(_with_url(config, u)) for u in self.urls}
+        self.clients = {u: make_client(_with_url(config, u)) for u in self.urls}
         self._checked: set[str] = set()
         self.versions: dict[str, Version | None] = {}  # url -> SGLang version, once checked
         self._placeholder: str = self.options["image_placeholder"]
-        self._check_lock = anyio.Lock()
+        self.check_lock = anyio.Lock()
         self._template: Any = None
         self._rendered: dict[Prompt, str] = {}  # bounded, oldest dropped first
         self._warm_roots: dict[str, None] = {}  # insertion-ordered, bounded: an LRU of roots
@@ -110,6 +111,11 @@ class SGLangRollout:
                                      f"from {path!r} ({type(e).__name__}: {e})") from None
         return self._template
 
+    async def load_template(self) -> None:
+        """Load the tokenizer/chat template once, in a worker thread, never on the event loop."""
+        if self._template is None:
+            await anyio.to_thread.run_sync(self._tokenizer)
+
     def render(self, prompt: Prompt) -> str:
         """The exact prompt text sent to /generate, with one image placeholder per image.
         Memoised: warm-up, routing and the fan-out all need the same rendering."""
@@ -122,22 +128,19 @@ class SGLangRollout:
         family = self.options["family"]
         if (fast := render_prompt(self._tokenizer(), family, prompt)) is not None:
             return fast  # the known templates, without Jinja (equal to apply_chat_template)
-        content: list[dict[str, str]] = []
-        for part in prompt.parts:
-            if isinstance(part, Text):
-                content.append({"type": "text", "text": part.text})
-            elif family == "qwen2-vl":
-                content.append({"type": "image"})
-            elif family == "internvl":
-                content.append({"type": "text", "text": f"{self.placeholder()}\n"})
-        if family != "qwen2-vl":  # plain-text templates want a string
-            content_value: Any = "".join(c["text"] for c in content)
-        else:
-            content_value = content
-        messages = [{"role": "system", "content": prompt.system},
-                    {"role": "user", "content": content_value}]
+        messages = chat_messages(prompt, self._image_part, as_text=family != "qwen2-vl")
         return self._tokenizer().apply_chat_template(messages, tokenize=False,
                                                      add_generation_prompt=True)
+
+    def _image_part(self, _: Image) -> dict[str, str] | None:
+        """An image in the messages Jinja renders: qwen2-vl's image slot, InternVL's
+        version-dependent placeholder as text, nothing for a text model."""
+        family = self.options["family"]
+        if family == "qwen2-vl":
+            return {"type": "image"}
+        if family == "internvl":
+            return {"type": "text", "text": f"{self.placeholder()}\n"}
+        return None
 
     def _images(self, prompt: Prompt) -> list[str]:
         if self.options["family"] == "text":
@@ -173,7 +176,7 @@ class SGLangRollout:
 
     # ---- server checks ---------------------------------------------------------------------
 
-    def _headers(self) -> dict[str, str]:
+    def headers(self) -> dict[str, str]:
         """SGLang's `--api-key`: the key from the environment, sent as a bearer token."""
         key = api_key(self.config)
         return {"Authorization": f"Bearer {key}"} if key else {}
@@ -184,17 +187,16 @@ class SGLangRollout:
         if await router_for(self, url) is not None:  # a router has checks of its own
             return
         if self._template is None:
-            async with self._check_lock:
-                if self._template is None:
-                    await anyio.to_thread.run_sync(self._tokenizer)
+            async with self.check_lock:
+                await self.load_template()
         if url in self._checked:
             return
-        async with self._check_lock:
+        async with self.check_lock:
             if url in self._checked:
                 return
-            client = self._clients[url]
+            client = self.clients[url]
             try:
-                health = await client.get("/health", headers=self._headers())
+                health = await client.get("/health", headers=self.headers())
                 if not health.is_success:
                     raise TransientError(f"{self.config.name}: SGLang server at {url} is not "
                                          f"healthy (HTTP {health.status_code})")
@@ -211,15 +213,15 @@ class SGLangRollout:
             if self.options["family"] == "internvl":
                 self._choose_placeholder(url, version)
             if self.options["check_model"]:
-                self._check_served(url, info)
+                self.check_served(url, info)
             self._checked.add(url)
 
     async def _get_either(self, url: str, first: str, fallback: str) -> dict[str, Any] | None:
         """GET `first`, or `fallback` when the server does not know the route (404): the
         `/get_*` names are the only ones before 0.5.6 and the router's. None if neither."""
-        client, cfg = self._clients[url], _with_url(self.config, url)
+        client, cfg = self.clients[url], _with_url(self.config, url)
         for route in (first, fallback):
-            resp = await client.get(route, headers=self._headers())
+            resp = await client.get(route, headers=self.headers())
             if resp.status_code == 404:
                 continue
             check_response(resp, cfg)
@@ -246,7 +248,7 @@ class SGLangRollout:
                              "one SGLang version or set options.image_placeholder")
         self._placeholder = wanted
 
-    def _check_served(self, url: str, info: dict[str, Any]) -> None:
+    def check_served(self, url: str, info: dict[str, Any]) -> None:
         """The server's names (`model_path` is the launch path as typed, `served_model_name` is
         absent in some versions) against options.served_model, else the config's `model` and
         options.tokenizer, by full name or last path component."""
@@ -318,9 +320,9 @@ class SGLangRollout:
             return await generate_each(self, router, body)  # type: ignore[return-value]
         start = time.perf_counter()
         try:
-            resp = await self._clients[url].post(
+            resp = await self.clients[url].post(
                 "/generate", content=orjson.dumps(body),
-                headers={"content-type": "application/json", **self._headers()})
+                headers={"content-type": "application/json", **self.headers()})
         except httpx.HTTPError as e:
             raise transport_error(e, cfg) from None
         check_response(resp, cfg)
@@ -332,7 +334,7 @@ class SGLangRollout:
         items = data if isinstance(data, list) else [data]
         if len(items) != len(calls):
             raise TransientError(f"{cfg.name} at {url}: {len(items)} results for {len(calls)}")
-        return [_reply(item, latency, cfg.name) for item in items]
+        return [generate_reply(item, latency, cfg.name) for item in items]
 
     def _check_placeholders(self, texts: Sequence[str], images: Sequence[list[str]]) -> None:
         """One placeholder per image, or SGLang loads no image (and answers 500)."""
@@ -392,7 +394,7 @@ class SGLangRollout:
         return out
 
     async def aclose(self) -> None:
-        for client in self._clients.values():
+        for client in self.clients.values():
             await client.aclose()
 
 
@@ -418,7 +420,8 @@ def _with_url(config: ModelConfig, url: str) -> ModelConfig:
     return replace(config, base_url=url)
 
 
-def _reply(item: Any, latency: float, name: str) -> Reply:
+def generate_reply(item: Any, latency: float, name: str) -> Reply:
+    """One `/generate` result item as a Reply (TransientError when it has no text)."""
     if not isinstance(item, dict) or not isinstance(item.get("text"), str):
         raise TransientError(f"{name}: /generate item without text")
     meta = item.get("meta_info") or {}

@@ -126,9 +126,9 @@ def test_model_check_matches_launch_path_and_explains_a_mismatch(tokenizer_dir, 
 def test_model_check_accepts_the_tokenizer_folder_name(tokenizer_dir):
     model = intern("http://127.0.0.1:9", tokenizer_dir, model="my-intern")
     info = {"model_path": f"/srv/{tokenizer_dir.name}"}
-    model._check_served("http://127.0.0.1:9", info)  # matches options.tokenizer's folder
+    model.check_served("http://127.0.0.1:9", info)  # matches options.tokenizer's folder
     with pytest.raises(FatalError, match="options.tokenizer="):
-        model._check_served("http://127.0.0.1:9", {"model_path": "/srv/other"})
+        model.check_served("http://127.0.0.1:9", {"model_path": "/srv/other"})
 
 
 @pytest.mark.parametrize(("version", "placeholder"), [("0.5.6", "<IMG_CONTEXT>"),
