@@ -17,6 +17,7 @@ import hashlib
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -39,19 +40,50 @@ from backends.images import data_url
 from backends.keys import call_key
 from backends.messages import chat_messages
 from backends.sglang_router import Router, check_mode, generate_each, router_for
-from mics.config import ModelConfig
+from mics.config import ConfigError, ModelConfig, parse_options
 from mics.types import Image, Prompt, Reply, Text, Usage
 
 FAMILIES = ("qwen2-vl", "internvl", "text")
-_OPTIONS = {"tokenizer": "", "family": "qwen2-vl", "urls": [], "image_max_side": 0,
-            "check_model": True, "served_model": "", "warmup": True, "image_placeholder": "",
-            "mode": "auto"}
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 # What SGLang's processors count as one image in the prompt text, per family.
 _QWEN_PLACEHOLDERS = re.compile(re.escape(QWEN_IMAGE) + "|<image>")
 INTERNVL_NEW_FROM = (0, 5, 7)  # `<image>` from 0.5.7; before it only `<IMG_CONTEXT>`
 SAMPLING_SEED_FROM = (0, 5, 3)  # `sampling_params.sampling_seed` exists from 0.5.3
 Version = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class SGLangOptions:
+    """`options` of an sglang intern (see docs/endpoints.md)."""
+
+    tokenizer: str = ""  # the tokenizer/chat template folder; "": the model's
+    family: str = "qwen2-vl"  # one of FAMILIES
+    urls: list[str] = field(default_factory=list)  # more servers besides base_url
+    image_max_side: int = 0
+    check_model: bool = True
+    served_model: str = ""
+    warmup: bool = True
+    image_placeholder: str = ""
+    mode: str = "auto"  # auto, server or router (backends.sglang_router.MODES)
+
+    @classmethod
+    def parse(cls, cfg: ModelConfig) -> SGLangOptions:
+        """The model's options over the defaults; ConfigError naming the model and the key."""
+        where = f"model {cfg.name!r}"
+        opts = parse_options(cls, cfg.options, where, "sglang")
+        if opts.family not in FAMILIES:
+            raise ConfigError(f"{where}: options.family must be one of {', '.join(FAMILIES)}")
+        if not isinstance(opts.urls, list) or not all(isinstance(u, str) and u
+                                                      for u in opts.urls):
+            raise ConfigError(f"{where}: options.urls must be a list of server URLs")
+        if not cfg.base_url:
+            raise ConfigError(f"{where}: base_url is required for sglang")
+        check_mode(cfg.name, opts.mode)
+        return opts
+
+    def __getitem__(self, key: str) -> Any:
+        """Read an option by name, as code written against the options table does."""
+        return getattr(self, key)
 
 
 def parse_version(text: Any) -> Version | None:
@@ -69,34 +101,24 @@ class SGLangRollout:
     """Batched intern rollouts against one or more SGLang servers."""
 
     def __init__(self, config: ModelConfig) -> None:
-        unknown = sorted(set(config.options) - set(_OPTIONS))
-        if unknown:
-            raise ValueError(f"model {config.name!r}: unknown sglang option(s) "
-                             f"{', '.join(unknown)}; allowed: {', '.join(sorted(_OPTIONS))}")
         self.config = config
-        self.options: dict[str, Any] = {**_OPTIONS, **config.options}
-        if self.options["family"] not in FAMILIES:
-            raise ValueError(f"model {config.name!r}: options.family must be one of "
-                             f"{', '.join(FAMILIES)}")
-        if not config.base_url:
-            raise ValueError(f"model {config.name!r}: base_url is required for sglang")
-        self.urls = [config.base_url.rstrip("/"), *(u.rstrip("/") for u in self.options["urls"])]
+        self.options = SGLangOptions.parse(config)
+        self.urls = [config.base_url.rstrip("/"), *(u.rstrip("/") for u in self.options.urls)]
         self.clients = {u: make_client(_with_url(config, u)) for u in self.urls}
         self._checked: set[str] = set()
         self.versions: dict[str, Version | None] = {}  # url -> SGLang version, once checked
-        self._placeholder: str = self.options["image_placeholder"]
+        self._placeholder: str = self.options.image_placeholder
         self.check_lock = anyio.Lock()
         self._template: Any = None
         self._rendered: dict[Prompt, str] = {}  # bounded, oldest dropped first
         self._warm_roots: dict[str, None] = {}  # insertion-ordered, bounded: an LRU of roots
-        check_mode(config.name, self.options)
         self.routers: dict[str, Router | None] = {}  # url -> its sglang-router, None: a server
 
     # ---- identity and rendering ------------------------------------------------------------
 
     def identity(self) -> dict[str, Any]:
         return {"backend": "sglang", "model": self.config.model,
-                "family": self.options["family"], "image_max_side": self.options["image_max_side"]}
+                "family": self.options.family, "image_max_side": self.options.image_max_side}
 
     def _tokenizer(self) -> Any:
         if self._template is None:
@@ -125,7 +147,7 @@ class SGLangRollout:
         return text
 
     def _render(self, prompt: Prompt) -> str:
-        family = self.options["family"]
+        family = self.options.family
         if (fast := render_prompt(self._tokenizer(), family, prompt)) is not None:
             return fast  # the known templates, without Jinja (equal to apply_chat_template)
         messages = chat_messages(prompt, self._image_part, as_text=family != "qwen2-vl")
@@ -135,7 +157,7 @@ class SGLangRollout:
     def _image_part(self, _: Image) -> dict[str, str] | None:
         """An image in the messages Jinja renders: qwen2-vl's image slot, InternVL's
         version-dependent placeholder as text, nothing for a text model."""
-        family = self.options["family"]
+        family = self.options.family
         if family == "qwen2-vl":
             return {"type": "image"}
         if family == "internvl":
@@ -143,9 +165,9 @@ class SGLangRollout:
         return None
 
     def _images(self, prompt: Prompt) -> list[str]:
-        if self.options["family"] == "text":
+        if self.options.family == "text":
             return []
-        side = self.options["image_max_side"]
+        side = self.options.image_max_side
         return [data_url(p.image, side) for p in prompt.parts if isinstance(p, Image)]
 
     def placeholder(self) -> str:
@@ -160,9 +182,9 @@ class SGLangRollout:
 
     def count_placeholders(self, text: str) -> int:
         """How many images SGLang will find in this prompt text."""
-        if self.options["family"] == "qwen2-vl":
+        if self.options.family == "qwen2-vl":
             return len(_QWEN_PLACEHOLDERS.findall(text))
-        if self.options["family"] == "internvl":
+        if self.options.family == "internvl":
             return text.count(self.placeholder())
         return 0
 
@@ -210,9 +232,9 @@ class SGLangRollout:
                                      "nor /get_model_info (HTTP 404): is it an SGLang server?")
             version = parse_version((server or {}).get("version"))
             self.versions[url] = version
-            if self.options["family"] == "internvl":
+            if self.options.family == "internvl":
                 self._choose_placeholder(url, version)
-            if self.options["check_model"]:
+            if self.options.check_model:
                 self.check_served(url, info)
             self._checked.add(url)
 
@@ -233,7 +255,7 @@ class SGLangRollout:
         return None
 
     def _choose_placeholder(self, url: str, version: Version | None) -> None:
-        if self.options["image_placeholder"]:
+        if self.options.image_placeholder:
             return
         if version is None:
             raise FatalError(f"{self.config.name}: SGLang server at {url} does not report its "
@@ -254,12 +276,12 @@ class SGLangRollout:
         options.tokenizer, by full name or last path component."""
         served = {k: str(info[k]) for k in ("served_model_name", "model_path", "tokenizer_path")
                   if isinstance(info.get(k), str) and info[k]}
-        if self.options["served_model"]:
-            wants = {"options.served_model": self.options["served_model"]}
+        if self.options.served_model:
+            wants = {"options.served_model": self.options.served_model}
         else:
             wants = {"model": self.config.model}
-            if self.options["tokenizer"]:
-                wants["options.tokenizer"] = self.options["tokenizer"]
+            if self.options.tokenizer:
+                wants["options.tokenizer"] = self.options.tokenizer
         if any(_same_model(w, s) for w in wants.values() for s in served.values()):
             return
         got = ", ".join(f"{k}={v!r}" for k, v in served.items()) or "no model names"
@@ -338,7 +360,7 @@ class SGLangRollout:
 
     def _check_placeholders(self, texts: Sequence[str], images: Sequence[list[str]]) -> None:
         """One placeholder per image, or SGLang loads no image (and answers 500)."""
-        if self.options["family"] == "text":
+        if self.options.family == "text":
             return
         for i, (text, imgs) in enumerate(zip(texts, images, strict=True)):
             found = self.count_placeholders(text)
@@ -382,7 +404,7 @@ class SGLangRollout:
         async def one(url: str, idx: list[int]) -> list[Reply]:
             group = [calls[i] for i in idx]
             await self.check(url)  # also loads the tokenizer off the event loop
-            if self.options["warmup"]:
+            if self.options.warmup:
                 await self.warm(url, group)
             return await self.generate(url, group)
 

@@ -25,7 +25,7 @@ import orjson
 
 from backends.base import BackendError, PermanentError, TransientError, gather
 from backends.http import check_response, transport_error
-from mics.config import ModelConfig
+from mics.config import ConfigError, ModelConfig
 
 if TYPE_CHECKING:
     from backends.sglang import SGLangRollout
@@ -52,11 +52,11 @@ class Router:
         return f"router, {len(self.workers)} workers ({healthy} healthy): {urls}"
 
 
-def check_mode(name: str, options: dict[str, Any]) -> None:
-    """options.mode must be one of MODES (a ValueError names the model otherwise)."""
-    if options.get("mode", "auto") not in MODES:
-        raise ValueError(f"model {name!r}: options.mode must be one of {', '.join(MODES)}, "
-                         f"got {options.get('mode')!r}")
+def check_mode(name: str, mode: str) -> None:
+    """options.mode must be one of MODES (a ConfigError names the model otherwise)."""
+    if mode not in MODES:
+        raise ConfigError(f"model {name!r}: options.mode must be one of {', '.join(MODES)}, "
+                          f"got {mode!r}")
 
 
 def parse_workers(data: Any) -> list[dict[str, Any]] | None:
@@ -96,7 +96,7 @@ async def router_for(model: SGLangRollout, url: str) -> Router | None:
     async with model.check_lock:
         if url in model.routers:
             return model.routers[url]
-        mode = model.options["mode"]
+        mode = model.options.mode
         if mode == "server":
             model.routers[url] = None
             return None
@@ -129,7 +129,7 @@ async def _check_router(model: SGLangRollout, router: Router) -> None:
         raise TransientError(f"{model.config.name}: sglang-router at {url} is not healthy "
                              f"(HTTP {health.status_code}); {router.describe()}")
     check_response(info, _at(model.config, url))
-    if model.options["check_model"]:
+    if model.options.check_model:
         model.check_served(url, info.json())
 
 
