@@ -148,7 +148,10 @@ class SGLangRollout:
 
     def _render(self, prompt: Prompt) -> str:
         family = self.options.family
-        if (fast := render_prompt(self._tokenizer(), family, prompt)) is not None:
+        # the Jinja-free path writes InternVL images as "<image>\n": not for a server known to
+        # want another placeholder (<IMG_CONTEXT> before SGLang 0.5.7)
+        fast_ok = family != "internvl" or self._placeholder in ("", "<image>")
+        if fast_ok and (fast := render_prompt(self._tokenizer(), family, prompt)) is not None:
             return fast  # the known templates, without Jinja (equal to apply_chat_template)
         messages = chat_messages(prompt, self._image_part, as_text=family != "qwen2-vl")
         return self._tokenizer().apply_chat_template(messages, tokenize=False,
