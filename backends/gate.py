@@ -11,7 +11,6 @@ A call that still fails is recorded in the store and returned as a CallFailure, 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import signal
@@ -22,9 +21,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
-import orjson
 
 from backends.base import BackendError, Call, ChatModel, FatalError, RolloutModel, TransientError
+from backends.keys import call_key
 from backends.limits import CircuitBreaker, EndpointLimiter
 from backends.memo_writer import MemoWriter
 from mics.errors import RunError, Stopped
@@ -43,17 +42,6 @@ STOPPED = CallFailure(error="not sent: stopping", attempts=0, retryable=True)
 
 class RunAborted(RunError):
     """An endpoint failed in a way no retry can fix (e.g. HTTP 401); the run stops, work kept."""
-
-
-def call_key(identity: dict[str, Any], call: Call) -> str:
-    """Content hash of everything that determines a reply."""
-    material = {
-        "model": identity,
-        "prompt": call.prompt.key_material(),
-        "sampling": call.sampling.to_dict(),
-        "sample": call.sample_index,
-    }
-    return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 class CallGate:

@@ -10,77 +10,75 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx
 
 from backends.base import BackendError, Call, PermanentError, TransientError, gather
-from backends.http import api_key, check_response, make_client, transport_error
+from backends.http import api_key, check_response, make_client, redact, transport_error
 from backends.images import data_url
-from mics.config import ModelConfig
+from backends.messages import chat_messages
+from mics.config import ConfigError, ModelConfig, parse_options
 from mics.types import Image, Prompt, Reply, Usage
 
-# option -> default. image_max_side: mentor images are downsized to this longest side (the
-# reference used 512; 0 sends them at full size, as interns see them); send_top_k: the server
-# accepts `top_k` (vLLM, SGLang); send_seed: send the sample index as `seed`; max_tokens_field:
-# "max_completion_tokens" for o-series/gpt-5 (they reject `max_tokens`); max_tokens: this model's
-# own output limit (0: the search's), for thinking models whose reasoning counts against it;
-# reasoning_effort: sent when set ("low", "medium", ...); send_sampling: false leaves
-# `temperature` and `top_p` out (reasoning models reject non-default values); extra_body: merged
-# into every request body (e.g. {"return_meta_info": true}: SGLang's chat reports
-# `meta_info.cached_tokens` with it in recent releases; 0.5.2-0.5.9 ignore the field, use
-# `--enable-cache-report` there, see docs/endpoints.md).
-OPTIONS: dict[str, Any] = {"image_max_side": 512, "send_top_k": False, "send_seed": False,
-                           "max_tokens_field": "max_tokens", "max_tokens": 0,
-                           "reasoning_effort": "", "send_sampling": True, "extra_body": {}}
+
+@dataclass(frozen=True)
+class OpenAIOptions:
+    """`options` of an openai model. image_max_side: mentor images are downsized to this longest
+    side (the reference used 512; 0 sends them at full size, as interns see them); send_top_k:
+    the server accepts `top_k` (vLLM, SGLang); send_seed: send the sample index as `seed`;
+    max_tokens_field: "max_completion_tokens" for o-series/gpt-5 (they reject `max_tokens`);
+    max_tokens: this model's own output limit (0: the search's), for thinking models whose
+    reasoning counts against it; reasoning_effort: sent when set ("low", "medium", ...);
+    send_sampling: false leaves `temperature` and `top_p` out (reasoning models reject
+    non-default values); extra_body: merged into every request body (e.g.
+    {"return_meta_info": true}: SGLang's chat reports `meta_info.cached_tokens` with it in recent
+    releases; 0.5.2-0.5.9 ignore the field, use `--enable-cache-report` there, see
+    docs/endpoints.md)."""
+
+    image_max_side: int = 512
+    send_top_k: bool = False
+    send_seed: bool = False
+    max_tokens_field: str = "max_tokens"
+    max_tokens: int = 0
+    reasoning_effort: str = ""
+    send_sampling: bool = True
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, cfg: ModelConfig) -> OpenAIOptions:
+        """The model's options over the defaults; ConfigError naming the model and the key."""
+        where = f"model {cfg.name!r}"
+        opts = parse_options(cls, cfg.options, where, "openai")
+        if opts.image_max_side < 0:
+            raise ConfigError(f"{where}: options.image_max_side must be an integer >= 0")
+        if opts.max_tokens_field not in ("max_tokens", "max_completion_tokens"):
+            raise ConfigError(f"{where}: options.max_tokens_field must be "
+                              "\"max_tokens\" or \"max_completion_tokens\"")
+        if opts.max_tokens < 0:
+            raise ConfigError(f"{where}: options.max_tokens must be an integer >= 0")
+        if not cfg.base_url:
+            raise ConfigError(f"{where}: the openai backend needs base_url")
+        if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
+            raise ConfigError(f"{where}: environment variable {cfg.api_key_env} "
+                              "is not set (it holds the API key)")
+        return opts
+
+
 # options that change what the model replies, so they are part of the memo key when set
 _REPLY_OPTIONS = ("max_tokens", "reasoning_effort", "send_sampling")
+OPTIONS: dict[str, Any] = asdict(OpenAIOptions())  # option -> default
 SAMPLE_HEADER = "X-Mics-Sample"  # the sample index, so simulators can reproduce a sample
 
 
-def _validate(cfg: ModelConfig) -> dict[str, Any]:
-    unknown = sorted(set(cfg.options) - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"model {cfg.name!r}: unknown openai option(s) {', '.join(unknown)}; "
-                         f"allowed: {', '.join(sorted(OPTIONS))}")
-    opts = {**OPTIONS, **cfg.options}
-    if not isinstance(opts["image_max_side"], int) or opts["image_max_side"] < 0:
-        raise ValueError(f"model {cfg.name!r}: options.image_max_side must be an integer >= 0")
-    if opts["max_tokens_field"] not in ("max_tokens", "max_completion_tokens"):
-        raise ValueError(f"model {cfg.name!r}: options.max_tokens_field must be "
-                         "\"max_tokens\" or \"max_completion_tokens\"")
-    if not isinstance(opts["max_tokens"], int) or opts["max_tokens"] < 0:
-        raise ValueError(f"model {cfg.name!r}: options.max_tokens must be an integer >= 0")
-    if not isinstance(opts["reasoning_effort"], str):
-        raise ValueError(f"model {cfg.name!r}: options.reasoning_effort must be a string")
-    for flag in ("send_top_k", "send_seed", "send_sampling"):
-        if not isinstance(opts[flag], bool):
-            raise ValueError(f"model {cfg.name!r}: options.{flag} must be true or false")
-    if not isinstance(opts["extra_body"], dict):
-        raise ValueError(f"model {cfg.name!r}: options.extra_body must be a table")
-    if not cfg.base_url:
-        raise ValueError(f"model {cfg.name!r}: the openai backend needs base_url")
-    if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
-        raise ValueError(f"model {cfg.name!r}: environment variable {cfg.api_key_env} "
-                         "is not set (it holds the API key)")
-    return opts
-
-
 def _messages(prompt: Prompt, max_side: int) -> list[dict[str, Any]]:
-    """System message, then one user turn: a plain string if text-only, else ordered parts."""
-    messages: list[dict[str, Any]] = []
-    if prompt.system:
-        messages.append({"role": "system", "content": prompt.system})
-    if not prompt.images():
-        messages.append({"role": "user", "content": prompt.user_text()})
-        return messages
-    parts = [
-        {"type": "image_url", "image_url": {"url": data_url(p.image, max_side)}}
-        if isinstance(p, Image) else {"type": "text", "text": p.text}
-        for p in prompt.parts
-    ]
-    messages.append({"role": "user", "content": parts})
-    return messages
+    """System message (when it has text), then one user turn: a plain string if text-only,
+    else ordered parts with images as data URLs."""
+    def image_url(part: Image) -> dict[str, Any]:
+        return {"type": "image_url", "image_url": {"url": data_url(part.image, max_side)}}
+
+    return chat_messages(prompt, image_url, as_text=not prompt.images(), empty_system=False)
 
 
 def _int(value: Any) -> int:
@@ -105,7 +103,7 @@ class OpenAIChat:
     """An OpenAI-compatible chat endpoint as a ChatModel (and a RolloutModel)."""
 
     def __init__(self, config: ModelConfig, role: str = "mentor") -> None:
-        self.options = _validate(config)
+        self.options = OpenAIOptions.parse(config)
         self.config = config
         self.role = role
         self._client = make_client(config)
@@ -115,31 +113,32 @@ class OpenAIChat:
         return f"OpenAIChat(name={self.config.name!r}, model={self.config.model!r})"
 
     def identity(self) -> dict[str, Any]:
-        changed = {k: self.options[k] for k in _REPLY_OPTIONS if self.options[k] != OPTIONS[k]}
+        changed = {k: getattr(self.options, k) for k in _REPLY_OPTIONS
+                   if getattr(self.options, k) != OPTIONS[k]}
         return {"backend": "openai", "model": self.config.model, **changed}
 
     def max_tokens(self, call: Call) -> int:
         """The output limit sent: this model's own (options.max_tokens) or the search's."""
-        return self.options["max_tokens"] or call.sampling.max_tokens
+        return self.options.max_tokens or call.sampling.max_tokens
 
     def _body(self, call: Call) -> dict[str, Any]:
         s = call.sampling
         body: dict[str, Any] = {
             "model": self.config.model,
-            "messages": _messages(call.prompt, self.options["image_max_side"]),
+            "messages": _messages(call.prompt, self.options.image_max_side),
         }
-        if self.options["send_sampling"]:
+        if self.options.send_sampling:
             body.update(temperature=s.temperature, top_p=s.top_p)
-        body[self.options["max_tokens_field"]] = self.max_tokens(call)
-        if self.options["reasoning_effort"]:
-            body["reasoning_effort"] = self.options["reasoning_effort"]
+        body[self.options.max_tokens_field] = self.max_tokens(call)
+        if self.options.reasoning_effort:
+            body["reasoning_effort"] = self.options.reasoning_effort
         if s.stop:
             body["stop"] = list(s.stop)
-        if self.options["send_top_k"]:
+        if self.options.send_top_k:
             body["top_k"] = s.top_k
-        if self.options["send_seed"]:
+        if self.options.send_seed:
             body["seed"] = call.sample_index
-        body.update(self.options["extra_body"])
+        body.update(self.options.extra_body)
         return body
 
     async def complete(self, call: Call) -> Reply:
@@ -147,9 +146,9 @@ class OpenAIChat:
         try:
             return await self._complete(call, key)
         except BackendError as e:
-            if key and key in str(e):  # a server that echoes the key must not leak it
-                raise type(e)(str(e).replace(key, "***"), retry_after=e.retry_after,
-                              status=e.status) from None
+            message = redact(str(e), self.config)  # a server that echoes the key must not leak it
+            if message != str(e):
+                raise e.again(message) from None
             raise
 
     async def _complete(self, call: Call, key: str | None) -> Reply:

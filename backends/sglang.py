@@ -17,6 +17,7 @@ import hashlib
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -33,24 +34,56 @@ from backends.base import (
     gather,
 )
 from backends.chat_templates import render_prompt
-from backends.gate import call_key
 from backends.http import api_key, check_response, make_client, transport_error
 from backends.images import data_url
+from backends.keys import call_key
+from backends.messages import chat_messages
 from backends.sglang_router import Router, check_mode, generate_each, router_for
 from backends.template_source import load_chat_template
-from mics.config import ModelConfig
+from mics.config import ConfigError, ModelConfig, parse_options
 from mics.types import Image, Prompt, Reply, Text, Usage
 
 FAMILIES = ("qwen2-vl", "internvl", "text")
-_OPTIONS = {"tokenizer": "", "family": "qwen2-vl", "urls": [], "image_max_side": 0,
-            "check_model": True, "served_model": "", "warmup": True, "image_placeholder": "",
-            "mode": "auto"}
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 # What SGLang's processors count as one image in the prompt text, per family.
 _QWEN_PLACEHOLDERS = re.compile(re.escape(QWEN_IMAGE) + "|<image>")
 INTERNVL_NEW_FROM = (0, 5, 7)  # `<image>` from 0.5.7; before it only `<IMG_CONTEXT>`
 SAMPLING_SEED_FROM = (0, 5, 3)  # `sampling_params.sampling_seed` exists from 0.5.3
 Version = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class SGLangOptions:
+    """`options` of an sglang intern (see docs/endpoints.md)."""
+
+    tokenizer: str = ""  # the tokenizer/chat template folder; "": the model's
+    family: str = "qwen2-vl"  # one of FAMILIES
+    urls: list[str] = field(default_factory=list)  # more servers besides base_url
+    image_max_side: int = 0
+    check_model: bool = True
+    served_model: str = ""
+    warmup: bool = True
+    image_placeholder: str = ""
+    mode: str = "auto"  # auto, server or router (backends.sglang_router.MODES)
+
+    @classmethod
+    def parse(cls, cfg: ModelConfig) -> SGLangOptions:
+        """The model's options over the defaults; ConfigError naming the model and the key."""
+        where = f"model {cfg.name!r}"
+        opts = parse_options(cls, cfg.options, where, "sglang")
+        if opts.family not in FAMILIES:
+            raise ConfigError(f"{where}: options.family must be one of {', '.join(FAMILIES)}")
+        if not isinstance(opts.urls, list) or not all(isinstance(u, str) and u
+                                                      for u in opts.urls):
+            raise ConfigError(f"{where}: options.urls must be a list of server URLs")
+        if not cfg.base_url:
+            raise ConfigError(f"{where}: base_url is required for sglang")
+        check_mode(cfg.name, opts.mode)
+        return opts
+
+    def __getitem__(self, key: str) -> Any:
+        """Read an option by name, as code written against the options table does."""
+        return getattr(self, key)
 
 
 def parse_version(text: Any) -> Version | None:
@@ -68,41 +101,36 @@ class SGLangRollout:
     """Batched intern rollouts against one or more SGLang servers."""
 
     def __init__(self, config: ModelConfig) -> None:
-        unknown = sorted(set(config.options) - set(_OPTIONS))
-        if unknown:
-            raise ValueError(f"model {config.name!r}: unknown sglang option(s) "
-                             f"{', '.join(unknown)}; allowed: {', '.join(sorted(_OPTIONS))}")
         self.config = config
-        self.options: dict[str, Any] = {**_OPTIONS, **config.options}
-        if self.options["family"] not in FAMILIES:
-            raise ValueError(f"model {config.name!r}: options.family must be one of "
-                             f"{', '.join(FAMILIES)}")
-        if not config.base_url:
-            raise ValueError(f"model {config.name!r}: base_url is required for sglang")
-        self.urls = [config.base_url.rstrip("/"), *(u.rstrip("/") for u in self.options["urls"])]
-        self._clients = {u: make_client(_with_url(config, u)) for u in self.urls}
+        self.options = SGLangOptions.parse(config)
+        self.urls = [config.base_url.rstrip("/"), *(u.rstrip("/") for u in self.options.urls)]
+        self.clients = {u: make_client(_with_url(config, u)) for u in self.urls}
         self._checked: set[str] = set()
         self.versions: dict[str, Version | None] = {}  # url -> SGLang version, once checked
-        self._placeholder: str = self.options["image_placeholder"]
-        self._check_lock = anyio.Lock()
+        self._placeholder: str = self.options.image_placeholder
+        self.check_lock = anyio.Lock()
         self._template: Any = None
         self._rendered: dict[Prompt, str] = {}  # bounded, oldest dropped first
         self._warm_roots: dict[str, None] = {}  # insertion-ordered, bounded: an LRU of roots
-        check_mode(config.name, self.options)
         self.routers: dict[str, Router | None] = {}  # url -> its sglang-router, None: a server
 
     # ---- identity and rendering ------------------------------------------------------------
 
     def identity(self) -> dict[str, Any]:
         return {"backend": "sglang", "model": self.config.model,
-                "family": self.options["family"], "image_max_side": self.options["image_max_side"]}
+                "family": self.options.family, "image_max_side": self.options.image_max_side}
 
     def _tokenizer(self) -> Any:
         """The model folder's chat template (jinja2 only: no transformers, no torch)."""
         if self._template is None:
-            path = self.options["tokenizer"] or self.config.model
+            path = self.options.tokenizer or self.config.model
             self._template = load_chat_template(path, f"model {self.config.name!r}")
         return self._template
+
+    async def load_template(self) -> None:
+        """Load the tokenizer/chat template once, in a worker thread, never on the event loop."""
+        if self._template is None:
+            await anyio.to_thread.run_sync(self._tokenizer)
 
     def render(self, prompt: Prompt) -> str:
         """The exact prompt text sent to /generate, with one image placeholder per image.
@@ -113,31 +141,28 @@ class SGLangRollout:
         return text
 
     def _render(self, prompt: Prompt) -> str:
-        family = self.options["family"]
+        family = self.options.family
         image = lambda: f"{self.placeholder()}\n"  # noqa: E731 - the server's, as below
         if (fast := render_prompt(self._tokenizer(), family, prompt, image)) is not None:
             return fast  # the known templates, without Jinja (equal to apply_chat_template)
-        content: list[dict[str, str]] = []
-        for part in prompt.parts:
-            if isinstance(part, Text):
-                content.append({"type": "text", "text": part.text})
-            elif family == "qwen2-vl":
-                content.append({"type": "image"})
-            elif family == "internvl":
-                content.append({"type": "text", "text": f"{self.placeholder()}\n"})
-        if family != "qwen2-vl":  # plain-text templates want a string
-            content_value: Any = "".join(c["text"] for c in content)
-        else:
-            content_value = content
-        messages = [{"role": "system", "content": prompt.system},
-                    {"role": "user", "content": content_value}]
+        messages = chat_messages(prompt, self._image_part, as_text=family != "qwen2-vl")
         return self._tokenizer().apply_chat_template(messages, tokenize=False,
                                                      add_generation_prompt=True)
 
+    def _image_part(self, _: Image) -> dict[str, str] | None:
+        """An image in the messages Jinja renders: qwen2-vl's image slot, InternVL's
+        version-dependent placeholder as text, nothing for a text model."""
+        family = self.options.family
+        if family == "qwen2-vl":
+            return {"type": "image"}
+        if family == "internvl":
+            return {"type": "text", "text": f"{self.placeholder()}\n"}
+        return None
+
     def _images(self, prompt: Prompt) -> list[str]:
-        if self.options["family"] == "text":
+        if self.options.family == "text":
             return []
-        side = self.options["image_max_side"]
+        side = self.options.image_max_side
         return [data_url(p.image, side) for p in prompt.parts if isinstance(p, Image)]
 
     def placeholder(self) -> str:
@@ -152,9 +177,9 @@ class SGLangRollout:
 
     def count_placeholders(self, text: str) -> int:
         """How many images SGLang will find in this prompt text."""
-        if self.options["family"] == "qwen2-vl":
+        if self.options.family == "qwen2-vl":
             return len(_QWEN_PLACEHOLDERS.findall(text))
-        if self.options["family"] == "internvl":
+        if self.options.family == "internvl":
             return text.count(self.placeholder())
         return 0
 
@@ -168,7 +193,7 @@ class SGLangRollout:
 
     # ---- server checks ---------------------------------------------------------------------
 
-    def _headers(self) -> dict[str, str]:
+    def headers(self) -> dict[str, str]:
         """SGLang's `--api-key`: the key from the environment, sent as a bearer token."""
         key = api_key(self.config)
         return {"Authorization": f"Bearer {key}"} if key else {}
@@ -179,17 +204,16 @@ class SGLangRollout:
         if await router_for(self, url) is not None:  # a router has checks of its own
             return
         if self._template is None:
-            async with self._check_lock:
-                if self._template is None:
-                    await anyio.to_thread.run_sync(self._tokenizer)
+            async with self.check_lock:
+                await self.load_template()
         if url in self._checked:
             return
-        async with self._check_lock:
+        async with self.check_lock:
             if url in self._checked:
                 return
-            client = self._clients[url]
+            client = self.clients[url]
             try:
-                health = await client.get("/health", headers=self._headers())
+                health = await client.get("/health", headers=self.headers())
                 if not health.is_success:
                     raise TransientError(f"{self.config.name}: SGLang server at {url} is not "
                                          f"healthy (HTTP {health.status_code})")
@@ -203,18 +227,18 @@ class SGLangRollout:
                                      "nor /get_model_info (HTTP 404): is it an SGLang server?")
             version = parse_version((server or {}).get("version"))
             self.versions[url] = version
-            if self.options["family"] == "internvl":
+            if self.options.family == "internvl":
                 self._choose_placeholder(url, version)
-            if self.options["check_model"]:
-                self._check_served(url, info)
+            if self.options.check_model:
+                self.check_served(url, info)
             self._checked.add(url)
 
     async def _get_either(self, url: str, first: str, fallback: str) -> dict[str, Any] | None:
         """GET `first`, or `fallback` when the server does not know the route (404): the
         `/get_*` names are the only ones before 0.5.6 and the router's. None if neither."""
-        client, cfg = self._clients[url], _with_url(self.config, url)
+        client, cfg = self.clients[url], _with_url(self.config, url)
         for route in (first, fallback):
-            resp = await client.get(route, headers=self._headers())
+            resp = await client.get(route, headers=self.headers())
             if resp.status_code == 404:
                 continue
             check_response(resp, cfg)
@@ -226,7 +250,7 @@ class SGLangRollout:
         return None
 
     def _choose_placeholder(self, url: str, version: Version | None) -> None:
-        if self.options["image_placeholder"]:
+        if self.options.image_placeholder:
             return
         if version is None:
             raise FatalError(f"{self.config.name}: SGLang server at {url} does not report its "
@@ -241,18 +265,18 @@ class SGLangRollout:
                              "one SGLang version or set options.image_placeholder")
         self._placeholder = wanted
 
-    def _check_served(self, url: str, info: dict[str, Any]) -> None:
+    def check_served(self, url: str, info: dict[str, Any]) -> None:
         """The server's names (`model_path` is the launch path as typed, `served_model_name` is
         absent in some versions) against options.served_model, else the config's `model` and
         options.tokenizer, by full name or last path component."""
         served = {k: str(info[k]) for k in ("served_model_name", "model_path", "tokenizer_path")
                   if isinstance(info.get(k), str) and info[k]}
-        if self.options["served_model"]:
-            wants = {"options.served_model": self.options["served_model"]}
+        if self.options.served_model:
+            wants = {"options.served_model": self.options.served_model}
         else:
             wants = {"model": self.config.model}
-            if self.options["tokenizer"]:
-                wants["options.tokenizer"] = self.options["tokenizer"]
+            if self.options.tokenizer:
+                wants["options.tokenizer"] = self.options.tokenizer
         if any(_same_model(w, s) for w in wants.values() for s in served.values()):
             return
         got = ", ".join(f"{k}={v!r}" for k, v in served.items()) or "no model names"
@@ -313,9 +337,9 @@ class SGLangRollout:
             return await generate_each(self, router, body)  # type: ignore[return-value]
         start = time.perf_counter()
         try:
-            resp = await self._clients[url].post(
+            resp = await self.clients[url].post(
                 "/generate", content=orjson.dumps(body),
-                headers={"content-type": "application/json", **self._headers()})
+                headers={"content-type": "application/json", **self.headers()})
         except httpx.HTTPError as e:
             raise transport_error(e, cfg) from None
         check_response(resp, cfg)
@@ -327,11 +351,11 @@ class SGLangRollout:
         items = data if isinstance(data, list) else [data]
         if len(items) != len(calls):
             raise TransientError(f"{cfg.name} at {url}: {len(items)} results for {len(calls)}")
-        return [_reply(item, latency, cfg.name) for item in items]
+        return [generate_reply(item, latency, cfg.name) for item in items]
 
     def _check_placeholders(self, texts: Sequence[str], images: Sequence[list[str]]) -> None:
         """One placeholder per image, or SGLang loads no image (and answers 500)."""
-        if self.options["family"] == "text":
+        if self.options.family == "text":
             return
         for i, (text, imgs) in enumerate(zip(texts, images, strict=True)):
             found = self.count_placeholders(text)
@@ -375,7 +399,7 @@ class SGLangRollout:
         async def one(url: str, idx: list[int]) -> list[Reply]:
             group = [calls[i] for i in idx]
             await self.check(url)  # also loads the tokenizer off the event loop
-            if self.options["warmup"]:
+            if self.options.warmup:
                 await self.warm(url, group)
             return await self.generate(url, group)
 
@@ -387,7 +411,7 @@ class SGLangRollout:
         return out
 
     async def aclose(self) -> None:
-        for client in self._clients.values():
+        for client in self.clients.values():
             await client.aclose()
 
 
@@ -413,7 +437,8 @@ def _with_url(config: ModelConfig, url: str) -> ModelConfig:
     return replace(config, base_url=url)
 
 
-def _reply(item: Any, latency: float, name: str) -> Reply:
+def generate_reply(item: Any, latency: float, name: str) -> Reply:
+    """One `/generate` result item as a Reply (TransientError when it has no text)."""
     if not isinstance(item, dict) or not isinstance(item.get("text"), str):
         raise TransientError(f"{name}: /generate item without text")
     meta = item.get("meta_info") or {}

@@ -25,7 +25,7 @@ import orjson
 
 from backends.base import BackendError, PermanentError, TransientError, gather
 from backends.http import check_response, transport_error
-from mics.config import ModelConfig
+from mics.config import ConfigError, ModelConfig
 
 if TYPE_CHECKING:
     from backends.sglang import SGLangRollout
@@ -52,11 +52,11 @@ class Router:
         return f"router, {len(self.workers)} workers ({healthy} healthy): {urls}"
 
 
-def check_mode(name: str, options: dict[str, Any]) -> None:
-    """options.mode must be one of MODES (a ValueError names the model otherwise)."""
-    if options.get("mode", "auto") not in MODES:
-        raise ValueError(f"model {name!r}: options.mode must be one of {', '.join(MODES)}, "
-                         f"got {options.get('mode')!r}")
+def check_mode(name: str, mode: str) -> None:
+    """options.mode must be one of MODES (a ConfigError names the model otherwise)."""
+    if mode not in MODES:
+        raise ConfigError(f"model {name!r}: options.mode must be one of {', '.join(MODES)}, "
+                          f"got {mode!r}")
 
 
 def parse_workers(data: Any) -> list[dict[str, Any]] | None:
@@ -93,16 +93,16 @@ async def router_for(model: SGLangRollout, url: str) -> Router | None:
     (health, served model, tokenizer) before it is first used."""
     if url in model.routers:
         return model.routers[url]
-    async with model._check_lock:
+    async with model.check_lock:
         if url in model.routers:
             return model.routers[url]
-        mode = model.options["mode"]
+        mode = model.options.mode
         if mode == "server":
             model.routers[url] = None
             return None
-        client = model._clients[url]
+        client = model.clients[url]
         try:
-            workers = await list_workers(client, model._headers())
+            workers = await list_workers(client, model.headers())
         except httpx.HTTPError as e:
             raise PermanentError(f"{model.config.name}: SGLang endpoint at {url} is unreachable "
                                  f"({type(e).__name__}: {e})") from None
@@ -117,12 +117,11 @@ async def router_for(model: SGLangRollout, url: str) -> Router | None:
 
 async def _check_router(model: SGLangRollout, router: Router) -> None:
     """/health and /get_model_info through the router; loads the tokenizer off the event loop."""
-    url, client = router.url, model._clients[router.url]
-    if model._template is None:
-        await anyio.to_thread.run_sync(model._tokenizer)
+    url, client = router.url, model.clients[router.url]
+    await model.load_template()
     try:
-        health = await client.get("/health", headers=model._headers())
-        info = await client.get("/get_model_info", headers=model._headers())
+        health = await client.get("/health", headers=model.headers())
+        info = await client.get("/get_model_info", headers=model.headers())
     except httpx.HTTPError as e:
         raise PermanentError(f"{model.config.name}: sglang-router at {url} is unreachable "
                              f"({type(e).__name__}: {e})") from None
@@ -130,8 +129,8 @@ async def _check_router(model: SGLangRollout, router: Router) -> None:
         raise TransientError(f"{model.config.name}: sglang-router at {url} is not healthy "
                              f"(HTTP {health.status_code}); {router.describe()}")
     check_response(info, _at(model.config, url))
-    if model.options["check_model"]:
-        model._check_served(url, info.json())
+    if model.options.check_model:
+        model.check_served(url, info.json())
 
 
 def split_batch(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -153,11 +152,11 @@ async def generate_each(model: SGLangRollout, router: Router, body: dict[str, An
                         ) -> list[Reply | BackendError]:
     """A batched body sent as concurrent single requests; a failed request leaves its error
     in its own slot, so the gate retries only that rollout."""
-    from backends.sglang import _reply
+    from backends.sglang import generate_reply
 
     cfg = _at(model.config, router.url)
-    client = model._clients[router.url]
-    headers = {"content-type": "application/json", **model._headers()}
+    client = model.clients[router.url]
+    headers = {"content-type": "application/json", **model.headers()}
 
     async def one(item: dict[str, Any]) -> Reply:
         async with router.slots:
@@ -172,7 +171,7 @@ async def generate_each(model: SGLangRollout, router: Router, body: dict[str, An
         except ValueError:
             raise TransientError(f"{cfg.name} at {router.url}: malformed JSON from /generate"
                                  ) from None
-        return _reply(data, time.perf_counter() - start, cfg.name)
+        return generate_reply(data, time.perf_counter() - start, cfg.name)
 
     return await gather([lambda item=item: one(item) for item in split_batch(body)])
 
@@ -182,7 +181,7 @@ async def refresh_workers(model: SGLangRollout, url: str) -> Router | None:
     router = model.routers.get(url)
     if router is None:
         return None
-    workers = await list_workers(model._clients[url], model._headers())
+    workers = await list_workers(model.clients[url], model.headers())
     if workers is not None:
         router.workers = workers
     return router

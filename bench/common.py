@@ -22,7 +22,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from mics.demo_data import _CASES
+from mics.demo_data import DEMO_CASES as _CASES
 
 PACKAGES = ("mics", "anyio", "httpx", "aiohttp", "lmdb", "orjson", "rich", "typer", "pillow")
 

@@ -47,6 +47,7 @@ from socketserver import TCPServer
 from typing import Any
 
 from backends import simulator
+from backends.stops import clip_at_stop
 from bench import targets
 from bench.targets import Refusal
 
@@ -321,12 +322,8 @@ def sim_text_from_generate(text: str) -> str:
 
 
 def _clip(text: str, max_tokens: int | None, stop: Any) -> tuple[str, dict[str, Any]]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    hits = [(text.find(s), s) for s in stops if s and s in text]
-    finish: dict[str, Any] = {"type": "stop", "matched": None}
-    if hits:
-        pos, s = min(hits)
-        text, finish = text[:pos], {"type": "stop", "matched": s}
+    text, matched = clip_at_stop(text, stop)
+    finish: dict[str, Any] = {"type": "stop", "matched": matched}
     if max_tokens is not None:
         toks = tokenize(text)
         if len(toks) > max_tokens:

@@ -187,7 +187,7 @@ async def compare(naive: Any, reuse: Any, workload: Workload,
 def prompt_keys(model: Any, workload: Workload) -> list[tuple[int, ...]]:
     """The token key of every call's prompt, in workload order, tokenized exactly as the
     `local` backend's reuse path does (image tokens keyed by the image's content hash)."""
-    runner = model._runner
+    runner = model.runner
     m = runner.load()
     memo: dict[Any, tuple[int, ...]] = {}
     out = []
@@ -245,11 +245,12 @@ def _bench_local(name: str, folder: Path, workload: Workload, greedy: Workload,
     """Reuse off vs on: `repeats` timed comparisons (each with a fresh, empty LRU; the best time
     per mode counts), then the greedy check."""
     from backends.local import LocalRollout
+    from bench.local_twin import twin
 
     reuse = LocalRollout(ModelConfig(name=name, backend="local", model=str(folder),
                                      options={**options, "prefix_cache": True}))
-    naive = reuse.twin(prefix_cache=False)  # loads the weights once, shared by all twins
-    fresh = [reuse, *(reuse.twin(prefix_cache=True) for _ in range(repeats))]
+    naive = twin(reuse, prefix_cache=False)  # loads the weights once, shared by all twins
+    fresh = [reuse, *(twin(reuse, prefix_cache=True) for _ in range(repeats))]
 
     async def main() -> dict[str, Any]:
         warm = build_workload(1, 1, 2, (0.0,), 2, seed=10_000)
@@ -257,12 +258,12 @@ def _bench_local(name: str, folder: Path, workload: Workload, greedy: Workload,
             await drive(model, warm)
         timed = [await compare(naive, fresh[k], workload, flip=k % 2 == 1)
                  for k in range(repeats)]
-        checked = await compare(naive, fresh[-1].twin(prefix_cache=True), greedy)
+        checked = await compare(naive, twin(fresh[-1], prefix_cache=True), greedy)
         for model in (naive, *fresh):
             await model.aclose()
         return {"timed": timed, "greedy": checked}
 
-    params = sum(p.numel() for p in reuse._runner.load().model.parameters())
+    params = sum(p.numel() for p in reuse.runner.load().model.parameters())
     got = anyio.run(main)
     keys = prompt_keys(reuse, workload)
     dedup, bound = dedup_only_tokens(keys), unique_token_bound(keys)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mics.errors import ConfigError
 from mics.prompts import DEFAULT_PACK, MEDICAL, PACKS, pack_templates
 from mics.templates import TEMPLATE_KEYS, PromptTemplates, TemplateError, check_template
 
+T = TypeVar("T")
 DATASET_FORMATS = ("chiron", "generic")  # mics.dataset.read_dataset(fmt=...); docs/datasets.md
 
 
@@ -59,9 +60,20 @@ class SearchConfig:
 
     @property
     def restarts(self) -> int:
-        if self.on_all_zero == "fail":
-            return 0
-        return int(self.on_all_zero.split(":", 1)[1])
+        """How many times an all-zero question is searched again (`on_all_zero`)."""
+        return parse_on_all_zero(self.on_all_zero)
+
+
+def parse_on_all_zero(value: str) -> int:
+    """`on_all_zero` ("fail" or "restart:N", N >= 1) as the number of restarts (0 for "fail");
+    the one place it is parsed. ConfigError naming the key otherwise."""
+    if value == "fail":
+        return 0
+    head, _, n = value.partition(":")
+    if head != "restart" or not n.isdigit() or int(n) < 1:
+        raise ConfigError(
+            f"[search].on_all_zero: expected \"fail\" or \"restart:N\", got {value!r}")
+    return int(n)
 
 
 @dataclass(frozen=True)
@@ -151,6 +163,21 @@ def _typed(value: Any, default: Any, key: str, where: str) -> Any:
     return value
 
 
+def parse_options(cls: type[T], options: dict[str, Any], where: str, what: str) -> T:
+    """A backend's `options` table as its frozen dataclass `cls` (every field has a default),
+    checked like the rest of the config: an unknown key or a wrong type is a ConfigError naming
+    the model (`where`) and the key. Range checks stay with the backend."""
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown {what} option(s) {', '.join(unknown)}; "
+                          f"allowed: {', '.join(sorted(known))}")
+    defaults = cls()
+    values = {k: _typed(v, getattr(defaults, k), k, f"{where}: options")
+              for k, v in options.items()}
+    return cls(**values)
+
+
 def _parse_search(table: dict[str, Any]) -> SearchConfig:
     _check_keys(table, SearchConfig, "[search]")
     defaults = SearchConfig()
@@ -172,12 +199,7 @@ def _parse_search(table: dict[str, Any]) -> SearchConfig:
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"[search].{key}: expected one of "
                               f"{', '.join(repr(a) for a in allowed)}, got {getattr(cfg, key)!r}")
-    if cfg.on_all_zero != "fail":
-        head, _, n = cfg.on_all_zero.partition(":")
-        if head != "restart" or not n.isdigit() or int(n) < 1:
-            raise ConfigError(
-                f"[search].on_all_zero: expected \"fail\" or \"restart:N\", got {cfg.on_all_zero!r}"
-            )
+    parse_on_all_zero(cfg.on_all_zero)
     return cfg
 
 

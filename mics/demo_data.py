@@ -38,7 +38,7 @@ class _Case:
     image_order: tuple[int, ...] = ()  # list the groups' images in this order (captions: by k)
 
 
-_CASES: tuple[_Case, ...] = (
+DEMO_CASES: tuple[_Case, ...] = (
     _Case(
         "Cough for three weeks, no fever.",
         "male",
@@ -276,7 +276,7 @@ def write_demo_dataset(out_dir: str | Path, n: int = 12, seed: int = 0) -> tuple
 
 
 def _make_case(i: int, rng: random.Random) -> tuple[dict, list[tuple[str, bytes]]]:
-    case = _CASES[i % len(_CASES)]
+    case = DEMO_CASES[i % len(DEMO_CASES)]
     rid = f"synthetic-{i + 1:03d}"
     age = rng.randint(18, 85)
     paths: dict[int, list[str]] = {}

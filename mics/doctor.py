@@ -32,7 +32,8 @@ def probe(role: str, search: SearchConfig) -> Call:
 def image_note(model: Any) -> str:
     """At what size this model is sent images (options.image_max_side; 0 = full size)."""
     options = getattr(model, "options", None)
-    side = options.get("image_max_side") if isinstance(options, dict) else None
+    side = (options.get("image_max_side") if isinstance(options, dict)
+            else getattr(options, "image_max_side", None))  # a backend's typed options
     if not isinstance(side, int):
         return ""
     return (f"images downsized to {side} px on the longest side (options.image_max_side)"

@@ -105,7 +105,7 @@ def test_image_token_ids_follow_the_image(tiny_vl: Path, tmp_path: Path) -> None
     red = png(tmp_path / "red.png", (100, 80), (200, 30, 30))
     blue = png(tmp_path / "blue.png", (100, 80), (30, 30, 200))
     model = local(tiny_vl, **SMALL_PIXELS)
-    runner = model._runner
+    runner = model.runner
     m = runner.load()
     enc = [runner._encode(m, [Call(Prompt("s", (Image(r), Text("q"))), GREEDY)],
                           [runner._images(Prompt("s", (Image(r),)))]) for r in (red, blue)]
@@ -118,7 +118,7 @@ def test_image_token_ids_follow_the_image(tiny_vl: Path, tmp_path: Path) -> None
 def test_sampling_is_explicit_and_seeded(tiny_lm: Path) -> None:
     hot = Sampling(temperature=1.0, top_p=0.95, top_k=50, max_tokens=16)
     model = local(tiny_lm)
-    m = model._runner.load()
+    m = model.runner.load()
     seen: list[Any] = []
     generate = m.model.generate
 
@@ -215,7 +215,7 @@ def test_generation_errors_are_transient_once(tiny_lm: Path) -> None:
     from backends.base import OutOfMemoryError, TransientError
 
     model = local(tiny_lm)
-    m = model._runner.load()
+    m = model.runner.load()
     failures = iter([RuntimeError("CUDA out of memory"), RuntimeError("boom"),
                      RuntimeError("boom")])
 

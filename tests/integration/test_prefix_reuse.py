@@ -17,7 +17,9 @@ from helpers import local_rollout as local  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from backends.local import PrefixLRU, _messages  # noqa: E402
+from backends.local import PrefixLRU  # noqa: E402
+from backends.local_runner import local_messages  # noqa: E402
+from bench.local_twin import twin  # noqa: E402
 from bench.prefix import Workload, build_workload, compare, run_prefix_bench  # noqa: E402
 from mics.prompts import INTERN_INSTRUCTION, intern_prompt  # noqa: E402
 from mics.types import ROOT_TEXT, ImageRef, Question, Reply  # noqa: E402
@@ -44,7 +46,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[ImageRef]:
 
 def both(path: Path, workload: Workload, **options: Any) -> dict[str, dict[str, Any]]:
     reuse = local(path, **options)
-    return anyio.run(compare, reuse.twin(prefix_cache=False), reuse, workload)
+    return anyio.run(compare, twin(reuse, prefix_cache=False), reuse, workload)
 
 
 def texts(replies: list[Reply]) -> list[str]:
@@ -85,7 +87,7 @@ def test_vl_reuse_with_images_in_the_prefix_is_greedy_equal(tiny_vl: Path, tmp_p
 def test_lru_stays_bounded_and_outputs_stay_equal(tiny_lm: Path) -> None:
     work = build_workload(3, 2, 2, (0.0,), 4, seed=3)
     reuse = local(tiny_lm, prefix_cache_size=2, max_batch=4)
-    got = anyio.run(compare, reuse.twin(prefix_cache=False), reuse, work)
+    got = anyio.run(compare, twin(reuse, prefix_cache=False), reuse, work)
     assert texts(got["naive"]["replies"]) == texts(got["reuse"]["replies"])
     # bounded: the LRU ends full at its size of 2 and had to evict to stay there
     assert got["reuse"]["stats"]["prefix_entries"] == 2
@@ -117,12 +119,12 @@ def test_prefix_lru_crops_keeps_maximal_keys_and_evicts_oldest() -> None:
 
 
 def test_reuse_options_are_validated(tiny_lm: Path) -> None:
-    with pytest.raises(ValueError, match="prefix_cache must be"):
+    with pytest.raises(ValueError, match="prefix_cache: expected bool"):
         local(tiny_lm, prefix_cache="yes")
     with pytest.raises(ValueError, match="prefix_cache_size"):
         local(tiny_lm, prefix_cache_size=-1)
     with pytest.raises(ValueError, match="twin can change only"):
-        local(tiny_lm).twin(dtype="float16")
+        twin(local(tiny_lm), dtype="float16")
     assert local(tiny_lm, prefix_cache=False).identity() == local(tiny_lm).identity()
 
 
@@ -154,7 +156,7 @@ def test_intern_prompts_share_a_tokenized_prefix(tiny_lm: Path, tiny_vl: Path,
                                                  path: list[str], a: str, b: str,
                                                  picks: list[int], vl: bool) -> None:
     model = local(tiny_vl, **VL_PIXELS) if vl else local(tiny_lm)
-    runner = model._runner
+    runner = model.runner
     m = runner.load()
     refs = tuple(images[i] for i in picks) if vl else ()
     q = Question("q", 0, question, "x", refs, tuple(r.path for r in refs), "")
@@ -164,7 +166,7 @@ def test_intern_prompts_share_a_tokenized_prefix(tiny_lm: Path, tiny_vl: Path,
     shared = next((i for i, (x, y) in enumerate(zip(rows[0].key, rows[1].key, strict=False))
                    if x != y), min(len(rows[0].key), len(rows[1].key)))
     [text] = (m.processor or m.tokenizer).apply_chat_template(
-        [_messages(prompts[0], vl)], tokenize=False, add_generation_prompt=True)
+        [local_messages(prompts[0], vl)], tokenize=False, add_generation_prompt=True)
     if vl:
         merge = m.processor.image_processor.merge_size ** 2
         text = _expanded(text, [int(g.prod()) // merge for g in rows[0].grids])

@@ -1,0 +1,39 @@
+"""Prompt -> chat messages: the one rendering of a prompt as a system and a user turn."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from mics.types import Image, Prompt, Text
+
+ImagePart = Callable[[Image], dict[str, Any] | None]
+
+
+def image_slot(_: Image) -> dict[str, Any]:
+    """An image as the bare `{"type": "image"}` slot that processors' chat templates fill."""
+    return {"type": "image"}
+
+
+def no_image(_: Image) -> None:
+    """Images dropped (a model that cannot see them)."""
+    return None
+
+
+def chat_messages(prompt: Prompt, image: ImagePart = no_image, *, as_text: bool = False,
+                  empty_system: bool = True) -> list[dict[str, Any]]:
+    """The system message, then one user turn with the prompt's parts in order.
+
+    Text parts become `{"type": "text"}` parts and each image whatever `image` makes of it
+    (None drops it). `as_text` joins the text parts into one string (for templates that want a
+    string); `empty_system=False` leaves out a system message with no text.
+    """
+    parts = [{"type": "text", "text": p.text} if isinstance(p, Text) else image(p)
+             for p in prompt.parts]
+    content: Any = [p for p in parts if p is not None]
+    if as_text:
+        content = "".join(p["text"] for p in content if p.get("type") == "text")
+    messages = [{"role": "system", "content": prompt.system}]
+    if not prompt.system and not empty_system:
+        messages = []
+    return [*messages, {"role": "user", "content": content}]

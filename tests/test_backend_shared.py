@@ -1,0 +1,108 @@
+"""The one implementation of each concern the backends share: call keys, chat messages, stop
+clipping, typed options (issue 12)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict
+
+import orjson
+import pytest
+
+from backends.base import Call
+from backends.keys import call_key
+from backends.local_prefix import PrefixLRU, PrefixMatch
+from backends.messages import chat_messages, image_slot
+from backends.openai_chat import OpenAIChat, OpenAIOptions
+from backends.sglang import SGLangOptions
+from backends.stops import clip_at_stop
+from mics.config import ConfigError, ModelConfig, SearchConfig, parse_config, parse_on_all_zero
+from mics.types import Image, ImageRef, Prompt, Sampling, Text
+
+IMG = ImageRef(path="x.png", sha256="ab" * 32, mime="image/png", width=4, height=4)
+PROMPT = Prompt("sys", (Text("Look: "), Image(IMG), Text("what is it?")))
+CALL = Call(PROMPT, Sampling(temperature=0.7, max_tokens=32, stop=("\n\n",)), sample_index=2)
+
+
+def _sha(material: dict) -> str:
+    return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def test_call_key_keeps_the_bytes_of_both_former_copies() -> None:
+    identity = {"backend": "openai", "model": "m"}
+    prompt = CALL.prompt.key_material()
+    assert call_key(identity, CALL) == _sha({"model": identity, "prompt": prompt,
+                                             "sampling": CALL.sampling.to_dict(), "sample": 2})
+    # the local backend's call hash (its sampling seeds): no model, sampling via asdict
+    assert call_key(None, CALL) == _sha({"prompt": prompt, "sampling": asdict(CALL.sampling),
+                                         "sample": 2})
+    assert call_key(None, CALL) != call_key({}, CALL)
+
+
+@pytest.mark.parametrize(("text", "stop", "want"), [
+    ("a\n\nb", ("\n\n",), ("a", "\n\n")),
+    ("abc", ("x",), ("abc", None)),
+    ("abc", ("",), ("abc", None)),
+    ("a.b!c", (".", "!"), ("a", ".")),
+    ("xyz", ("yz", "y"), ("x", "y")),  # same place: the smaller stop string
+    ("a|b", "|", ("a", "|")),
+    ("ab", None, ("ab", None)),
+])
+def test_clip_at_stop(text: str, stop: object, want: tuple[str, str | None]) -> None:
+    assert clip_at_stop(text, stop) == want  # type: ignore[arg-type]
+
+
+def test_chat_messages_for_each_backend_shape() -> None:
+    user_parts = [{"type": "text", "text": "Look: "}, {"type": "image"},
+                  {"type": "text", "text": "what is it?"}]
+    assert chat_messages(PROMPT, image_slot) == [
+        {"role": "system", "content": "sys"}, {"role": "user", "content": user_parts}]
+    assert chat_messages(PROMPT, as_text=True)[1]["content"] == "Look: what is it?"
+    marked = chat_messages(PROMPT, lambda _: {"type": "text", "text": "<image>\n"}, as_text=True)
+    assert marked[1]["content"] == "Look: <image>\nwhat is it?"
+    no_system = chat_messages(Prompt("", (Text("q"),)), as_text=True, empty_system=False)
+    assert no_system == [{"role": "user", "content": "q"}]
+    assert chat_messages(Prompt("", (Text("q"),)))[0] == {"role": "system", "content": ""}
+
+
+def test_prefix_match_is_typed_and_still_a_pair() -> None:
+    torch = pytest.importorskip("torch")
+    lru = PrefixLRU(4)
+    t = torch.zeros(1, 1, 3, 2)
+    lru.put((1, 2, 3), [(t, t)])
+    hit = lru.match((1, 2, 9))
+    assert isinstance(hit, PrefixMatch) and hit.length == 2 and hit.kv is not None
+    assert hit.kv[0][0].shape[2] == 2
+    assert lru.match((7,)) == PrefixMatch(0, None) == (0, None)
+
+
+def test_backend_options_are_checked_like_the_config() -> None:
+    base = ModelConfig(name="m1", backend="openai", model="x", base_url="http://127.0.0.1:9")
+    with pytest.raises(ConfigError, match=r"model 'm1': options\.send_seed: expected bool"):
+        OpenAIOptions.parse(ModelConfig(**{**asdict(base), "options": {"send_seed": "yes"}}))
+    with pytest.raises(ConfigError, match=r"model 'm1': unknown openai option\(s\) colour"):
+        OpenAIOptions.parse(ModelConfig(**{**asdict(base), "options": {"colour": 1}}))
+    opts = OpenAIChat(ModelConfig(**{**asdict(base), "options": {"max_tokens": 64}})).options
+    assert opts.max_tokens == 64 and opts.image_max_side == 512
+    with pytest.raises(AttributeError):
+        opts.max_tokens = 1  # type: ignore[misc]  # frozen
+    sg = ModelConfig(name="s", backend="sglang", model="x", base_url="http://127.0.0.1:9")
+    with pytest.raises(ConfigError, match=r"options\.warmup: expected bool"):
+        SGLangOptions.parse(ModelConfig(**{**asdict(sg), "options": {"warmup": 1}}))
+    with pytest.raises(ConfigError, match="options.urls must be a list"):
+        SGLangOptions.parse(ModelConfig(**{**asdict(sg), "options": {"urls": "http://a"}}))
+    assert SGLangOptions.parse(sg)["family"] == "qwen2-vl"
+
+
+def test_on_all_zero_is_parsed_in_one_place() -> None:
+    assert parse_on_all_zero("fail") == 0 and parse_on_all_zero("restart:3") == 3
+    assert SearchConfig(on_all_zero="restart:2").restarts == 2
+    for bad in ("restart:0", "restart", "again:2", "restart:x"):
+        with pytest.raises(ConfigError, match=r"\[search\]\.on_all_zero"):
+            parse_on_all_zero(bad)
+    table = {"search": {"on_all_zero": "restart:-1"},
+             "mentors": [{"name": "a", "backend": "simulated", "model": "a"}],
+             "interns": [{"name": "b", "backend": "simulated", "model": "b"}],
+             "judge": {"name": "j", "backend": "simulated", "model": "j"}}
+    with pytest.raises(ConfigError, match="on_all_zero"):
+        parse_config(table)
