@@ -131,10 +131,7 @@ class PrefixCache:
 
 # ---------------------------------------------------------------- configuration
 
-ROLES = ("mentor", "intern", "judge")
-_ROLE_DEFAULTS: dict[str, dict[str, float]] = {
-    "mentor": {"quality": 0.5, "malformed_rate": 0.0}, "intern": {"skill": 0.8}, "judge": {},
-}
+ROLES = simulator.ROLES
 FAULT_KINDS = frozenset({"400", "401", "404", "429", "500", "503", "slow", "drop", "malformed",
                          "quota"})
 _STRICT_KEYS = ("target", "version", "model_path", "family")
@@ -142,7 +139,7 @@ _STRICT_KEYS = ("target", "version", "model_path", "family")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One served model: its simulator role and options (seed, quality, malformed_rate, skill).
+    """One served model: its simulator role and options (seed, `simulator.ROLE_OPTIONS`).
 
     Strict mode (see bench/targets.py): `target` names the real server to behave like
     ("sglang", "router", "openai", "openai-reasoning", "gemini", "dashscope", "deepseek");
@@ -150,7 +147,7 @@ class ModelSpec:
     ("qwen2-vl" | "internvl") the image placeholders SGLang's processor recognises."""
 
     role: str
-    options: dict[str, float] = field(default_factory=dict)
+    options: dict[str, float | None] = field(default_factory=dict)
     latency_s: float = 0.0
     target: str = ""
     version: str = ""
@@ -168,7 +165,7 @@ def _spec(name: str, value: str | Mapping[str, Any], seed: int) -> ModelSpec:
     role = raw.pop("role", None)
     if role not in ROLES:
         raise ValueError(f"model {name!r}: role must be one of {', '.join(ROLES)}, got {role!r}")
-    allowed = {"seed": seed, **_ROLE_DEFAULTS[role]}
+    allowed = {"seed": seed, **simulator.ROLE_OPTIONS[role]}
     unknown = sorted(set(raw) - set(allowed) - {"latency_s", *_STRICT_KEYS})
     if unknown:
         raise ValueError(f"model {name!r}: unknown option(s) {', '.join(unknown)}; "
@@ -686,15 +683,8 @@ class LoopbackServer:
 
     def _reply(self, model: str, text: str, temperature: float, sample: int) -> str:
         spec = self.models[model]
-        o = spec.options
-        common = {"seed": int(o["seed"]), "model": model, "temperature": temperature,
-                  "sample_index": sample}
-        if spec.role == "mentor":
-            return simulator.mentor_reply(text, quality=o["quality"],
-                                          malformed_rate=o["malformed_rate"], **common)
-        if spec.role == "intern":
-            return simulator.intern_reply(text, skill=o["skill"], **common)
-        return simulator.judge_reply(text)
+        return simulator.reply(spec.role, text, spec.options, seed=int(spec.options["seed"] or 0),
+                               model=model, temperature=temperature, sample_index=sample)
 
     def _cache(self, model: str, prompts: list[list[str]], outputs: list[str]) -> list[int]:
         """Match every prompt against the cache as it was before this request, then insert
@@ -866,7 +856,7 @@ def models_from_config(path: str | Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for role, group in (("mentor", cfg.mentors), ("intern", cfg.interns), ("judge", (cfg.judge,))):
         for m in group:
-            allowed = {"seed", "latency_s", *_ROLE_DEFAULTS[role]}
+            allowed = {"seed", "latency_s", *simulator.ROLE_OPTIONS[role]}
             out[m.model] = {"role": role, **{k: v for k, v in m.options.items() if k in allowed}}
     return out
 
