@@ -486,7 +486,7 @@ def _decode(data: bytes) -> tuple[str, int, int]:
 def _tag_numbers(tags: list[list[str]], image_paths: Sequence[str]) -> list[list[int]]:
     """1-based image numbers for each caption's tags, in order (see clean_captions)."""
     counts = [len(t) for t in tags]
-    groups = _groups(image_paths)
+    groups = image_groups(image_paths)
     if groups is not None:
         everyone = list(range(len(counts)))
         tagged = [i for i, c in enumerate(counts) if c]
@@ -505,7 +505,7 @@ def _tag_numbers(tags: list[list[str]], image_paths: Sequence[str]) -> list[list
     return numbers
 
 
-def _groups(image_paths: Sequence[str]) -> list[list[int]] | None:
+def image_groups(image_paths: Sequence[str]) -> list[list[int]] | None:
     """Image numbers per ``<modality>_group<k>`` folder, ordered by k; None if any lacks one."""
     keys: list[tuple[int, str]] = []
     for p in image_paths:

@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 
 from mics.analysis import chosen_path, stop_kind
-from mics.dataset import _groups
+from mics.dataset import image_groups
 from mics.leaks import leaks_answer
 from mics.steps import FINAL_MARKER
 
@@ -226,7 +226,7 @@ def ordered_images(image_paths: list[str]) -> tuple[list[str], list[int]]:
     """Images in modality order (by ``_group<k>``) and the number of images per modality."""
     if not image_paths:
         return [], []
-    groups = _groups(image_paths) or [list(range(1, len(image_paths) + 1))]
+    groups = image_groups(image_paths) or [list(range(1, len(image_paths) + 1))]
     return [image_paths[n - 1] for g in groups for n in g], [len(g) for g in groups]
 
 
@@ -333,8 +333,9 @@ def step_value_records(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]
 # ---------------------------------------------------------------- writing
 
 
-def _questions(store: Any, filters: Filters
-               ) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
+def exportable_questions(store: Any, filters: Filters
+                         ) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
+    """(qid, record, nodes) of each finished question the filters keep, in store order."""
     for qid, rec in store.iter_questions():
         if rec.get("status") not in ("succeeded", "failed") or rec.get("question") is None:
             continue  # pending questions and unreadable records have no tree to export
@@ -349,10 +350,11 @@ def is_partial(rec: dict[str, Any]) -> bool:
     return rec.get("status") == "succeeded" and stop_kind(rec) != "full_score"
 
 
-def _records(fmt: str, qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]],
-             answer_in_target: bool, image_root: Path | None = None,
-             prm_label: str = "positive", include_partial: bool = True
-             ) -> list[dict[str, Any]]:
+def format_records(fmt: str, qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]],
+                   answer_in_target: bool, image_root: Path | None = None,
+                   prm_label: str = "positive", include_partial: bool = True
+                   ) -> list[dict[str, Any]]:
+    """The records of one question in export format `fmt` (empty if it has none there)."""
     from mics import export_trainers as trainers  # it builds on this module
 
     if fmt in ("sft", "sharegpt"):
@@ -416,11 +418,11 @@ def export(store: Any, out_dir: Path, formats: list[str], filters: Filters | Non
         for f in others:
             counts[f] = 0
         counts["partial"] = 0
-        for qid, rec, nodes in _questions(store, filters):
+        for qid, rec, nodes in exportable_questions(store, filters):
             counts["partial"] += is_partial(rec)
             for f in others:
-                for r in _records(f, qid, rec, nodes, answer_in_target, root, prm_label,
-                                  include_partial):
+                for r in format_records(f, qid, rec, nodes, answer_in_target, root, prm_label,
+                                        include_partial):
                     handles[f].write(orjson.dumps(r) + b"\n")
                     counts[f] += 1
     finally:

@@ -20,7 +20,14 @@ from typing import Any
 
 import orjson
 
-from mics.export import Filters, _questions, _records, is_partial, run_image_root, sft_record
+from mics.export import (
+    Filters,
+    exportable_questions,
+    format_records,
+    is_partial,
+    run_image_root,
+    sft_record,
+)
 from mics.export_trainers import PRM_LABELS, prompt_blocks
 
 HF_SETS = ("sft", "preferences", "prm")
@@ -55,12 +62,12 @@ def _rows(store: Any, name: str, filters: Filters, answer_in_target: bool,
           root: Path | None, prm_label: str, include_partial: bool = True
           ) -> list[dict[str, Any]]:
     rows = []
-    for qid, rec, nodes in _questions(store, filters):
+    for qid, rec, nodes in exportable_questions(store, filters):
         if name == "sft":
             if rec["status"] == "succeeded" and (include_partial or not is_partial(rec)):
                 rows.append(hf_sft_row(qid, rec, nodes, answer_in_target))
         else:  # image paths relative to the root, like sft's, then embedded
-            rows += _records(name, qid, rec, nodes, answer_in_target, None, prm_label)
+            rows += format_records(name, qid, rec, nodes, answer_in_target, None, prm_label)
     return rows
 
 
