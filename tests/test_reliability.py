@@ -747,7 +747,7 @@ class EchoingServer(QuietLoopbackServer):
     header back, as a badly written proxy might."""
 
     def _model_call(self, path: str, headers: Any, raw: bytes, model: str) -> Any:
-        from bench.loopback import _json
+        from bench.loopback import json_response as _json
 
         with self._lock:
             self._echo_n = getattr(self, "_echo_n", 0) + 1
