@@ -50,7 +50,7 @@ _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # undecodable bytes under surroga
 MAX_RID_BYTES = 200  # store keys are rid + node id, and LMDB keys stop at 511 bytes
 
 
-class _Bad(Exception):
+class BadField(Exception):
     """One problem with one field of a record."""
 
     def __init__(self, field: str, message: str) -> None:
@@ -100,7 +100,7 @@ def read_dataset(
     for index, (line, item) in enumerate(_iter_raw(path, cursor), start=cursor.index):
         if cursor.tracked:
             cursor.index = index + 1
-        if isinstance(item, _Bad):
+        if isinstance(item, BadField):
             yield RecordError(f"line-{line}", index, line, item.field, item.message)
             continue
         try:
@@ -158,7 +158,7 @@ def inspect_image(data: bytes) -> tuple[str, int, int]:
 
 
 def _iter_raw(path: Path, cursor: Cursor) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed object or _Bad) for each record of the file."""
+    """Yield (line number, parsed object or BadField) for each record of the file."""
     if _first_char(path) == b"[":
         if cursor.offset or cursor.index:
             raise ValueError("a JSON-list dataset is read from its start")
@@ -198,16 +198,16 @@ def _parse_line(raw: bytes) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return _Bad("line", f"not valid UTF-8 (bad byte {raw[e.start]:#04x} at byte {e.start})")
+        return BadField("line", f"not valid UTF-8 (bad byte {raw[e.start]:#04x} at byte {e.start})")
     # without its newline: an error at the end of a truncated line is on this line, at the
     # column just past its last character (not "line 2, column 1")
     text = text.rstrip("\r\n")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        return _Bad("json", _json_error(e, text))
+        return BadField("json", _json_error(e, text))
     except (RecursionError, ValueError) as e:  # absurd nesting, an integer over the digit limit
-        return _Bad("json", f"unreadable JSON: {type(e).__name__}: {str(e)[:200]}")
+        return BadField("json", f"unreadable JSON: {type(e).__name__}: {str(e)[:200]}")
 
 
 def _json_error(e: json.JSONDecodeError, text: str) -> str:
@@ -237,11 +237,11 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, Any]]:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             where = f"line {e.lineno}, column {e.colno}"
-            yield e.lineno, _Bad("json", f"invalid JSON: {e.msg} ({where})")
+            yield e.lineno, BadField("json", f"invalid JSON: {e.msg} ({where})")
             return
         except (RecursionError, ValueError) as e:
-            yield lines.at(pos), _Bad("json", f"unreadable JSON: {type(e).__name__}: "
-                                              f"{str(e)[:200]}")
+            yield lines.at(pos), BadField("json", f"unreadable JSON: {type(e).__name__}: "
+                                                  f"{str(e)[:200]}")
             return
         yield lines.at(pos), _bad_bytes(text[pos:end]) or obj
         pos = _skip_ws(text, end)
@@ -251,21 +251,21 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, Any]]:
         if pos < len(text) and text[pos] == "]":
             yield from _trailing(text, pos + 1, lines)
             return
-        yield lines.at(pos), _Bad("json", "invalid JSON: expected ',' or ']' after list item")
+        yield lines.at(pos), BadField("json", "invalid JSON: expected ',' or ']' after list item")
         return
 
 
 def _trailing(text: str, pos: int, lines: _LineCounter) -> Iterator[tuple[int, Any]]:
     pos = _skip_ws(text, pos)
     if pos < len(text):
-        yield lines.at(pos), _Bad("json", "invalid JSON: extra data after the closing ']'")
+        yield lines.at(pos), BadField("json", "invalid JSON: extra data after the closing ']'")
 
 
-def _bad_bytes(chunk: str) -> _Bad | None:
+def _bad_bytes(chunk: str) -> BadField | None:
     m = _ESCAPED_BYTE.search(chunk)
     if m is None:
         return None
-    return _Bad("line", f"not valid UTF-8 (bad byte {ord(m.group(0)) - 0xDC00:#04x})")
+    return BadField("line", f"not valid UTF-8 (bad byte {ord(m.group(0)) - 0xDC00:#04x})")
 
 
 def _skip_ws(text: str, pos: int) -> int:
@@ -309,29 +309,30 @@ def _convert(
     qid = f"line-{line}"
     try:
         if not isinstance(obj, dict):
-            raise _Bad("record", f"expected a JSON object, got {_kind(obj)}")
+            raise BadField("record", f"expected a JSON object, got {json_kind(obj)}")
         qid = read_id(obj)
         if qid in seen:
-            raise _Bad(id_field, f"duplicate {id_field} {qid!r}; first seen on line {seen[qid]}")
+            raise BadField(id_field,
+                           f"duplicate {id_field} {qid!r}; first seen on line {seen[qid]}")
         seen[qid] = line
         return build(obj, qid, index, root, skip_images is None or not skip_images(qid))
-    except _Bad as e:
+    except BadField as e:
         return RecordError(qid, index, line, e.field, e.message)
 
 
-def _storable(text: str, field: str) -> bytes:
+def storable(text: str, field: str) -> bytes:
     """Text as UTF-8; a lone surrogate (unpaired \\ud800-\\udfff escape) cannot be stored."""
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
-        raise _Bad(field, "contains an unpaired surrogate escape (not valid Unicode)") from None
+        raise BadField(field, "contains an unpaired surrogate escape (not valid Unicode)") from None
 
 
 def _build(obj: dict[str, Any], qid: str, index: int, root: Path,
            load_images: bool = True) -> Question:
     question = _message(obj, 0, "**Question:**", " ")
     answer = _message(obj, 1, "**Correct Answer:**", "")
-    entries = _image_entries(obj)
+    entries = image_entries(obj)
     scalars = [_scalar(obj, k) for k in ("presentation", "age_label", "gender_label")]
     raw_captions = _raw_captions(obj)
     checks = [(question, "messages[0].content"), (answer, "messages[1].content"),
@@ -339,8 +340,8 @@ def _build(obj: dict[str, Any], qid: str, index: int, root: Path,
               *zip(scalars, ("presentation", "age_label", "gender_label"), strict=True),
               *((c, f"caption[{i}]") for i, c in enumerate(raw_captions))]
     for text, field in checks:
-        _storable(text, field)
-    images = tuple(_load_image(e, i, root) for i, e in enumerate(entries)) if load_images else ()
+        storable(text, field)
+    images = tuple(load_image(e, i, root) for i, e in enumerate(entries)) if load_images else ()
     captions = clean_captions(raw_captions, entries)
     return Question(
         qid=qid,
@@ -356,47 +357,49 @@ def _build(obj: dict[str, Any], qid: str, index: int, root: Path,
 
 def _rid(obj: dict[str, Any]) -> str:
     if "rid" not in obj:
-        raise _Bad("rid", "missing rid")
+        raise BadField("rid", "missing rid")
     rid = obj["rid"]
     if isinstance(rid, int) and not isinstance(rid, bool):
         return str(rid)
     if not isinstance(rid, str):
-        raise _Bad("rid", f"rid must be a string or integer, got {_kind(rid)}")
+        raise BadField("rid", f"rid must be a string or integer, got {json_kind(rid)}")
     if not rid.strip():
-        raise _Bad("rid", "rid is empty")
-    if "\x00" in rid or len(_storable(rid, "rid")) > MAX_RID_BYTES:
-        raise _Bad("rid", f"rid must be at most {MAX_RID_BYTES} UTF-8 bytes without NUL")
+        raise BadField("rid", "rid is empty")
+    if "\x00" in rid or len(storable(rid, "rid")) > MAX_RID_BYTES:
+        raise BadField("rid", f"rid must be at most {MAX_RID_BYTES} UTF-8 bytes without NUL")
     return rid
 
 
 def _message(obj: dict[str, Any], i: int, marker: str, replacement: str) -> str:
     messages = obj.get("messages")
     if not isinstance(messages, list):
-        raise _Bad("messages", f"messages must be a list, got {_kind(messages)}")
+        raise BadField("messages", f"messages must be a list, got {json_kind(messages)}")
     if len(messages) <= i:
-        raise _Bad("messages", f"messages needs 2 turns (question, answer), got {len(messages)}")
+        raise BadField("messages",
+                       f"messages needs 2 turns (question, answer), got {len(messages)}")
     turn = messages[i]
     if not isinstance(turn, dict):
-        raise _Bad(f"messages[{i}]", f"expected an object, got {_kind(turn)}")
+        raise BadField(f"messages[{i}]", f"expected an object, got {json_kind(turn)}")
     content = turn.get("content")
     field = f"messages[{i}].content"
     if not isinstance(content, str):
-        raise _Bad(field, f"content must be a string, got {_kind(content)}")
+        raise BadField(field, f"content must be a string, got {json_kind(content)}")
     text = content.replace(marker, replacement).strip()
     if not text:
-        raise _Bad(field, "empty question" if i == 0 else "empty answer")
+        raise BadField(field, "empty question" if i == 0 else "empty answer")
     return text
 
 
-def _image_entries(obj: dict[str, Any]) -> list[str]:
+def image_entries(obj: dict[str, Any]) -> list[str]:
+    """The record's `images` entries (strings), checked; none if the field is absent."""
     images = obj.get("images")
     if images is None:
         return []
     if not isinstance(images, list):
-        raise _Bad("images", f"images must be a list of paths, got {_kind(images)}")
+        raise BadField("images", f"images must be a list of paths, got {json_kind(images)}")
     for i, entry in enumerate(images):
         if not isinstance(entry, str) or not entry.strip():
-            raise _Bad(f"images[{i}]", f"expected a non-empty path string, got {entry!r}")
+            raise BadField(f"images[{i}]", f"expected a non-empty path string, got {entry!r}")
     return images
 
 
@@ -407,7 +410,7 @@ def _scalar(obj: dict[str, Any], key: str) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str):
-        raise _Bad(key, f"{key} must be a string, got {_kind(value)}")
+        raise BadField(key, f"{key} must be a string, got {json_kind(value)}")
     return value.strip() or NA
 
 
@@ -416,36 +419,38 @@ def _raw_captions(obj: dict[str, Any]) -> list[str]:
     if captions is None:
         return []
     if not isinstance(captions, list):
-        raise _Bad("caption", f"caption must be a list of strings, got {_kind(captions)}")
+        raise BadField("caption", f"caption must be a list of strings, got {json_kind(captions)}")
     for i, c in enumerate(captions):
         if not isinstance(c, str):
-            raise _Bad(f"caption[{i}]", f"caption must be a string, got {_kind(c)}")
+            raise BadField(f"caption[{i}]", f"caption must be a string, got {json_kind(c)}")
     return captions
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
+    """The type of a JSON value as error messages name it ("null", "int", "list", ...)."""
     return "null" if value is None else type(value).__name__
 
 
 # ---------------------------------------------------------------- images
 
 
-def _load_image(entry: str, i: int, root: Path) -> ImageRef:
+def load_image(entry: str, i: int, root: Path) -> ImageRef:
+    """Image `i` of a record, resolved under `root`, read and hashed (BadField if unusable)."""
     field = f"images[{i}]"
     path = _resolve(entry, root, field)
     try:
         size = path.stat().st_size
         if size > MAX_IMAGE_BYTES:
-            raise _Bad(field, f"image {entry!r} is too big ({size} bytes)")
+            raise BadField(field, f"image {entry!r} is too big ({size} bytes)")
         data = path.read_bytes()
     except OSError as e:
-        raise _Bad(field, f"cannot read image {entry!r}: {e}") from None
+        raise BadField(field, f"cannot read image {entry!r}: {e}") from None
     if not data:
-        raise _Bad(field, f"image {entry!r} is an empty file ({path})")
+        raise BadField(field, f"image {entry!r} is an empty file ({path})")
     try:
         mime, width, height = inspect_image(data)
     except ValueError as e:
-        raise _Bad(field, f"image {entry!r} ({path}): {e}") from None
+        raise BadField(field, f"image {entry!r} ({path}): {e}") from None
     return ImageRef(str(path), hashlib.sha256(data).hexdigest(), mime, width, height)
 
 
@@ -456,13 +461,13 @@ def _resolve(entry: str, root: Path, field: str) -> Path:
             candidate = root / candidate
         path = candidate.resolve()
         if not path.is_relative_to(root):
-            raise _Bad(field, f"image path {entry[:200]!r} escapes the image root {root}")
+            raise BadField(field, f"image path {entry[:200]!r} escapes the image root {root}")
         if not path.exists():
-            raise _Bad(field, f"image {entry[:200]!r} not found (looked for {path})")
+            raise BadField(field, f"image {entry[:200]!r} not found (looked for {path})")
         if not path.is_file():
-            raise _Bad(field, f"image {entry[:200]!r} is not a regular file ({path})")
+            raise BadField(field, f"image {entry[:200]!r} is not a regular file ({path})")
     except (OSError, ValueError) as e:  # NUL bytes, names too long, ...
-        raise _Bad(field, f"invalid image path {entry[:200]!r}: {e}") from None
+        raise BadField(field, f"invalid image path {entry[:200]!r}: {e}") from None
     return path
 
 

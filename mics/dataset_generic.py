@@ -16,11 +16,11 @@ from typing import Any
 
 from mics.dataset import (
     MAX_RID_BYTES,
-    _Bad,
-    _image_entries,
-    _kind,
-    _load_image,
-    _storable,
+    BadField,
+    image_entries,
+    json_kind,
+    load_image,
+    storable,
 )
 from mics.types import Question
 
@@ -31,33 +31,33 @@ NO_CONTEXT = "None"  # what {context} renders to when a record has none
 def generic_id(obj: dict[str, Any]) -> str:
     """The record's ``id`` as a string: a non-empty string or an integer."""
     if "id" not in obj:
-        raise _Bad("id", "missing id")
+        raise BadField("id", "missing id")
     rid = obj["id"]
     if isinstance(rid, int) and not isinstance(rid, bool):
         return str(rid)
     if not isinstance(rid, str):
-        raise _Bad("id", f"id must be a string or integer, got {_kind(rid)}")
+        raise BadField("id", f"id must be a string or integer, got {json_kind(rid)}")
     if not rid.strip():
-        raise _Bad("id", "id is empty")
-    if "\x00" in rid or len(_storable(rid, "id")) > MAX_RID_BYTES:
-        raise _Bad("id", f"id must be at most {MAX_RID_BYTES} UTF-8 bytes without NUL")
+        raise BadField("id", "id is empty")
+    if "\x00" in rid or len(storable(rid, "id")) > MAX_RID_BYTES:
+        raise BadField("id", f"id must be at most {MAX_RID_BYTES} UTF-8 bytes without NUL")
     return rid
 
 
 def build_generic(obj: dict[str, Any], qid: str, index: int, root: Path,
                   load_images: bool = True) -> Question:
-    """A validated Question from one generic record (raises _Bad naming the field)."""
+    """A validated Question from one generic record (raises BadField naming the field)."""
     unknown = sorted(set(obj) - set(FIELDS))
     if unknown:
-        raise _Bad(unknown[0], f"unknown field(s) {', '.join(map(repr, unknown))}; the generic "
-                               f"schema has {', '.join(FIELDS)} (put extras under \"meta\")")
+        raise BadField(unknown[0], f"unknown field(s) {', '.join(map(repr, unknown))}; the generic "
+                                   f"schema has {', '.join(FIELDS)} (put extras under \"meta\")")
     question = _text(obj, "question", required=True)
     answer = _text(obj, "answer", required=True)
     context = _text(obj, "context", required=False)
-    entries = _image_entries(obj)
+    entries = image_entries(obj)
     for i, entry in enumerate(entries):
-        _storable(entry, f"images[{i}]")
-    images = tuple(_load_image(e, i, root) for i, e in enumerate(entries)) if load_images else ()
+        storable(entry, f"images[{i}]")
+    images = tuple(load_image(e, i, root) for i, e in enumerate(entries)) if load_images else ()
     return Question(qid=qid, index=index, question=question, gt_answer=answer, images=images,
                     image_paths=tuple(entries), case_info=context or NO_CONTEXT)
 
@@ -67,15 +67,15 @@ def _text(obj: dict[str, Any], key: str, *, required: bool) -> str:
     if value is None and not required:
         return ""
     if value is None:
-        raise _Bad(key, f"missing {key}")
+        raise BadField(key, f"missing {key}")
     if key == "answer" and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # integer answers are common in math data: 42 reads as "42"
     if key == "answer" and isinstance(value, float):
-        raise _Bad(key, f"answer {value!r} is a JSON float; write it as a string (\"{value}\") "
-                        "so its exact form is kept")
+        raise BadField(key, f"answer {value!r} is a JSON float; write it as a string (\"{value}\") "
+                            "so its exact form is kept")
     if not isinstance(value, str):
-        raise _Bad(key, f"{key} must be a string, got {_kind(value)}")
+        raise BadField(key, f"{key} must be a string, got {json_kind(value)}")
     text = value.strip()
     if required and not text:
-        raise _Bad(key, f"empty {key}")
-    return _storable(text, key).decode("utf-8")
+        raise BadField(key, f"empty {key}")
+    return storable(text, key).decode("utf-8")
