@@ -11,9 +11,7 @@ A call that still fails is recorded in the store and returned as a CallFailure, 
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import sys
 import time
 from collections import Counter
@@ -28,9 +26,6 @@ from backends.limits import CircuitBreaker, EndpointLimiter
 from backends.memo_writer import MemoWriter
 from mics.errors import RunError, Stopped
 from mics.types import CallFailure, Reply
-
-# Fault-injection hook for crash tests: SIGKILL this process right after the Nth stored call.
-KILL_AFTER_ENV = "MICS_KILL_AFTER_CALLS"
 
 
 class StopRequested(Stopped):
@@ -59,9 +54,6 @@ class CallGate:
         self._breakers: dict[int, CircuitBreaker] = {}
         self.breakers_opened: list[str] = []  # endpoint names, in the order they opened
         self.on_breaker: Callable[[str, str], None] = _announce_breaker
-        kill = os.environ.get(KILL_AFTER_ENV)
-        self._kill_after = int(kill) if kill else None
-        self._stored = 0
         self.stopping = False
 
     def stop(self) -> None:
@@ -265,9 +257,6 @@ class CallGate:
     async def _store_replies(self, entries: list[tuple[str, dict, dict]]) -> None:
         """Commit delivered replies (grouped with others arriving now) before anyone uses them."""
         await self._memo.put(entries)
-        self._stored += len(entries)
-        if self._kill_after is not None and self._stored >= self._kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def _fail(self, model: Any, keys: list[str], *, role: str, qid: str, attempts: int,
               retryable: bool, history: list[str]) -> CallFailure:

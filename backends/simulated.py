@@ -12,11 +12,6 @@ from backends.base import Call
 from mics.config import ModelConfig
 from mics.types import Image, Prompt, Reply, Usage
 
-_ROLE_OPTIONS = {
-    "mentor": {"quality": 0.5, "malformed_rate": 0.0, "leak_rate": None},
-    "intern": {"skill": 0.8},
-    "judge": {},
-}
 _COMMON_OPTIONS = {"latency_s": 0.0, "seed": 0}
 
 
@@ -30,7 +25,7 @@ class SimulatedModel:
     """SIMULATOR mentor, intern or judge. Deterministic; optional fixed latency per call."""
 
     def __init__(self, config: ModelConfig, role: str) -> None:
-        allowed = {**_COMMON_OPTIONS, **_ROLE_OPTIONS[role]}
+        allowed = {**_COMMON_OPTIONS, **simulator.ROLE_OPTIONS[role]}
         unknown = sorted(set(config.options) - set(allowed))
         if unknown:
             raise ValueError(
@@ -47,18 +42,10 @@ class SimulatedModel:
                             if k != "latency_s" and v is not None}}  # unset: as before
 
     def _reply_text(self, call: Call) -> str:
-        text = render_text(call.prompt)
-        common = {"seed": self.options["seed"], "model": self.config.model,
-                  "temperature": call.sampling.temperature, "sample_index": call.sample_index}
-        if self.role == "mentor":
-            return simulator.mentor_reply(
-                text, quality=self.options["quality"],
-                malformed_rate=self.options["malformed_rate"],
-                leak_rate=self.options["leak_rate"], **common,
-            )
-        if self.role == "intern":
-            return simulator.intern_reply(text, skill=self.options["skill"], **common)
-        return simulator.judge_reply(text)
+        return simulator.reply(self.role, render_text(call.prompt), self.options,
+                               seed=self.options["seed"], model=self.config.model,
+                               temperature=call.sampling.temperature,
+                               sample_index=call.sample_index)
 
     def _reply(self, call: Call) -> Reply:
         text = self._reply_text(call)

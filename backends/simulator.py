@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from mics.steps import FINAL_MARKER, count_steps, normalize_answer
 
@@ -128,6 +130,31 @@ def judge_reply(text: str) -> str:
     got = normalize_answer(_field(text, "Model answer:"))
     want = normalize_answer(_field(text, "Correct answer:"))
     return "Yes" if got and want and (got == want or want in got) else "No"
+
+
+ROLES = ("mentor", "intern", "judge")
+# The one role table: each role's simulator options and their defaults. The in-process backend
+# (backends.simulated) and the loopback server (bench.loopback) both read it; `seed` and
+# `latency_s` are accepted for every role as well.
+ROLE_OPTIONS: dict[str, dict[str, float | None]] = {
+    "mentor": {"quality": 0.5, "malformed_rate": 0.0, "leak_rate": None},
+    "intern": {"skill": 0.8},
+    "judge": {},
+}
+
+
+def reply(role: str, text: str, options: Mapping[str, Any], *, seed: int, model: str,
+          temperature: float, sample_index: int = 0) -> str:
+    """The reply of a simulated `role` model with `options` (see ROLE_OPTIONS) to `text`."""
+    common = {"seed": seed, "model": model, "temperature": temperature,
+              "sample_index": sample_index}
+    if role == "mentor":
+        return mentor_reply(text, quality=options["quality"],
+                            malformed_rate=options["malformed_rate"],
+                            leak_rate=options["leak_rate"], **common)
+    if role == "intern":
+        return intern_reply(text, skill=options["skill"], **common)
+    return judge_reply(text)
 
 
 def token_count(text: str) -> int:

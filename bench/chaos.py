@@ -9,10 +9,10 @@ Every model (3 mentors, 3 interns, judge) is an OpenAI-compatible endpoint of an
 request is logged by the server. `mics` itself always runs as a subprocess.
 
 Kill points (mixed, seeded): `time` (SIGKILL after a random delay: lands in start-up, replay,
-model calls or store commits), `calls` (the MICS_KILL_AFTER_CALLS hook: SIGKILL right after the
-Nth stored call of the session), `export` (SIGKILL a `mics export --format all`; the files left
-must be whole, and a re-run of the export must succeed). Each search kill is followed by
-`mics resume`.
+model calls or store commits), `calls` (`bench.crash_store`, MICS_KILL_AFTER_CALLS: SIGKILL right
+after the commit of the Nth stored call of the session), `export` (SIGKILL a `mics export
+--format all`; the files left must be whole, and a re-run of the export must succeed). Each
+search kill is followed by `mics resume`.
 
 "No completed call sent twice" is checked twice:
 (a) the store: no call key is in the call log twice (sending needs a memo miss);
@@ -43,7 +43,7 @@ from typing import Any
 
 import orjson
 
-from backends.gate import KILL_AFTER_ENV
+from bench.crash_store import KILL_AFTER_ENV, MODULE
 from bench.loopback import Faults, LogEntry, LoopbackServer
 from mics.demo_data import write_demo_dataset
 from store import RunStore
@@ -120,7 +120,7 @@ def run_mics(args: Sequence[str | Path], *, label: str = "", env: dict[str, str]
     full_env.update({"COLUMNS": "200", **(env or {})})
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         session = Session(label or argv[0], argv, time.time())
-        proc = subprocess.Popen([sys.executable, "-m", "cli.app", *argv], cwd=ROOT, env=full_env,
+        proc = subprocess.Popen([sys.executable, "-m", MODULE, *argv], cwd=ROOT, env=full_env,
                                 stdout=out, stderr=err)
         try:
             proc.wait(timeout=kill_after_s if kill_after_s is not None else timeout_s)

@@ -22,7 +22,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from mics.demo_data import DEMO_CASES as _CASES
+from mics.demo_data import DEMO_CASES
 
 PACKAGES = ("mics", "anyio", "httpx", "aiohttp", "lmdb", "orjson", "rich", "typer", "pillow")
 
@@ -36,7 +36,7 @@ def question_record(i: int, rng: random.Random) -> dict[str, Any]:
     The case number is part of the question, so no two questions share a prompt (the call memo
     is keyed by content and must not answer one question from another's calls).
     """
-    case = _CASES[i % len(_CASES)]
+    case = DEMO_CASES[i % len(DEMO_CASES)]
     age = rng.randint(18, 85)
     question = case.question.format(age=age, sex=case.sex)
     return {

@@ -8,8 +8,8 @@ from a uniform range; each endpoint is capped at `cap` concurrent requests. The 
 its own process, so its work does not share an interpreter with the client's.
 
 (a) The engine (`mics.run.search_run`) on all N questions.
-(b) Reference order: a faithful sequential baseline, the same engine with
-    `schedule="reference"` and one question at a time: per depth, for each mentor in order its
+(b) Reference order: a faithful sequential baseline, the same engine in the reference order
+    (`bench.reference_engine`) and one question at a time: per depth, for each mentor in order its
     call (or cached step), then for each intern in order the T1 then the T2 sample, each judged
     at once, one call at a time, as the Chiron-o1 code issues them. Same rules, backends, gate
     and store, so its decisions and exports are the engine's. Its memo and verdict cache answer
@@ -55,9 +55,9 @@ from backends.gate import CallGate
 from backends.simulated import render_text
 from bench.common import sim_models, write_questions
 from bench.loopback import LoopbackServer, sim_text_from_generate
+from bench.reference_engine import ReferenceEngine
 from mics.config import RunConfig, parse_config
 from mics.dataset import read_dataset
-from mics.engine import Engine
 from mics.export import export_reference
 from mics.prompts import intern_prompt, judge_prompt, mentor_prompt
 from mics.run import build_models, search_run, start_run
@@ -279,7 +279,7 @@ async def run_reference(run_dir: Path, config: RunConfig, questions: Sequence[Qu
         gate = CallGate(store, session=f"reference-{uuid.uuid4().hex[:8]}")
         sharded = replace(config, search=replace(config.search, concurrency=shards))
         try:
-            await Engine(sharded, store, models, gate, schedule="reference").run(questions)
+            await ReferenceEngine(sharded, store, models, gate).run(questions)
         finally:
             await models.aclose()
     return {"seconds": time.perf_counter() - t0, "calls": dict(gate.counts)}

@@ -29,7 +29,7 @@ class _Group:
 
 
 @dataclass(frozen=True)
-class _Case:
+class DemoCase:
     complaint: str
     sex: str
     question: str  # "{age}" and "{sex}" are filled in
@@ -38,8 +38,8 @@ class _Case:
     image_order: tuple[int, ...] = ()  # list the groups' images in this order (captions: by k)
 
 
-DEMO_CASES: tuple[_Case, ...] = (
-    _Case(
+DEMO_CASES: tuple[DemoCase, ...] = (
+    DemoCase(
         "Cough for three weeks, no fever.",
         "male",
         "Given this {age}-year-old {sex} with a three-week cough and a single round, smoothly "
@@ -55,7 +55,7 @@ DEMO_CASES: tuple[_Case, ...] = (
             ),
         ),
     ),
-    _Case(
+    DemoCase(
         "Fall from standing height, now drowsy.",
         "female",
         "Given this {age}-year-old {sex} who became drowsy after a fall, with a crescent-shaped "
@@ -72,7 +72,7 @@ DEMO_CASES: tuple[_Case, ...] = (
             ),
         ),
     ),
-    _Case(
+    DemoCase(
         "Shortness of breath on exertion.",
         "male",
         "Given this {age}-year-old {sex} with exertional dyspnoea, blunting of the right "
@@ -92,7 +92,7 @@ DEMO_CASES: tuple[_Case, ...] = (
             ),
         ),
     ),
-    _Case(
+    DemoCase(
         "Tiredness and pale skin for two months.",
         "female",
         "Given this {age}-year-old {sex} with two months of fatigue, pallor, a low haemoglobin "
@@ -100,7 +100,7 @@ DEMO_CASES: tuple[_Case, ...] = (
         "Iron deficiency anaemia.",
         (),
     ),
-    _Case(
+    DemoCase(
         "Incidental finding on an abdominal scan.",
         "male",
         "Given this {age}-year-old {sex} with an incidental, round, thin-walled, anechoic renal "
@@ -116,7 +116,7 @@ DEMO_CASES: tuple[_Case, ...] = (
             ),
         ),
     ),
-    _Case(
+    DemoCase(
         "Right lower abdominal pain since yesterday.",
         "female",
         "Given this {age}-year-old {sex} with right iliac fossa pain and a dilated, "
@@ -141,7 +141,7 @@ DEMO_CASES: tuple[_Case, ...] = (
         ),
         image_order=(1, 0),  # "images" lists group 2 first: tags must map per group (B22)
     ),
-    _Case(
+    DemoCase(
         "Fall on an outstretched hand.",
         "female",
         "Given this {age}-year-old {sex} with wrist pain after a fall on an outstretched hand "
@@ -158,7 +158,7 @@ DEMO_CASES: tuple[_Case, ...] = (
             ),
         ),
     ),
-    _Case(
+    DemoCase(
         "Recurrent upper abdominal pain after fatty meals.",
         "female",
         "Given this {age}-year-old {sex} with postprandial right upper quadrant pain and "
@@ -175,7 +175,7 @@ DEMO_CASES: tuple[_Case, ...] = (
             ),
         ),
     ),
-    _Case(
+    DemoCase(
         "Headache and fever for one week.",
         "male",
         "Given this {age}-year-old {sex} with headache and fever and a ring-enhancing lesion "
@@ -191,7 +191,7 @@ DEMO_CASES: tuple[_Case, ...] = (
             ),
         ),
     ),
-    _Case(
+    DemoCase(
         "Sudden pleuritic chest pain while at rest.",
         "male",
         "Given this {age}-year-old tall, thin {sex} with sudden pleuritic chest pain, a visible "
@@ -215,7 +215,7 @@ DEMO_CASES: tuple[_Case, ...] = (
             ),
         ),
     ),
-    _Case(
+    DemoCase(
         "Painless mobile breast lump.",
         "female",
         "Given this {age}-year-old {sex} with a painless mobile lump and an oval, "
@@ -231,7 +231,7 @@ DEMO_CASES: tuple[_Case, ...] = (
             ),
         ),
     ),
-    _Case(
+    DemoCase(
         "Knee gave way while playing football.",
         "male",
         "Given this {age}-year-old {sex} whose knee gave way during a pivoting movement, with "

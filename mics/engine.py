@@ -103,11 +103,7 @@ class Engine:
         models: Models,
         gate: CallGate,
         on_done: Callable[[Outcome], None] | None = None,
-        schedule: str = "concurrent",
     ) -> None:
-        if schedule not in ("concurrent", "reference"):
-            raise ValueError(f"unknown schedule {schedule!r}")
-        self.schedule = schedule
         self.cfg = config
         self.search = config.search
         self.store = store
@@ -226,20 +222,8 @@ class Engine:
 
     async def _depth(self, q: Question, tree: _Tree, depth: int
                      ) -> tuple[list[Node], dict[str, str]]:
-        """Propose and evaluate one depth's candidates: all at once, or in the reference order
-        (Chiron-o1: a mentor, then each intern at each temperature, each answer judged at once,
-        one call at a time; used as the baseline by `mics bench loop`)."""
-        if self.schedule == "reference":
-            nodes, errors = [], {}
-            for mentor in self.models.mentors:
-                proposal = await self._propose_one(q, tree, depth, mentor)
-                if isinstance(proposal, str):
-                    errors[mentor.config.name] = proposal
-                    continue
-                tree.chains[proposal.mentor] = proposal
-                nodes.append(node := self._node(q, tree, depth, proposal))
-                await self._evaluate_in_order(q, node, tree)
-            return nodes, errors
+        """Propose and evaluate one depth's candidates: all mentors at once, then every
+        intern sample of every candidate together, then the judge."""
         proposals, errors = await self._propose(q, tree, depth)
         self._check_stop()
         nodes = [self._node(q, tree, depth, p) for p in proposals]
@@ -437,19 +421,6 @@ class Engine:
     def _note_failure(tree: _Tree, intern: str, reply: Reply | CallFailure) -> None:
         if isinstance(reply, CallFailure):
             tree.call_failures.append({"role": "intern", "model": intern, "error": reply.error})
-
-    async def _evaluate_in_order(self, q: Question, node: Node, tree: _Tree) -> None:
-        """The reference order for one candidate: one intern call at a time, judged at once."""
-        prompt = intern_prompt(q, node.prefix, self.cfg.prompts)
-        for intern in self.models.interns:
-            for temp, number in self.search.sample_plan():
-                call = Call(prompt, self._intern_sampling(temp), number)
-                [reply] = await self.gate.rollouts(intern, [call], qid=q.qid)
-                await self._judge_all(q, {0: reply}, tree)
-                self._note_failure(tree, intern.config.name, reply)
-                node.samples.append(self._sample(intern.config.name, temp, reply, tree.verdicts,
-                                                 number))
-        self._tally([node], tree)
 
     @staticmethod
     def _tally(nodes: list[Node], tree: _Tree) -> None:

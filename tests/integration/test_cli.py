@@ -13,7 +13,7 @@ import orjson
 import pytest
 from helpers import ROOT
 
-from backends.gate import KILL_AFTER_ENV
+from bench.crash_store import KILL_AFTER_ENV, MODULE
 from mics.demo_data import write_demo_dataset
 from store import RunStore
 
@@ -22,7 +22,8 @@ EXAMPLE = ROOT / "examples" / "simulated.toml"
 
 def mics(*args: str, env: dict[str, str] | None = None, check: bool = True,
          timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "cli.app", *map(str, args)], cwd=ROOT,
+    module = MODULE if env and KILL_AFTER_ENV in env else "cli.app"  # the kill hook is bench's
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "COLUMNS": "200", **(env or {})})
     if check and proc.returncode != 0:

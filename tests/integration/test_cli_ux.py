@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from test_cli import EXAMPLE, ROOT, mics, read_jsonl
 
-from backends.gate import KILL_AFTER_ENV
+from bench.crash_store import KILL_AFTER_ENV
 from mics.demo_data import write_demo_dataset
 from store import RunStore
 

@@ -12,6 +12,7 @@ from helpers import make_questions, sim_config
 from backends.base import Call
 from backends.gate import CallGate
 from backends.simulated import SimulatedModel
+from bench.reference_engine import ReferenceEngine
 from mics.config import parse_config
 from mics.engine import Engine, Models
 from mics.run import build_models
@@ -227,7 +228,8 @@ def test_reference_schedule_builds_the_same_trees_one_call_at_a_time(tmp_path):
         cfg = parse_config(sim_config(concurrency=1 if schedule == "reference" else 8))
         models = recording_models(cfg)
         with RunStore.open(tmp_path / f"r{i}", create=True) as store:
-            engine = Engine(cfg, store, models, CallGate(store, session="test"), schedule=schedule)
+            kind = ReferenceEngine if schedule == "reference" else Engine
+            engine = kind(cfg, store, models, CallGate(store, session="test"))
             anyio.run(engine.run, qs)
             dumps.append(tree_dump(store, [q.qid for q in qs]))
         batches = [b for intern in models.interns for b in intern.batches]

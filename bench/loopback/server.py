@@ -1,34 +1,10 @@
-"""Loopback test server: SIMULATOR models behind OpenAI chat and SGLang `/generate` wire formats.
-
-Replies come from `backends.simulator`, computed from the same text `backends.simulated.render_text`
-builds, so an in-process simulated run and a run over HTTP give identical replies. Prefix-cache
-accounting (`cached_tokens`) is a real longest-common-prefix match over every token sequence the
-model has seen, in the tokens of `tokenize`. Faults (429/5xx, slow, dropped, malformed, 4xx) are
-injected at a seeded rate or forced per model, and can be changed while the server runs.
-
-    with LoopbackServer(models={"m": "mentor", "i": {"role": "intern", "skill": 0.9}}) as srv:
-        srv.url            # http://127.0.0.1:PORT  (chat: srv.url + "/v1")
-        srv.url_for("i")   # http://127.0.0.1:PORT/m/i  (/generate served by model "i")
-
-The sample index a simulator needs comes from the `X-Mics-Sample` header (or `seed`) on chat
-requests and from `sampling_params.custom_params.sample_index` on /generate items.
-
-Strict modes: a served model may name a real `target` ("sglang" with a `version`, "router",
-"openai", "openai-reasoning", "gemini", "dashscope", "deepseek"); it then refuses and reports
-what that server does (bench/targets.py, docs/endpoints.md). Without one it is lenient.
-
-Stdlib only: a ThreadingHTTPServer with TCP_NODELAY and a listen backlog of 1024 (both needed
-for honest timings on loopback: without the first, Nagle's algorithm and delayed ACKs stall
-small replies ~40 ms each; with the default backlog of 5, 16+ connections at once stall 1 s).
-"""
+"""The loopback HTTP server: served models, routing, the request log, and the simulated
+replies over the OpenAI chat and SGLang `/generate` wire formats (see `bench.loopback`)."""
 
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -36,7 +12,6 @@ import re
 import socket
 import threading
 import time
-import uuid
 import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -47,103 +22,35 @@ from socketserver import TCPServer
 from typing import Any
 
 from backends import simulator
-from backends.stops import clip_at_stop
 from bench import targets
+from bench.loopback import faults as faultlib
+from bench.loopback.faults import Faults, as_faults
+from bench.loopback.tokens import IMAGE_TOKENS, PrefixCache, tokenize
+from bench.loopback.wire import (
+    BadRequest,
+    Response,
+    chat_prompt,
+    chat_sampling,
+    check_sampling,
+    clip,
+    digest,
+    generate_images,
+    generate_rids,
+    json_response,
+    per_item,
+    sim_text_from_generate,
+)
 from bench.targets import Refusal
 
-# ---------------------------------------------------------------- tokens and the prefix cache
+# ---------------------------------------------------------------- served models
 
-_TOKEN_RE = re.compile(r"\s*\w+|\s*[^\w\s]|\s+")
-_PLACEHOLDER_RE = re.compile(
-    r"<\|vision_start\|><\|image_pad\|><\|vision_end\|>|<image>|<\|image_pad\|>|<IMG_CONTEXT>")
-IMAGE_TOKENS = 8  # tokens per image in the token stream
-
-
-def image_hash(ref: str) -> str:
-    """Short hash of the image bytes a data URL, bare base64 or absolute path carries."""
-    data: bytes
-    if ref.startswith("data:"):
-        payload = ref.split(",", 1)[1] if "," in ref else ""
-        data = _b64(payload) or ref.encode()
-    elif ref.startswith(("file://", "/")):
-        p = Path(ref.removeprefix("file://"))
-        data = p.read_bytes() if p.is_file() else ref.encode()
-    else:
-        data = _b64(ref) or ref.encode()
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _b64(payload: str) -> bytes | None:
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-
-
-def tokenize(text: str, images: Sequence[str] = ()) -> list[str]:
-    """Deterministic, lossless tokens: each word with its leading whitespace, each punctuation mark
-    with its leading whitespace, trailing whitespace. The k-th image placeholder (`<image>`,
-    `<|image_pad|>` or Qwen's vision_start/pad/end triple) becomes IMAGE_TOKENS tokens naming the
-    k-th image's hash; images without a placeholder are put first. `"".join(tokenize(t)) == t`.
-    """
-    hashes = [image_hash(i) for i in images]
-    pieces = _PLACEHOLDER_RE.split(text)
-    spots = _PLACEHOLDER_RE.findall(text)
-    extra, hashes = hashes[len(spots):], hashes[: len(spots)]
-    out = [f"<img:{h}:{k}>" for h in extra for k in range(IMAGE_TOKENS)]
-    for i, piece in enumerate(pieces):
-        out += _TOKEN_RE.findall(piece)
-        if i < len(spots):
-            if i < len(hashes):
-                out += [f"<img:{hashes[i]}:{k}>" for k in range(IMAGE_TOKENS)]
-            else:
-                out += _TOKEN_RE.findall(spots[i])
-    return out
-
-
-class PrefixCache:
-    """Every prefix of every inserted sequence, kept as chained hashes (a trie without nodes).
-
-    `match` is the longest common prefix with anything inserted, capped at len - 1 like SGLang
-    (one prompt token is always recomputed).
-    """
-
-    def __init__(self) -> None:
-        self._seen: set[int] = set()
-
-    def match(self, tokens: Sequence[str]) -> int:
-        h, n = 0, 0
-        for tok in tokens[: max(0, len(tokens) - 1)]:
-            h = hash((h, tok))
-            if h not in self._seen:
-                break
-            n += 1
-        return n
-
-    def insert(self, tokens: Sequence[str]) -> None:
-        h = 0
-        for tok in tokens:
-            h = hash((h, tok))
-            self._seen.add(h)
-
-    def clear(self) -> None:
-        self._seen.clear()
-
-
-# ---------------------------------------------------------------- configuration
-
-ROLES = ("mentor", "intern", "judge")
-_ROLE_DEFAULTS: dict[str, dict[str, float]] = {
-    "mentor": {"quality": 0.5, "malformed_rate": 0.0}, "intern": {"skill": 0.8}, "judge": {},
-}
-FAULT_KINDS = frozenset({"400", "401", "404", "429", "500", "503", "slow", "drop", "malformed",
-                         "quota"})
+ROLES = simulator.ROLES
 _STRICT_KEYS = ("target", "version", "model_path", "family")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One served model: its simulator role and options (seed, quality, malformed_rate, skill).
+    """One served model: its simulator role and options (seed, `simulator.ROLE_OPTIONS`).
 
     Strict mode (see bench/targets.py): `target` names the real server to behave like
     ("sglang", "router", "openai", "openai-reasoning", "gemini", "dashscope", "deepseek");
@@ -151,7 +58,7 @@ class ModelSpec:
     ("qwen2-vl" | "internvl") the image placeholders SGLang's processor recognises."""
 
     role: str
-    options: dict[str, float] = field(default_factory=dict)
+    options: dict[str, float | None] = field(default_factory=dict)
     latency_s: float = 0.0
     target: str = ""
     version: str = ""
@@ -169,7 +76,7 @@ def _spec(name: str, value: str | Mapping[str, Any], seed: int) -> ModelSpec:
     role = raw.pop("role", None)
     if role not in ROLES:
         raise ValueError(f"model {name!r}: role must be one of {', '.join(ROLES)}, got {role!r}")
-    allowed = {"seed": seed, **_ROLE_DEFAULTS[role]}
+    allowed = {"seed": seed, **simulator.ROLE_OPTIONS[role]}
     unknown = sorted(set(raw) - set(allowed) - {"latency_s", *_STRICT_KEYS})
     if unknown:
         raise ValueError(f"model {name!r}: unknown option(s) {', '.join(unknown)}; "
@@ -181,46 +88,6 @@ def _spec(name: str, value: str | Mapping[str, Any], seed: int) -> ModelSpec:
     except ValueError as e:
         raise ValueError(f"model {name!r}: {e}") from None
     return ModelSpec(role, {**allowed, **raw}, latency, **strict)
-
-
-@dataclass(frozen=True)
-class Faults:
-    """Fault injection. Each request draws from an RNG seeded by (seed, request hash, how many
-    times that request was seen), so faults do not depend on arrival order and retries redraw.
-
-    rate: chance that a chat or /generate request fails; kinds: what it fails with (one at
-    random); forced: model -> kind applied to every request for that model; slow_s: how long a
-    `slow` request sleeps before answering; retry_after_s: the Retry-After header of a 429.
-    """
-
-    rate: float = 0.0
-    kinds: tuple[str, ...] = ("429", "500", "503", "drop", "malformed")
-    forced: Mapping[str, str] = field(default_factory=dict)
-    slow_s: float = 1.0
-    retry_after_s: float = 0.05
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.rate <= 1.0:
-            raise ValueError(f"fault rate must be in [0, 1], got {self.rate}")
-        bad = sorted((set(self.kinds) | set(self.forced.values())) - FAULT_KINDS)
-        if bad:
-            raise ValueError(f"unknown fault kind(s) {', '.join(bad)}; "
-                             f"allowed: {', '.join(sorted(FAULT_KINDS))}")
-        if self.rate > 0 and not self.kinds:
-            raise ValueError("a fault rate above 0 needs at least one fault kind")
-        object.__setattr__(self, "kinds", tuple(sorted(self.kinds)))
-        object.__setattr__(self, "forced", dict(self.forced))
-
-
-def _faults(value: Faults | Mapping[str, Any] | None) -> Faults:
-    if value is None:
-        return Faults()
-    if isinstance(value, Faults):
-        return value
-    d = dict(value)
-    if "kinds" in d:
-        d["kinds"] = tuple(str(k) for k in d["kinds"])
-    return Faults(**d)
 
 
 @dataclass(frozen=True)
@@ -242,97 +109,6 @@ class LogEntry:
     sample_index: int = 0
     temperature: float | None = None
     batch_size: int = 1
-
-
-@dataclass
-class _Response:
-    status: int = 200
-    body: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
-    delay_s: float = 0.0
-    drop: bool = False
-
-
-def _json(status: int, obj: Any, **headers: str) -> _Response:
-    return _Response(status, json.dumps(obj).encode(), {"Content-Type": "application/json",
-                                                         **headers})
-
-
-class _BadRequest(Exception):
-    pass
-
-
-# ---------------------------------------------------------------- /generate validation
-
-SGLANG_SAMPLING_KEYS = (
-    "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k",
-    "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens",
-    "n", "json_schema", "regex", "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens",
-    "spaces_between_special_tokens", "no_stop_trim", "stream_interval", "logit_bias",
-    "sampling_seed", "custom_params", "beam_width", "watermark", "choice",
-)
-_INT_KEYS = {"max_new_tokens", "top_k", "min_new_tokens", "n", "sampling_seed", "beam_width",
-             "stream_interval"}
-_NUM_KEYS = {"temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty",
-             "repetition_penalty"}
-
-
-def _check_sampling(sp: Any) -> dict[str, Any]:
-    if not isinstance(sp, dict):
-        raise _BadRequest(f"invalid type: {type(sp).__name__}, expected struct SamplingParams")
-    for key, value in sp.items():
-        if key not in SGLANG_SAMPLING_KEYS:
-            expected = ", ".join(f"`{k}`" for k in SGLANG_SAMPLING_KEYS)
-            raise _BadRequest(f"unknown field `{key}`, expected one of {expected}")
-        if value is None:
-            continue
-        if key in _INT_KEYS and (not isinstance(value, int) or isinstance(value, bool)):
-            raise _BadRequest(f"invalid type: {value!r} for `{key}`, expected an integer")
-        if key in _NUM_KEYS and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            raise _BadRequest(f"invalid type: {value!r} for `{key}`, expected a number")
-        if key == "stop" and not (isinstance(value, str) or (
-                isinstance(value, list) and all(isinstance(s, str) for s in value))):
-            raise _BadRequest(f"invalid type: {value!r} for `stop`, expected a string or list")
-    if sp.get("n") not in (None, 1):
-        raise _BadRequest("the loopback server supports only n=1")
-    return sp
-
-
-def _per_item(value: Any, n: int, what: str) -> list[Any]:
-    if isinstance(value, list):
-        if len(value) != n:
-            raise _BadRequest(f"The length of {what} should be equal to the batch size")
-        return value
-    return [value] * n
-
-
-_CHATML = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>\n?|\Z)", re.S)
-
-
-def sim_text_from_generate(text: str) -> str:
-    """The text a simulator reads from a /generate prompt: ChatML is unwrapped to
-    `system + "\\n" + user + assistant continuation` and vision placeholders become `<image>`,
-    so a client that renders Qwen-style ChatML gets the same replies as in-process."""
-    turns = _CHATML.findall(text)
-    if turns:
-        system = "".join(body for role, body in turns if role == "system")
-        rest = "".join(body for role, body in turns if role != "system")
-        text = f"{system}\n{rest}"
-    return _PLACEHOLDER_RE.sub("<image>", text)
-
-
-def _clip(text: str, max_tokens: int | None, stop: Any) -> tuple[str, dict[str, Any]]:
-    text, matched = clip_at_stop(text, stop)
-    finish: dict[str, Any] = {"type": "stop", "matched": matched}
-    if max_tokens is not None:
-        toks = tokenize(text)
-        if len(toks) > max_tokens:
-            text, finish = "".join(toks[:max_tokens]), {"type": "length", "length": max_tokens}
-    return text, finish
-
-
-def _digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- the server
@@ -414,7 +190,7 @@ class LoopbackServer:
             raise ValueError(f"default_model {self.default_model!r} is not served")
         self.keep_bodies = keep_bodies
         self.bodies: list[tuple[str, Any]] = []
-        self._faults = _faults(faults)
+        self._faults = as_faults(faults)
         self._port = port
         self._lock = threading.Lock()
         self._log: list[LogEntry] = []
@@ -485,8 +261,8 @@ class LoopbackServer:
     def set_faults(self, faults: Faults | Mapping[str, Any] | None = None, **changes: Any) -> None:
         """Replace the fault config (`faults`), or change some of its fields (`changes`)."""
         with self._lock:
-            new = _faults(faults) if faults is not None else self._faults
-            self._faults = _faults({**new.__dict__, **changes}) if changes else new
+            new = as_faults(faults) if faults is not None else self._faults
+            self._faults = as_faults({**new.__dict__, **changes}) if changes else new
 
     @property
     def log(self) -> list[LogEntry]:
@@ -529,7 +305,8 @@ class LoopbackServer:
         try:
             resp = self._dispatch(method, h.path, h.headers, raw)
         except Exception as e:  # a server bug must still answer
-            resp = _json(500, {"error": {"message": f"loopback bug: {type(e).__name__}: {e}"}})
+            resp = json_response(
+                500, {"error": {"message": f"loopback bug: {type(e).__name__}: {e}"}})
         if resp.delay_s > 0 and self._stop.wait(resp.delay_s):
             resp.drop = True
         if resp.drop:
@@ -549,18 +326,18 @@ class LoopbackServer:
 
     # -- routing
 
-    def _dispatch(self, method: str, path: str, headers: Any, raw: bytes) -> _Response:
+    def _dispatch(self, method: str, path: str, headers: Any, raw: bytes) -> Response:
         path = path.split("?", 1)[0]
         model = self.default_model
         m = re.match(r"^/m/([^/]+)(/.*)$", path)
         if m:
             model, path = m.group(1), m.group(2)
             if model not in self.models:
-                return _json(404, {"error": {"message": f"model {model!r} is not served"}})
+                return json_response(404, {"error": {"message": f"model {model!r} is not served"}})
         if method == "GET" and path in ("/health", "/health_generate", "/ready"):
-            return _Response(200)
+            return Response(200)
         if method == "GET" and path in ("/v1/models", "/models"):
-            return _json(200, {"object": "list", "data": [
+            return json_response(200, {"object": "list", "data": [
                 {"id": n, "object": "model", "created": 0, "owned_by": "mics-loopback",
                  "root": n} for n in self.models]})
         spec = self.models[model]
@@ -569,18 +346,18 @@ class LoopbackServer:
                                         "/get_server_info"):
             what = targets.info_routes(spec.target, version).get(path)
             if what == "model":
-                return _json(200, targets.model_info(spec.target, version, model,
+                return json_response(200, targets.model_info(spec.target, version, model,
                                                      spec.model_path))
             if what == "server":
-                return _json(200, targets.server_info(version))
+                return json_response(200, targets.server_info(version))
         if path == "/flush_cache" and method in ("GET", "POST"):
             self.flush_cache(model if m else None)
-            return _Response(200, b"Cache flushed.\n", {"Content-Type": "text/plain"})
+            return Response(200, b"Cache flushed.\n", {"Content-Type": "text/plain"})
         if method == "POST" and path in ("/v1/chat/completions", "/chat/completions", "/generate"):
             return self._model_call(path, headers, raw, model)
-        return _json(404, {"error": {"message": f"no route for {method} {path}"}})
+        return json_response(404, {"error": {"message": f"no route for {method} {path}"}})
 
-    def _model_call(self, path: str, headers: Any, raw: bytes, model: str) -> _Response:
+    def _model_call(self, path: str, headers: Any, raw: bytes, model: str) -> Response:
         chat = path != "/generate"
         err = (lambda msg: {"error": {"message": msg}}) if chat else (lambda msg: {"error": msg})
         try:
@@ -613,14 +390,14 @@ class LoopbackServer:
             with self._lock:
                 self.bodies.append((path, body))
         # rids may be fresh per attempt: leave them out so fault draws stay reproducible
-        key = _digest(path, model, {k: v for k, v in body.items() if k != "rid"}, sample)
+        key = digest(path, model, {k: v for k, v in body.items() if k != "rid"}, sample)
         fault, delay = self._draw(model, key)
         if fault is not None and fault != "slow":
             return self._fault(path, model, key, fault, chat)
         try:
             resp = (self._chat(path, body, model, sample, key, fault) if chat
                     else self._generate(body, model, fault))
-        except _BadRequest as e:
+        except BadRequest as e:
             return self._refuse(path, model, 400, err(str(e)))
         except Refusal as e:
             return self._refuse(path, model, e.status, e.body)
@@ -632,45 +409,25 @@ class LoopbackServer:
             faults = self._faults
             n = self._seen[key]
             self._seen[key] += 1
-        rng = random.Random(_digest(self.seed, key, n))
+        rng = random.Random(digest(self.seed, key, n))
         spec = self.latency.get(self.models[model].role, self.models[model].latency_s)
         delay = rng.uniform(*spec) if isinstance(spec, (tuple, list)) else float(spec)
-        kind = faults.forced.get(model)
-        if kind is None and faults.rate > 0 and rng.random() < faults.rate:
-            kind = faults.kinds[rng.randrange(len(faults.kinds))]
+        kind = faultlib.pick(faults, model, rng)
         if kind == "slow":
             delay += faults.slow_s
         return kind, delay
 
-    def _fault(self, path: str, model: str, key: str, kind: str, chat: bool) -> _Response:
-        faults = self.faults
+    def _fault(self, path: str, model: str, key: str, kind: str, chat: bool) -> Response:
         target = self.models[model].target
-        status = (0 if kind == "drop" else 200 if kind == "malformed" else
-                  targets.out_of_quota(target)[0] if kind == "quota" else int(kind))
-        self._record(path, model, key, {"status": status, "ok": False, "fault": kind})
-        if kind == "drop":
-            return _Response(drop=True)
-        if kind == "malformed":
-            body = b'{"id": "x", "object": "chat.completion", "choices": [{"ind' if chat else \
-                b'[{"text": "### The final ans'
-            return _Response(200, body, {"Content-Type": "application/json"})
-        if kind == "quota":
-            status, body = targets.out_of_quota(target)
-            return _json(status, body)
-        if kind == "429":
-            status, body, extra = targets.rate_limited(target, faults.retry_after_s)
-            return _json(status, body, **extra)
-        message = {"400": "bad request (injected)", "401": "invalid api key",
-                   "404": f"The model `{model}` does not exist.", "500": "internal error "
-                   "(injected)", "503": "service unavailable (injected)"}[kind]
-        return _json(int(kind), {"error": {"message": message}} if chat or kind != "400"
-                     else {"error": message})
+        self._record(path, model, key, {"status": faultlib.status(kind, target), "ok": False,
+                                        "fault": kind})
+        return faultlib.response(kind, model=model, target=target, faults=self.faults, chat=chat)
 
-    def _refuse(self, path: str, model: str, status: int, body: Any) -> _Response:
-        self._record(path, model, _digest(path, model, status), {"status": status, "ok": False})
+    def _refuse(self, path: str, model: str, status: int, body: Any) -> Response:
+        self._record(path, model, digest(path, model, status), {"status": status, "ok": False})
         if isinstance(body, str):  # e.g. the router's plain-text deserialisation error
-            return _Response(status, body.encode(), {"Content-Type": "text/plain; charset=utf-8"})
-        return _json(status, body)
+            return Response(status, body.encode(), {"Content-Type": "text/plain; charset=utf-8"})
+        return json_response(status, body)
 
     def _record(self, path: str, model: str, key: str, fields: dict[str, Any]) -> None:
         role = self.models[model].role if model in self.models else ""
@@ -683,15 +440,8 @@ class LoopbackServer:
 
     def _reply(self, model: str, text: str, temperature: float, sample: int) -> str:
         spec = self.models[model]
-        o = spec.options
-        common = {"seed": int(o["seed"]), "model": model, "temperature": temperature,
-                  "sample_index": sample}
-        if spec.role == "mentor":
-            return simulator.mentor_reply(text, quality=o["quality"],
-                                          malformed_rate=o["malformed_rate"], **common)
-        if spec.role == "intern":
-            return simulator.intern_reply(text, skill=o["skill"], **common)
-        return simulator.judge_reply(text)
+        return simulator.reply(spec.role, text, spec.options, seed=int(spec.options["seed"] or 0),
+                               model=model, temperature=temperature, sample_index=sample)
 
     def _cache(self, model: str, prompts: list[list[str]], outputs: list[str]) -> list[int]:
         """Match every prompt against the cache as it was before this request, then insert
@@ -704,56 +454,18 @@ class LoopbackServer:
         return hits
 
     def _chat(self, path: str, body: dict[str, Any], model: str, sample: int, key: str,
-              fault: str | None) -> _Response:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _BadRequest("`messages` must be a non-empty list")
-        system, rest, images = "", "", []
-        for msg in messages:
-            if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
-                raise _BadRequest("each message needs a `role` and `content`")
-            text = ""
-            content = msg.get("content")
-            if isinstance(content, str):
-                text = content
-            elif isinstance(content, list):
-                for part in content:
-                    kind = part.get("type") if isinstance(part, dict) else None
-                    if kind == "text" and isinstance(part.get("text"), str):
-                        text += part["text"]
-                    elif kind in ("image_url", "input_image"):
-                        url = part.get("image_url")
-                        url = url.get("url") if isinstance(url, dict) else url
-                        if not isinstance(url, str):
-                            raise _BadRequest("image_url part without a url")
-                        images.append(url)
-                        text += "<image>"
-                    else:
-                        raise _BadRequest(f"unsupported content part: {kind!r}")
-            else:
-                raise _BadRequest("message content must be a string or a list of parts")
-            if msg["role"] == "system":
-                system += text
-            else:
-                rest += text
-        prompt_text = f"{system}\n{rest}"
-        temperature = body.get("temperature", 1.0)
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
-            raise _BadRequest(f"`temperature` must be a number, got {temperature!r}")
-        if max_tokens is not None and (not isinstance(max_tokens, int)
-                                       or isinstance(max_tokens, bool) or max_tokens < 0):
-            raise _BadRequest(f"`max_tokens` must be a non-negative integer, got {max_tokens!r}")
-        temperature = float(temperature)
+              fault: str | None) -> Response:
+        prompt_text, images = chat_prompt(body.get("messages"))
+        temperature, max_tokens = chat_sampling(body)
         target = self.models[model].target
         thinking = targets.thinking_tokens(target, body)
         text = self._reply(model, prompt_text, temperature, sample)
         if max_tokens is not None and thinking:  # thinking counts against the output limit
-            text, finish = _clip(text, max(0, max_tokens - thinking), body.get("stop"))
+            text, finish = clip(text, max(0, max_tokens - thinking), body.get("stop"))
             if max_tokens <= thinking:
                 finish = {"type": "length"}
         else:
-            text, finish = _clip(text, max_tokens, body.get("stop"))
+            text, finish = clip(text, max_tokens, body.get("stop"))
         prompt = tokenize(prompt_text, images)
         [cached] = self._cache(model, [prompt], [text])
         completion = len(tokenize(text)) + (min(thinking, max_tokens or thinking))
@@ -764,29 +476,29 @@ class LoopbackServer:
             "status": 200, "ok": True, "fault": fault, "prompt_tokens": len(prompt),
             "cached_tokens": cached,
             "completion_tokens": completion, "sample_index": sample, "temperature": temperature})
-        return _json(200, {
+        return json_response(200, {
             "id": f"chatcmpl-{key[:24]}", "object": "chat.completion", "created": int(time.time()),
             "model": model,
             "choices": [{"index": 0, "message": message, "finish_reason": finish["type"]}],
             "usage": targets.usage(target, len(prompt), completion, cached),
         })
 
-    def _generate(self, body: dict[str, Any], model: str, fault: str | None) -> _Response:
+    def _generate(self, body: dict[str, Any], model: str, fault: str | None) -> Response:
         start = time.perf_counter()
         if body.get("input_ids") is not None or body.get("input_embeds") is not None:
-            raise _BadRequest("the loopback server accepts `text` only")
+            raise BadRequest("the loopback server accepts `text` only")
         if body.get("stream"):
-            raise _BadRequest("the loopback server does not stream")
+            raise BadRequest("the loopback server does not stream")
         text = body.get("text")
         single = isinstance(text, str)
         texts = [text] if single else text
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise _BadRequest("`text` must be a string or a non-empty list of strings")
+            raise BadRequest("`text` must be a string or a non-empty list of strings")
         n = len(texts)
-        sps = [_check_sampling({} if sp is None else sp)
-               for sp in _per_item(body.get("sampling_params"), n, "sampling_params")]
-        images = self._images(body.get("image_data"), single, n)
-        rids = self._rids(body.get("rid"), n)
+        sps = [check_sampling({} if sp is None else sp)
+               for sp in per_item(body.get("sampling_params"), n, "sampling_params")]
+        images = generate_images(body.get("image_data"), single, n)
+        rids = generate_rids(body.get("rid"), n)
         spec = self.models[model]
         if spec.target in targets.SGLANG_TARGETS:
             for t, imgs in zip(texts, images, strict=True):
@@ -800,7 +512,7 @@ class LoopbackServer:
             sample = int(custom.get("sample_index", 0))
             out = "" if max_new == 0 else self._reply(model, sim_text_from_generate(t),
                                                       temperature, sample)
-            out, finish = _clip(out, max_new, sp.get("stop"))
+            out, finish = clip(out, max_new, sp.get("stop"))
             if max_new == 0:  # a prefill-only warm-up
                 finish = {"type": "length", "length": 0}
             items.append((t, sp, imgs, temperature, sample, out, finish))
@@ -820,36 +532,12 @@ class LoopbackServer:
                 meta["image_tokens"] = IMAGE_TOKENS * len(imgs)
             results.append({"text": out, "output_ids": [zlib.crc32(x.encode()) % 151_000
                                                         for x in out_toks], "meta_info": meta})
-            self._record("/generate", model, _digest(t, imgs, sp, sample), {
+            self._record("/generate", model, digest(t, imgs, sp, sample), {
                 "status": 200, "ok": True, "fault": fault, "prompt_tokens": len(prompt),
                 "cached_tokens": cached,
                 "completion_tokens": len(out_toks), "sample_index": sample,
                 "temperature": temperature, "batch_size": n})
-        return _json(200, results[0] if single else results)
-
-    @staticmethod
-    def _images(data: Any, single: bool, n: int) -> list[list[str]]:
-        if data is None:
-            return [[] for _ in range(n)]
-        if single:
-            out = [data if isinstance(data, list) else [data]]
-        else:
-            if not isinstance(data, list) or len(data) != n:
-                raise _BadRequest("The length of image_data should be equal to the batch size")
-            out = [d if isinstance(d, list) else ([] if d is None else [d]) for d in data]
-        if not all(isinstance(u, str) for imgs in out for u in imgs):
-            raise _BadRequest("image_data items must be strings (data URLs, base64 or paths)")
-        return out
-
-    @staticmethod
-    def _rids(rid: Any, n: int) -> list[str]:
-        if rid is None:
-            return [uuid.uuid4().hex for _ in range(n)]
-        if isinstance(rid, str):
-            return [rid] if n == 1 else [f"{rid}_{i}" for i in range(n)]
-        if not isinstance(rid, list) or len(rid) != n or len(set(rid)) != n:
-            raise _BadRequest("`rid` must be a string or a list of unique ids, one per item")
-        return [str(r) for r in rid]
+        return json_response(200, results[0] if single else results)
 
 
 # ---------------------------------------------------------------- command line
@@ -863,7 +551,7 @@ def models_from_config(path: str | Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for role, group in (("mentor", cfg.mentors), ("intern", cfg.interns), ("judge", (cfg.judge,))):
         for m in group:
-            allowed = {"seed", "latency_s", *_ROLE_DEFAULTS[role]}
+            allowed = {"seed", "latency_s", *simulator.ROLE_OPTIONS[role]}
             out[m.model] = {"role": role, **{k: v for k, v in m.options.items() if k in allowed}}
     return out
 
@@ -871,7 +559,8 @@ def models_from_config(path: str | Path) -> dict[str, dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m bench.loopback --config examples/simulated.toml --port 8900`."""
     ap = argparse.ArgumentParser(prog="python -m bench.loopback",
-                                 description=(__doc__ or "").split("\n")[0])
+                                 description="Loopback test server: SIMULATOR models behind OpenAI "
+                                             "chat and SGLang `/generate` wire formats.")
     ap.add_argument("--config", required=True, help="run config TOML naming the models to serve")
     ap.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free port)")
     ap.add_argument("--seed", type=int, default=0)
@@ -897,3 +586,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
