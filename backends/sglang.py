@@ -127,6 +127,11 @@ class SGLangRollout:
             self._template = load_chat_template(path, f"model {self.config.name!r}")
         return self._template
 
+    def preflight(self) -> None:
+        """Load the chat template now (a few small files), so that a folder without one stops
+        a start before anything is created, not at the first intern call."""
+        self._tokenizer()
+
     async def load_template(self) -> None:
         """Load the tokenizer/chat template once, in a worker thread, never on the event loop."""
         if self._template is None:

@@ -23,7 +23,14 @@ import orjson
 
 from mics.config import RunConfig, load_config, parse_config
 from mics.errors import DataError, RunError
-from mics.run import RunSummary, describe_dataset, record_run, search_run, with_seed
+from mics.run import (
+    RunSummary,
+    build_models,
+    describe_dataset,
+    record_run,
+    search_run,
+    with_seed,
+)
 from mics.types import Outcome
 from store import RunStore
 
@@ -60,9 +67,22 @@ async def search(
     else:
         data, root = _write_records(questions, run), image_root or Path.cwd()
     dataset = describe_dataset(data, Path(root) if root is not None else None, limit)
-    with RunStore.open(run, write=True, create=True) as store:
-        record_run(store, cfg, dataset)
-        return await search_run(run, store=store, stop=stop, on_done=on_done)
+    models = build_models(cfg)
+    try:
+        models.preflight()  # e.g. each SGLang intern's chat template, before the run is stored
+        store = RunStore.open(run, write=True, create=True)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await models.aclose()
+        raise
+    with store:
+        try:
+            record_run(store, cfg, dataset)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await models.aclose()
+            raise
+        return await search_run(run, store=store, stop=stop, on_done=on_done, models=models)
 
 
 async def resume(

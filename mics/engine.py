@@ -63,6 +63,14 @@ class Models:
         for m in (*self.mentors, *self.interns, self.judge):
             await m.aclose()
 
+    def preflight(self) -> None:
+        """Checks that need no call (an SGLang intern's chat template, say), made before a run
+        directory is created; raises ConfigError naming the model."""
+        for m in (*self.mentors, *self.interns, self.judge):
+            check = getattr(m, "preflight", None)
+            if check is not None:
+                check()
+
 
 @dataclass
 class _Proposal:

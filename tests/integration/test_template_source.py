@@ -5,6 +5,7 @@ with SGLang interns never imports torch or transformers."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -311,3 +312,33 @@ def test_tools_and_extra_variables_reach_the_template_as_in_transformers(
     assert "OVERRIDE" in text and "<b>" in text
     with pytest.raises(ValueError, match="continue_final_message"):
         ours.apply_chat_template(chat, continue_final_message=True)
+
+
+def test_a_search_without_a_chat_template_stops_before_creating_the_run(tmp_path: Path) -> None:
+    """`mics search` loads each SGLang intern's chat template before the run directory exists:
+    a folder without one is one error line, exit code 2, and nothing created."""
+    empty = tmp_path / "no-template"
+    empty.mkdir()
+    (empty / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    text = (ROOT / "examples" / "simulated.toml").read_text()
+    intern = ('name = "sim-intern-1"\nbackend = "simulated"\nmodel = "sim-intern-1"\n'
+              'options = { skill = 0.95 }')
+    assert intern in text
+    cfg = tmp_path / "sglang.toml"
+    cfg.write_text(text.replace(intern, (
+        'name = "sim-intern-1"\nbackend = "sglang"\nmodel = "org/i1"\n'
+        'base_url = "http://127.0.0.1:9"\n'
+        f'options = {{ tokenizer = "{empty}", family = "text" }}')))
+    from mics.demo_data import write_demo_dataset
+
+    data, images = write_demo_dataset(tmp_path / "data", n=2)
+    run = tmp_path / "runs" / "r1"
+    proc = subprocess.run([sys.executable, "-m", "cli.app", "search", str(data), "--image-root",
+                           str(images), "--config", str(cfg), "--run", str(run)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "400"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(empty) in lines[0], lines
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()  # nothing created, not even the parent folder
