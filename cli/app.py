@@ -119,6 +119,7 @@ def _start(run: Path, cfg: RunConfig, data: Path, image_root: Path | None, limit
     created = _first_missing(run)  # what a failed start must remove again
     recorded = False
     try:
+        models.preflight()  # e.g. each SGLang intern's chat template, before anything exists
         with RunStore.open(run, write=True, create=True) as store:
             record_run(store, cfg, dataset)
             recorded = True
