@@ -46,7 +46,7 @@ def local_messages(prompt: Prompt, vl: bool) -> list[dict[str, Any]]:
 
 
 @lru_cache(maxsize=1)
-def _image_only_processor_class() -> type:
+def image_only_processor_class() -> type:
     """Qwen2VLProcessor without the video sub-processor (which needs torchvision)."""
     from transformers import ProcessorMixin, Qwen2VLProcessor
 
@@ -173,7 +173,7 @@ class Runner:
         images = AutoImageProcessor.from_pretrained(
             self.path, min_pixels=self.options.min_pixels,
             max_pixels=self.options.max_pixels)
-        proc = _image_only_processor_class()(images, tok, chat_template=tok.chat_template)
+        proc = image_only_processor_class()(images, tok, chat_template=tok.chat_template)
         model = AutoModelForImageTextToText.from_pretrained(self.path, dtype=dtype)
         return model, tok, proc
 

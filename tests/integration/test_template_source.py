@@ -140,12 +140,12 @@ def test_the_tiny_models_of_the_suite_render_alike(tiny_lm: Path, tiny_vl: Path)
     processor the local backend builds (processors render content lists with images)."""
     from transformers import AutoImageProcessor
 
-    from backends.local import _image_only_processor_class
+    from backends.local_runner import image_only_processor_class
 
     _assert_same(load_chat_template(str(tiny_lm), "lm"), _auto_tokenizer(tiny_lm), seed=1)
     vl, tok = load_chat_template(str(tiny_vl), "vl"), _auto_tokenizer(tiny_vl)
     _assert_same(vl, tok, seed=2)
-    processor = _image_only_processor_class()(AutoImageProcessor.from_pretrained(tiny_vl), tok,
+    processor = image_only_processor_class()(AutoImageProcessor.from_pretrained(tiny_vl), tok,
                                               chat_template=tok.chat_template)
     _assert_same(vl, processor, seed=3)
 
