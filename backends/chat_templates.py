@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from backends.messages import ImagePart, chat_messages, image_slot
 from mics.types import Image, Prompt, Text
 
 _SYS, _USR, _A, _B = "\x01S\x01", "\x01U\x01", "\x01A\x01", "\x01B\x01"
@@ -57,19 +58,28 @@ class Compiled:
                 + self.tail)
 
 
-def messages(prompt: Prompt, family: str, internvl_image: str = _INTERNVL_IMAGE
+def family_image(family: str, internvl_image: Callable[[], str] | str | None = None
+                 ) -> ImagePart:
+    """How an image appears in a family's chat messages: qwen2-vl's image slot, InternVL's
+    placeholder as text (`internvl_image`, the server's placeholder and a newline; asked only
+    when an image is there), nothing for a text model."""
+
+    def part(img: Image) -> dict[str, Any] | None:
+        if family == "qwen2-vl":
+            return image_slot(img)
+        if family == "internvl":
+            text = internvl_image() if callable(internvl_image) else internvl_image
+            return {"type": "text", "text": text or _INTERNVL_IMAGE}
+        return None
+
+    return part
+
+
+def messages(prompt: Prompt, family: str, internvl_image: Callable[[], str] | str | None = None
              ) -> list[dict[str, Any]]:
     """The chat messages the sglang backend renders for `prompt` (what Jinja sees)."""
-    content: list[dict[str, str]] = []
-    for part in prompt.parts:
-        if isinstance(part, Text):
-            content.append({"type": "text", "text": part.text})
-        elif family == "qwen2-vl":
-            content.append({"type": "image"})
-        elif family == "internvl":
-            content.append({"type": "text", "text": internvl_image})
-    value: Any = content if family == "qwen2-vl" else "".join(c["text"] for c in content)
-    return [{"role": "system", "content": prompt.system}, {"role": "user", "content": value}]
+    return chat_messages(prompt, family_image(family, internvl_image),
+                         as_text=family != "qwen2-vl")
 
 
 def jinja_render(tokenizer: Any, prompt: Prompt, family: str) -> str:

@@ -33,11 +33,10 @@ from backends.base import (
     TransientError,
     gather,
 )
-from backends.chat_templates import render_prompt
+from backends.chat_templates import messages, render_prompt
 from backends.http import api_key, check_response, make_client, transport_error
 from backends.images import data_url
 from backends.keys import call_key
-from backends.messages import chat_messages
 from backends.sglang_router import Router, check_mode, generate_each, router_for
 from backends.template_source import load_chat_template
 from mics.config import ConfigError, ModelConfig, parse_options
@@ -150,19 +149,8 @@ class SGLangRollout:
         image = lambda: f"{self.placeholder()}\n"  # noqa: E731 - the server's, as below
         if (fast := render_prompt(self._tokenizer(), family, prompt, image)) is not None:
             return fast  # the known templates, without Jinja (equal to apply_chat_template)
-        messages = chat_messages(prompt, self._image_part, as_text=family != "qwen2-vl")
-        return self._tokenizer().apply_chat_template(messages, tokenize=False,
-                                                     add_generation_prompt=True)
-
-    def _image_part(self, _: Image) -> dict[str, str] | None:
-        """An image in the messages Jinja renders: qwen2-vl's image slot, InternVL's
-        version-dependent placeholder as text, nothing for a text model."""
-        family = self.options.family
-        if family == "qwen2-vl":
-            return {"type": "image"}
-        if family == "internvl":
-            return {"type": "text", "text": f"{self.placeholder()}\n"}
-        return None
+        return self._tokenizer().apply_chat_template(messages(prompt, family, image),
+                                                     tokenize=False, add_generation_prompt=True)
 
     def _images(self, prompt: Prompt) -> list[str]:
         if self.options.family == "text":
