@@ -69,6 +69,11 @@ T = TypeVar("T")
 async def gather(funcs: Sequence[Callable[[], Awaitable[T]]]) -> list[T | BackendError]:
     """Run concurrently, results in order; a call that raised a BackendError leaves that error
     in its slot (never an ExceptionGroup), so one failure does not cost the others."""
+    if len(funcs) == 1:  # nothing to run beside it: no task group (issue 15)
+        try:
+            return [await funcs[0]()]
+        except BackendError as e:
+            return [e]
     results: list[Any] = [None] * len(funcs)
 
     async def one(i: int, fn: Callable[[], Awaitable[T]]) -> None:

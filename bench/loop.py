@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import resource
@@ -480,6 +481,10 @@ def _run_loop(st: LoopSettings, work: Path, say: Any) -> dict[str, Any]:
         raise ValueError(f"interns must be 'sglang' or 'openai', got {st.interns!r}")
     tok = write_chat_tokenizer(work / "tokenizer") if st.interns == "sglang" else None
 
+    # The HTTP backends' one-time imports (aiohttp, httpx: ~0.25 s of CPU) happen here, before
+    # either timed phase, so per-request CPU is per request and both orders start equal.
+    importlib.import_module("backends.openai_chat")
+    importlib.import_module("backends.sglang")
     say(f"engine: {n} questions, {concurrency} at a time, cap {st.cap} per endpoint")
     with ServerProcess(models, st.latency(), st.seed) as srv:
         config = loop_config(srv.url, st.cap, concurrency, st.seed, tok)

@@ -30,6 +30,8 @@ _SIGN_WORD = re.compile(r"\b([A-Z][A-Za-z]{0,4}\d?|[A-Za-z]+\d+)[\s\-]+((?i:posi
 
 def answer_key(answer: str) -> str:
     """Verdict-cache key: lower-cased (one character for one) and whitespace collapsed."""
+    if answer.isascii():  # ASCII lower-casing is always one character for one
+        return " ".join(answer.lower().split())
     return " ".join("".join(_lower(c) for c in answer).split())
 
 

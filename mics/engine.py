@@ -463,6 +463,10 @@ class Engine:
                 tree.call_failures.append({"role": "judge", "model": self.models.judge.config.name,
                                            "error": error})
 
+        if len(answers) == 1:  # the common case: no task group for one call (issue 15)
+            [(norm, ans)] = answers.items()
+            await judge_one(norm, ans)
+            return
         async with anyio.create_task_group() as tg:
             for norm in sorted(answers):
                 tg.start_soon(judge_one, norm, answers[norm])

@@ -30,6 +30,7 @@ from mics.config import ConfigError, RunConfig
 from mics.dataset import Cursor, read_dataset
 from mics.engine import FINISHED, RETRYABLE, Engine, Models
 from mics.errors import RunError
+from mics.gc_quiet import quiet_gc
 from mics.types import Outcome, Question, RecordError
 from store import RunStore, StoreError
 
@@ -377,7 +378,8 @@ async def search_run(
                 tg.start_soon(_stop_when_set, stop or anyio.Event(), gate, on_interrupt)
                 tg.start_soon(_mark_every, store, dataset, MARK_EVERY_S,
                               config.dataset.format)
-                await engine.run(items, collect=False)
+                with quiet_gc():  # hundreds of collections a second otherwise (issue 15)
+                    await engine.run(items, collect=False)
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             fatal = _first(group, (RunAborted, StoreError))
