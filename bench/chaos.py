@@ -59,8 +59,10 @@ LATENCY: dict[str, tuple[float, float]] = {
     "mentor": (0.02, 0.08), "intern": (0.01, 0.05), "judge": (0.005, 0.02)}
 STORM_KINDS = ("429", "500", "503", "slow", "drop", "malformed")
 DRAIN_S = 0.3  # after a kill: let the server finish requests the dead client had sent
+# every file `mics export --format all` writes, but internvl_meta.json (it holds its own folder)
 EXPORT_FILES = ("results.jsonl", "failed.jsonl", "sft.jsonl", "sharegpt.jsonl",
-                "step_values.jsonl", "preferences.jsonl", "dataset_info.json")
+                "step_values.jsonl", "preferences.jsonl", "preferences_sharegpt.jsonl",
+                "prm.jsonl", "dataset_info.json")
 
 
 def config_text(url: str, *, seed: int = 0, concurrency: int = 8, max_retries: int = 6,
