@@ -68,21 +68,18 @@ async def search(
         data, root = _write_records(questions, run), image_root or Path.cwd()
     dataset = describe_dataset(data, Path(root) if root is not None else None, limit)
     models = build_models(cfg)
+    searching = False  # from then on search_run owns the models and closes them
     try:
         models.preflight()  # e.g. each SGLang intern's chat template, before the run is stored
-        store = RunStore.open(run, write=True, create=True)
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await models.aclose()
-        raise
-    with store:
-        try:
+        with RunStore.open(run, write=True, create=True) as store:
             record_run(store, cfg, dataset)
-        except BaseException:
+            searching = True
+            return await search_run(run, store=store, stop=stop, on_done=on_done, models=models)
+    except BaseException:
+        if not searching:
             with anyio.CancelScope(shield=True):
                 await models.aclose()
-            raise
-        return await search_run(run, store=store, stop=stop, on_done=on_done, models=models)
+        raise
 
 
 async def resume(

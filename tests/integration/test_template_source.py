@@ -5,7 +5,6 @@ with SGLang interns never imports torch or transformers."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -329,16 +328,14 @@ def test_a_search_without_a_chat_template_stops_before_creating_the_run(tmp_path
         'name = "sim-intern-1"\nbackend = "sglang"\nmodel = "org/i1"\n'
         'base_url = "http://127.0.0.1:9"\n'
         f'options = {{ tokenizer = "{empty}", family = "text" }}')))
+    from test_cli import mics
+    from test_cli_ux import one_error_line
+
     from mics.demo_data import write_demo_dataset
 
     data, images = write_demo_dataset(tmp_path / "data", n=2)
     run = tmp_path / "runs" / "r1"
-    proc = subprocess.run([sys.executable, "-m", "cli.app", "search", str(data), "--image-root",
-                           str(images), "--config", str(cfg), "--run", str(run)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "COLUMNS": "400"})
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and str(empty) in lines[0], lines
-    assert "Traceback" not in proc.stderr
+    proc = mics("search", data, "--image-root", images, "--config", cfg, "--run", run,
+                check=False)
+    assert str(empty) in one_error_line(proc) and not proc.stdout.strip(), proc.stdout
     assert not (tmp_path / "runs").exists()  # nothing created, not even the parent folder
