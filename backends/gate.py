@@ -50,6 +50,7 @@ class CallGate:
         self._inflight: dict[str, anyio.Event | None] = {}  # an Event once someone joins
         self._memo = MemoWriter(store)  # replies arriving together: one commit
         self._failures: dict[str, CallFailure] = {}
+        self._identities: dict[int, dict[str, Any]] = {}  # id(model) -> model.identity()
         self._limiters: dict[int, EndpointLimiter] = {}
         self._breakers: dict[int, CircuitBreaker] = {}
         self.breakers_opened: list[str] = []  # endpoint names, in the order they opened
@@ -100,13 +101,16 @@ class CallGate:
         role: str,
         qid: str,
     ) -> list[Reply | CallFailure]:
-        identity = model.identity()
+        identity = self._identities.get(id(model))
+        if identity is None:  # a model's identity is fixed once it is built
+            identity = self._identities[id(model)] = model.identity()
         keys = [call_key(identity, c) for c in calls]
         results: list[Reply | CallFailure | None] = [None] * len(calls)
         mine: list[int] = []
         waits: list[tuple[int, anyio.Event]] = []
-        for i, key in enumerate(keys):
-            stored = self.store.memo_get(key)
+        found = (self.store.memo_get_many(keys) if len(keys) > 1
+                 else [self.store.memo_get(keys[0])])
+        for i, (key, stored) in enumerate(zip(keys, found, strict=True)):
             if stored is not None:
                 results[i] = Reply.from_dict(stored)
                 self.counts["memo_hits"] += 1

@@ -1,29 +1,29 @@
 """Group memo commits: replies that arrive together are stored in one write transaction.
 
 `MemoWriter.put` returns only once its replies are committed, so the call gate still stores every
-reply before the engine sees it. The first caller of a round lets the other tasks that are ready
-in the same event-loop turn add theirs (one shielded checkpoint), then commits them all at once;
-the others wait for that commit. A failed commit fails every reply of its round.
+reply before the engine sees it. The first caller of a round schedules the commit to run once
+the tasks that are ready in the same event-loop turn have run (they add their replies to the
+round), and every caller of the round waits for that commit. The commit runs as an event-loop
+callback, so a caller cancelled while waiting does not stop it: what was delivered is stored.
+A failed commit fails every reply of its round.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
-
-import anyio
 
 Entry = tuple[str, dict, dict]  # memo key, reply dict, call-log entry
 
 
 class _Round:
-    __slots__ = ("entries", "done", "error")
+    __slots__ = ("entries", "waiters")
 
     def __init__(self) -> None:
         self.entries: list[Entry] = []
-        self.done: anyio.Event | None = None  # made only if a second caller joins
-        self.error: BaseException | None = None
+        self.waiters: list[asyncio.Future[None]] = []  # one per caller, resolved at commit
 
 
 class MemoWriter:
@@ -38,31 +38,37 @@ class MemoWriter:
         """Store `entries` (memo reply + call-log entry each); return once they are committed."""
         if not entries:
             return
+        loop = asyncio.get_running_loop()
         rnd = self._open
-        if rnd is not None:  # a commit is about to happen: join it
-            rnd.entries.extend(entries)
-            if rnd.done is None:
-                rnd.done = anyio.Event()
-            await rnd.done.wait()
-            if rnd.error is not None:
-                raise rnd.error
-            return
-        rnd = self._open = _Round()
+        if rnd is None:  # open a round; it commits after the tasks ready now have run
+            rnd = self._open = _Round()
+            loop.call_soon(self._flush, rnd)
         rnd.entries.extend(entries)
-        try:
-            with anyio.CancelScope(shield=True):
-                await anyio.sleep(0)  # let replies that arrived in this turn join the round
-        finally:
+        done = loop.create_future()  # this caller's own: cancelling it cancels no commit
+        rnd.waiters.append(done)
+        await done
+
+    def _flush(self, rnd: _Round) -> None:
+        if self._open is rnd:
             self._open = None
-            try:
-                grouped = getattr(self.store, "transaction", None)
-                with grouped() if grouped is not None else nullcontext():
-                    for key, reply, log in rnd.entries:
-                        self.store.memo_put(key, reply, log)
-                self.commits += 1
-            except BaseException as e:
-                rnd.error = e
-                raise
-            finally:
-                if rnd.done is not None:
-                    rnd.done.set()
+        try:
+            self._commit(rnd.entries)
+        except Exception as e:  # every caller of the round gets the error
+            for done in rnd.waiters:
+                if not done.done():
+                    done.set_exception(e)
+            return
+        self.commits += 1
+        for done in rnd.waiters:
+            if not done.done():
+                done.set_result(None)
+
+    def _commit(self, entries: list[Entry]) -> None:
+        put_many = getattr(self.store, "memo_put_many", None)
+        if put_many is not None:  # one write for the round
+            put_many(entries)
+            return
+        grouped = getattr(self.store, "transaction", None)
+        with grouped() if grouped is not None else nullcontext():
+            for key, reply, log in entries:
+                self.store.memo_put(key, reply, log)

@@ -103,7 +103,8 @@ class SGLangRollout:
         self.config = config
         self.options = SGLangOptions.parse(config)
         self.urls = [config.base_url.rstrip("/"), *(u.rstrip("/") for u in self.options.urls)]
-        self.clients = {u: make_client(_with_url(config, u)) for u in self.urls}
+        self._url_configs = {u: _with_url(config, u) for u in self.urls}  # one per server
+        self.clients = {u: make_client(self._url_configs[u]) for u in self.urls}
         self._checked: set[str] = set()
         self.versions: dict[str, Version | None] = {}  # url -> SGLang version, once checked
         self._placeholder: str = self.options.image_placeholder
@@ -229,7 +230,7 @@ class SGLangRollout:
     async def _get_either(self, url: str, first: str, fallback: str) -> dict[str, Any] | None:
         """GET `first`, or `fallback` when the server does not know the route (404): the
         `/get_*` names are the only ones before 0.5.6 and the router's. None if neither."""
-        client, cfg = self.clients[url], _with_url(self.config, url)
+        client, cfg = self.clients[url], self._url_config(url)
         for route in (first, fallback):
             resp = await client.get(route, headers=self.headers())
             if resp.status_code == 404:
@@ -296,6 +297,13 @@ class SGLangRollout:
             params["custom_params"] = {"sample_index": call.sample_index}
         return params
 
+    def _url_config(self, url: str) -> ModelConfig:
+        """This model's config with `base_url` set to one of its servers (made once)."""
+        cfg = self._url_configs.get(url)
+        if cfg is None:
+            cfg = self._url_configs[url] = _with_url(self.config, url)
+        return cfg
+
     def supports_seed(self, url: str) -> bool:
         """`sampling_seed` exists from SGLang 0.5.3 (it takes effect only on a server started
         with --enable-deterministic-inference); older or unknown versions get none."""
@@ -324,7 +332,7 @@ class SGLangRollout:
         self._check_placeholders(texts, images)
         if any(images):
             body["image_data"] = images
-        cfg = _with_url(self.config, url)
+        cfg = self._url_config(url)
         router = self.routers.get(url)
         if router is not None:  # the router takes one prompt per request
             return await generate_each(self, router, body)  # type: ignore[return-value]

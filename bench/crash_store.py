@@ -53,6 +53,15 @@ class KillAfterCalls:
             self._committed(1)
         return result
 
+    def memo_put_many(self, entries: list[tuple[str, dict, dict]]) -> list[int]:
+        """Store several replies in one commit; they count together once it is made."""
+        result = self._inner.memo_put_many(entries)
+        if self._depth:
+            self._uncommitted += len(entries)
+        else:
+            self._committed(len(entries))
+        return result
+
     @contextmanager
     def transaction(self) -> Iterator[KillAfterCalls]:
         """The inner store's transaction; replies put inside it count once it commits."""

@@ -41,9 +41,9 @@ class ReferenceEngine(Engine):
             for temp, number in self.search.sample_plan():
                 call = Call(prompt, self._intern_sampling(temp), number)
                 [reply] = await self.gate.rollouts(intern, [call], qid=q.qid)
-                await self._judge_all(q, {0: reply}, tree)
+                parsed = await self._judge_all(q, {0: reply}, tree)
                 self._note_failure(tree, intern.config.name, reply)
                 node.samples.append(self._sample(intern.config.name, temp, reply, tree.verdicts,
-                                                 number))
+                                                 number, parsed.get(0)))
         self._tally([node], tree)
 

@@ -415,14 +415,15 @@ class Engine:
             for j, intern in enumerate(self.models.interns):
                 tg.start_soon(intern_batch, j, intern)
 
-        await self._judge_all(q, replies, tree)
+        answers = await self._judge_all(q, replies, tree)
         for n_i, node in enumerate(nodes):
             for j, intern in enumerate(self.models.interns):
                 for t_i, (temp, number) in enumerate(plan):
-                    reply = replies[(n_i, j, t_i)]
+                    slot = (n_i, j, t_i)
+                    reply = replies[slot]
                     self._note_failure(tree, intern.config.name, reply)
                     node.samples.append(self._sample(intern.config.name, temp, reply, verdicts,
-                                                     number))
+                                                     number, answers.get(slot)))
         self._tally(nodes, tree)
 
     @staticmethod
@@ -443,18 +444,23 @@ class Engine:
                         top_k=self.search.intern_top_k, max_tokens=self.search.intern_max_tokens)
 
     async def _judge_all(self, q: Question, replies: dict[Any, Reply | CallFailure],
-                         tree: _Tree) -> None:
+                         tree: _Tree) -> dict[Any, tuple[str, str]]:
         """Judge each distinct answer once per question: the cache is keyed by the question
         (and so the ground truth) and `answer_key` (case and whitespace only), so two answers a
         judge could tell apart never share a verdict. Of answers sharing a key, the smallest
-        string is the one judged, whatever order the replies came in. Fills `tree.verdicts`."""
+        string is the one judged, whatever order the replies came in. Fills `tree.verdicts`;
+        returns each reply's (final answer, answer_key) by slot (none: no final answer)."""
         verdicts = tree.verdicts
         answers: dict[str, str] = {}
-        for reply in replies.values():
+        parsed: dict[Any, tuple[str, str]] = {}
+        for slot, reply in replies.items():
             if isinstance(reply, Reply):
                 ans = extract_final_answer(reply.text)
-                if ans is not None and (key := answer_key(ans)) not in verdicts:
-                    answers[key] = min(answers.get(key, ans), ans)
+                if ans is None:
+                    continue
+                key = parsed[slot] = (ans, answer_key(ans))
+                if key[1] not in verdicts:
+                    answers[key[1]] = min(answers.get(key[1], ans), ans)
 
         async def judge_one(norm: str, ans: str) -> None:
             verdicts[norm], error = await self._judge(q, ans)
@@ -466,10 +472,11 @@ class Engine:
         if len(answers) == 1:  # the common case: no task group for one call (issue 15)
             [(norm, ans)] = answers.items()
             await judge_one(norm, ans)
-            return
-        async with anyio.create_task_group() as tg:
-            for norm in sorted(answers):
-                tg.start_soon(judge_one, norm, answers[norm])
+        elif answers:
+            async with anyio.create_task_group() as tg:
+                for norm in sorted(answers):
+                    tg.start_soon(judge_one, norm, answers[norm])
+        return parsed
 
     async def _judge(self, q: Question, answer: str) -> tuple[str, str | None]:
         """Yes/no from the first word (B11); judge usage is accounted from the call log."""
@@ -488,15 +495,18 @@ class Engine:
 
     @staticmethod
     def _sample(intern: str, temp: float, reply: Reply | CallFailure,
-                verdicts: dict[str, str], number: int = 0) -> Sample:
+                verdicts: dict[str, str], number: int = 0,
+                parsed: tuple[str, str] | None = None) -> Sample:
+        """One intern sample; `parsed` is the reply's (final answer, answer_key), None when it
+        has no final answer (as `_judge_all` found)."""
         if isinstance(reply, CallFailure):
             return Sample(intern, temp, None, None, False, "call-failed",
                           {"error": reply.error}, number)
-        answer = extract_final_answer(reply.text)
         usage = {"intern": _usage(reply)}
-        if answer is None:
+        if parsed is None:
             return Sample(intern, temp, None, reply.text, False, "no-answer", usage, number)
-        verdict = verdicts[answer_key(answer)]
+        answer, key = parsed
+        verdict = verdicts[key]
         return Sample(intern, temp, answer, reply.text, verdict == "yes", verdict, usage, number)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import lru_cache
 
 from mics.answers import LATERALITY, answer_tokens
 from mics.steps import FINAL_MARKER
@@ -65,30 +66,43 @@ def before_final(text: str) -> str:
     return text if idx < 0 else text[:idx]
 
 
+@lru_cache(maxsize=4096)
+def _gold(ground_truth: str) -> tuple[str | None, tuple[str, ...], bool, tuple[str, ...]]:
+    """What the rule needs of a ground truth, worked out once per ground truth: its choice
+    letter (if any), its canonical tokens, whether they are distinctive, its content words."""
+    gold = ground_truth.strip()
+    letter = None
+    if (m := _LETTER_GOLD.match(gold)) is not None:
+        letter = m.group(1)
+        gold = gold[m.end():].strip()
+        if not gold:
+            return letter, (), False, ()
+    gold_tokens = answer_tokens(re.sub(r"\([^)]*\)", " ", gold)) or answer_tokens(gold)
+    words = tuple(content_words(gold))
+    n = len(gold_tokens)
+    distinctive = n > 1 or (n == 1 and (gold_tokens[0] in words
+                                         or not gold_tokens[0].isalpha()))
+    return letter, gold_tokens, distinctive, words
+
+
 def leaks_answer(step: str, ground_truth: str) -> bool:
     """Whether `step` states `ground_truth` before the final-answer line (see module doc)."""
     text = before_final(step)
-    gold = ground_truth.strip()
-    if not gold or not text.strip():
+    if not ground_truth.strip() or not text.strip():
         return False
-    letter = _LETTER_GOLD.match(gold)
-    if letter:
+    letter, gold_tokens, distinctive, words = _gold(ground_truth)
+    if letter is not None:
         named = re.search(rf"\b(?:answer|option|choice)\s*(?:is\s*)?[:\-]?\s*[(\[]?"
-                          rf"{letter.group(1)}\b(?![.\w]\w)", text, re.I)
+                          rf"{letter}\b(?![.\w]\w)", text, re.I)
         if named:
             return True
-        gold = gold[letter.end():].strip()
-        if not gold:
+        if not gold_tokens and not words:
             return False
     step_tokens = answer_tokens(text)
-    gold_tokens = answer_tokens(re.sub(r"\([^)]*\)", " ", gold)) or answer_tokens(gold)
     n = len(gold_tokens)
-    distinctive = n > 1 or (n == 1 and (gold_tokens[0] in content_words(gold)
-                                         or not gold_tokens[0].isalpha()))
     if distinctive and any(step_tokens[i:i + n] == gold_tokens
                            for i in range(len(step_tokens) - n + 1)):
         return True
-    words = content_words(gold)
     if not words:
         return False
     have = set(step_tokens)

@@ -24,7 +24,7 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -68,6 +68,8 @@ class _Env:
         self.unsynced = False
         self.commits = 0
         self.data_path = os.path.join(key, "data.mdb")
+        self.spans: list[tuple[int, int]] | None = None  # the map's address ranges, once read
+        self.spans_for = 0  # the map size they were read at
 
     def committed(self) -> None:
         """After a commit: fsync and unmap pages when due (caller holds the lock)."""
@@ -76,13 +78,22 @@ class _Env:
         _COMMITS += 1
         now = time.monotonic()
         if now - self.trimmed_at >= TRIM_INTERVAL_S:
-            _unmap_pages(self.data_path)
+            self._trim()
             self.trimmed_at = now
         if self.sync_interval_s is None:
             return
         self.unsynced = True
         if now - self.synced_at >= self.sync_interval_s:
             self.flush(now)
+
+    def _trim(self) -> None:
+        """Unmap this process's pages of the store's read-only map; the map's address is
+        looked up in /proc/self/maps once, and again only after the map was resized."""
+        size = self.env.info()["map_size"]
+        if self.spans is None or size != self.spans_for:
+            self.spans, self.spans_for = _map_spans(self.data_path), size
+        if not _unmap_spans(self.spans):
+            self.spans = None  # the map moved: look it up again next time
 
     def flush(self, now: float | None = None) -> None:
         """fsync every commit so far (caller holds the lock)."""
@@ -107,20 +118,29 @@ def _load_madvise() -> Callable[..., int] | None:
 _MADVISE = _load_madvise()
 
 
-def _unmap_pages(data_path: str) -> None:
-    """Drop this process's pages of the read-only shared map of ``data_path``; best effort."""
+def _map_spans(data_path: str) -> list[tuple[int, int]]:
+    """The address ranges of this process's read-only shared map of ``data_path``."""
     if _MADVISE is None:
-        return
+        return []
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            spans = [line.split(None, 5) for line in f if line.rstrip("\n").endswith(data_path)]
+            rows = [line.split(None, 5) for line in f if line.rstrip("\n").endswith(data_path)]
     except OSError:
-        return
-    for fields in spans:
+        return []
+    spans = []
+    for fields in rows:
         # only LMDB's read-only shared file map: its pages come back from the page cache
         if len(fields) == 6 and fields[1] == "r--s" and fields[5].rstrip("\n") == data_path:
             lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            _MADVISE(lo, hi - lo, _MADV_DONTNEED)
+            spans.append((lo, hi))
+    return spans
+
+
+def _unmap_spans(spans: list[tuple[int, int]]) -> bool:
+    """Drop the pages of ``spans`` (best effort); False if one is no longer mapped."""
+    if _MADVISE is None:
+        return True
+    return all(_MADVISE(lo, hi - lo, _MADV_DONTNEED) == 0 for lo, hi in spans)
 
 
 _COMMITS = 0  # write transactions committed by this process, all stores together
@@ -432,6 +452,17 @@ class RunStore:
         """The memoised reply for a call key, or None."""
         return self._get("memo", _key(key))
 
+    def memo_get_many(self, keys: Sequence[str]) -> list[dict | None]:
+        """The memoised replies for several call keys (None where missing), in one read."""
+        raw_keys = [_key(k) for k in keys]
+
+        def fn(txn: lmdb.Transaction, dbs: dict[str, Any]) -> list[dict | None]:
+            db = dbs["memo"]
+            return [None if (raw := txn.get(k, db=db)) is None else orjson.loads(raw)
+                    for k in raw_keys]
+
+        return self._read(fn)
+
     def memo_put(self, key: str, reply: dict, log: dict) -> int:
         """Store a reply and append ``log`` to the call log in one commit; return its seq.
 
@@ -448,6 +479,31 @@ class RunStore:
 
         self._write(op)
         return seq
+
+    def memo_put_many(self, entries: Sequence[tuple[str, dict, dict]]) -> list[int]:
+        """`memo_put` for several ``(key, reply, log)`` entries, all in one commit (or in the
+        enclosing `transaction()`); their seqs, in order."""
+        dbs = self._shared().dbs
+        memo, calls = dbs["memo"], dbs["calls"]
+        rows: list[tuple[bytes, bytes, bytes, bytes]] = []
+        seqs: list[int] = []
+        self._check_writable()
+        seq = self._seq["calls"]
+        for key, reply, log in entries:
+            seq += 1
+            rows.append((_key(key), _enc(reply), _seq_key(seq),
+                         _enc({**log, "key": key, "seq": seq})))
+            seqs.append(seq)
+        self._seq["calls"] = seq
+
+        def op(txn: lmdb.Transaction) -> None:
+            for k, value, seq_raw, entry_raw in rows:
+                txn.put(k, value, db=memo)
+                txn.put(seq_raw, entry_raw, db=calls)
+
+        if rows:
+            self._write(op)
+        return seqs
 
     def memo_count(self) -> int:
         """Number of memoised replies."""

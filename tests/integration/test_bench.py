@@ -129,3 +129,19 @@ def test_unmapping_store_pages_keeps_data_readable(tmp_path, monkeypatch):
             assert s.memo_get(f"k{i // 2}") == {"text": str(i // 2) * 200}
         assert s.memo_get("k123") == {"text": "123" * 200}
         assert s.memo_count() == 300
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="Linux only")
+def test_unmapping_follows_the_map_when_it_grows(tmp_path, monkeypatch):
+    """The trimmed address range is looked up again after the map is resized (it moves)."""
+    from store import lmdb_store
+
+    monkeypatch.setattr(lmdb_store, "TRIM_INTERVAL_S", 0.0)
+    with RunStore.open(tmp_path / "run", create=True, map_size=1 << 20) as s:
+        sizes = set()
+        for i in range(400):  # ~1.6 MB of replies: the 1 MB map doubles at least once
+            s.memo_put(f"k{i}", {"text": str(i % 10) * 4000}, {"role": "judge"})
+            sizes.add(s.stats()["map_size"])
+            assert s.memo_get(f"k{i // 2}") == {"text": str((i // 2) % 10) * 4000}
+        assert len(sizes) > 1  # the map really grew (and moved), trimmed after every commit
+        assert all(s.memo_get(f"k{i}") == {"text": str(i % 10) * 4000} for i in range(400))
