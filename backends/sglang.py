@@ -111,6 +111,7 @@ class SGLangRollout:
         self.check_lock = anyio.Lock()
         self._template: Any = None
         self._rendered: dict[Prompt, str] = {}  # bounded, oldest dropped first
+        self._seed_identity: dict[str, Any] | None = None
         self._warm_roots: dict[str, None] = {}  # insertion-ordered, bounded: an LRU of roots
         self.routers: dict[str, Router | None] = {}  # url -> its sglang-router, None: a server
 
@@ -313,7 +314,9 @@ class SGLangRollout:
     def seed(self, call: Call) -> int:
         """A sampling seed derived from the call's memo key, so a call re-sent after a lost
         reply samples the same text (on a deterministic-inference server)."""
-        return int(call_key(self.identity(), call)[:8], 16) & 0x7FFF_FFFF
+        if self._seed_identity is None:  # fixed once the model is built
+            self._seed_identity = self.identity()
+        return int(call_key(self._seed_identity, call)[:8], 16) & 0x7FFF_FFFF
 
     async def generate(self, url: str, calls: Sequence[Call], *, max_new_tokens: int | None = None,
                        raw_root: bool = False) -> list[Reply]:

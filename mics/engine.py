@@ -176,31 +176,43 @@ class Engine:
 
     async def search_question(self, q: Question) -> Outcome:
         """Grow one question's tree (fresh per question, B13) until a stop rule fires."""
-        self.store.delete_nodes(q.qid)
-        self.store.put_question(q.qid, {"status": "running", "index": q.index,
-                                        "question": q.to_dict()})
+        with self.store.transaction():  # one commit: the old tree out, the new one started
+            self.store.delete_nodes(q.qid)
+            self.store.put_question(q.qid, {"status": "running", "index": q.index,
+                                            "question": q.to_dict()})
+            self._put_root(q, 0)
         for attempt in range(self.search.restarts + 1):
-            outcome = await self._attempt(q, attempt)
+            outcome, last = await self._attempt(q, attempt)
             if outcome.stop_reason != "all_zero" or attempt == self.search.restarts:
                 break
+            self.store.put_nodes(q.qid, last)
         outcome.details["attempts"] = attempt + 1
-        self.store.put_question(q.qid, {
-            "status": outcome.status, "index": q.index, "question": q.to_dict(),
-            "stop_reason": outcome.stop_reason,
-            "retryable": outcome.stop_reason in (*RETRYABLE, DEFERRED),
-            "outcome": outcome.to_dict(),
-        })
+        with self.store.transaction():  # one commit: the deciding depth and the outcome
+            self.store.put_nodes(q.qid, last)
+            self.store.put_question(q.qid, {
+                "status": outcome.status, "index": q.index, "question": q.to_dict(),
+                "stop_reason": outcome.stop_reason,
+                "retryable": outcome.stop_reason in (*RETRYABLE, DEFERRED),
+                "outcome": outcome.to_dict(),
+            })
         self.on_done(outcome)
         return outcome
 
-    async def _attempt(self, q: Question, attempt: int) -> Outcome:
-        rng = policy.question_rng(self.search.seed, q.qid, attempt)
-        mentor_names = [m.config.name for m in self.models.mentors]
-        tree = _Tree(attempt=attempt, scores={m: [] for m in mentor_names})
+    def _put_root(self, q: Question, attempt: int) -> None:
         root = Node(node_id=f"a{attempt}.root", parent_id=None, attempt=attempt, depth=-1,
                     mentor=None, step=ROOT_TEXT, prefix=ROOT_TEXT, chain=ROOT_TEXT, chosen=True)
         self.store.put_nodes(q.qid, [(root.node_id, root.to_dict())])
-        tree.parent_id = root.node_id
+
+    async def _attempt(self, q: Question, attempt: int
+                       ) -> tuple[Outcome, list[tuple[str, dict[str, Any]]]]:
+        """One search from the root; the outcome and the deciding depth's nodes, which the
+        caller stores (with the outcome, in one commit)."""
+        rng = policy.question_rng(self.search.seed, q.qid, attempt)
+        mentor_names = [m.config.name for m in self.models.mentors]
+        tree = _Tree(attempt=attempt, scores={m: [] for m in mentor_names})
+        if attempt:  # attempt 0's root is written as the question starts
+            self._put_root(q, attempt)
+        tree.parent_id = f"a{attempt}.root"
         for depth in range(self.search.max_depth):
             tree.call_failures = []
             nodes, mentor_errors = await self._depth(q, tree, depth)
@@ -208,7 +220,7 @@ class Engine:
             if mentor_errors:
                 tree.mentor_errors[str(depth + 1)] = mentor_errors
             if tree.call_failures and self.search.on_call_failure == "defer":
-                return self._deferred(q, tree, depth)
+                return self._deferred(q, tree, depth), []
             by_mentor = {n.mentor: n for n in nodes}
             for m in mentor_names:
                 tree.scores[m].append(by_mentor[m].score if m in by_mentor else None)
@@ -217,12 +229,13 @@ class Engine:
                                      previous=tree.previous, past_scores=tree.scores, rng=rng)
             if decision.chosen:
                 by_mentor[decision.chosen].chosen = True
-            self.store.put_nodes(q.qid, [(n.node_id, n.to_dict()) for n in nodes])
+            rows = [(n.node_id, n.to_dict()) for n in nodes]
             outcome = self._outcome(q, tree, depth, decision, by_mentor, mentor_errors)
             if outcome is not None:
                 if tree.mentor_errors:  # mentors skipped along the way, with their causes
                     outcome.details["mentor_errors_by_depth"] = tree.mentor_errors
-                return outcome
+                return outcome, rows
+            self.store.put_nodes(q.qid, rows)
             chosen = by_mentor[decision.chosen]  # type: ignore[index]
             tree.previous.append(chosen.mentor or "")
             tree.prefix, tree.parent_id, tree.author = chosen.prefix, chosen.node_id, chosen.mentor

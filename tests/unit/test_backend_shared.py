@@ -8,6 +8,8 @@ from dataclasses import asdict
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backends.base import Call
 from backends.keys import call_key
@@ -37,6 +39,26 @@ def test_call_key_keeps_the_bytes_of_both_former_copies() -> None:
     assert call_key(None, CALL) == _sha({"prompt": prompt, "sampling": asdict(CALL.sampling),
                                          "sample": 2})
     assert call_key(None, CALL) != call_key({}, CALL)
+
+
+@settings(max_examples=200, deadline=None)
+@given(system=st.text(max_size=20), texts=st.lists(st.text(max_size=30), max_size=4),
+       temp=st.floats(0, 2), top_k=st.integers(-1, 100), index=st.integers(0, 9),
+       stop=st.lists(st.text(max_size=4), max_size=2),
+       identity=st.none() | st.dictionaries(st.text(max_size=8),
+                                            st.integers() | st.text(max_size=8), max_size=4))
+def test_call_key_equals_the_plain_sorted_json_hash(system, texts, temp, top_k, index, stop,
+                                                     identity) -> None:
+    """The key assembled from cached parts is the hash of the whole material, sorted."""
+    parts = tuple(Text(t) for t in texts) + (Image(IMG),)
+    call = Call(Prompt(system, parts), Sampling(temperature=temp, top_k=top_k,
+                                                stop=tuple(stop)), sample_index=index)
+    material = {"prompt": call.prompt.key_material(), "sampling": call.sampling.to_dict(),
+                "sample": index}
+    if identity is not None:
+        material["model"] = identity
+    assert call_key(identity, call) == _sha(material)
+    assert call_key(identity, call) == call_key(identity, call)  # cached parts agree
 
 
 @pytest.mark.parametrize(("text", "stop", "want"), [
