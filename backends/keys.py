@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -14,6 +13,8 @@ if TYPE_CHECKING:
 
 _SORT = orjson.OPT_SORT_KEYS
 _IDENTITIES: dict[int, tuple[dict[str, Any], bytes]] = {}  # id -> (the dict, its JSON)
+_PREFIXES: dict[tuple[bytes | None, Prompt], Any] = {}  # -> sha256 state after the prompt
+_MAX_PREFIXES = 4096
 
 
 def call_key(identity: dict[str, Any] | None, call: Call) -> str:
@@ -22,19 +23,23 @@ def call_key(identity: dict[str, Any] | None, call: Call) -> str:
     given, a model-independent call hash (the local backend's sampling seeds) when not.
 
     The hashed bytes are `orjson.dumps({"model": identity, "prompt": prompt.key_material(),
-    "sample": index, "sampling": sampling.to_dict()}, OPT_SORT_KEYS)`, assembled from parts
-    serialised once per prompt and per identity (the keys sort in that order)."""
-    head = b'{"model":' + _identity_json(identity) + b"," if identity is not None else b"{"
-    return hashlib.sha256(
-        head + b'"prompt":' + _prompt_json(call.prompt)
-        + b',"sample":' + orjson.dumps(call.sample_index)
-        + b',"sampling":' + orjson.dumps(call.sampling.to_dict(), option=_SORT) + b"}"
-    ).hexdigest()
-
-
-@lru_cache(maxsize=8192)
-def _prompt_json(prompt: Prompt) -> bytes:
-    return orjson.dumps(prompt.key_material(), option=_SORT)
+    "sample": index, "sampling": sampling.to_dict()}, OPT_SORT_KEYS)` (the keys sort in that
+    order). The hash of the part up to the prompt is kept per (identity, prompt), so the
+    samples and temperatures of one prompt hash it once."""
+    ident = _identity_json(identity) if identity is not None else None
+    slot = (ident, call.prompt)
+    head = _PREFIXES.get(slot)
+    if head is None:
+        head = hashlib.sha256(b'{"model":' + ident + b',"prompt":' if ident is not None
+                              else b'{"prompt":')
+        head.update(orjson.dumps(call.prompt.key_material(), option=_SORT))
+        _PREFIXES[slot] = head
+        if len(_PREFIXES) > _MAX_PREFIXES:
+            del _PREFIXES[next(iter(_PREFIXES))]  # the oldest
+    h = head.copy()
+    h.update(b',"sample":' + orjson.dumps(call.sample_index) + b',"sampling":'
+             + orjson.dumps(call.sampling.to_dict(), option=_SORT) + b"}")
+    return h.hexdigest()
 
 
 def _identity_json(identity: dict[str, Any]) -> bytes:
