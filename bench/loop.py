@@ -220,23 +220,13 @@ CHATML = (
 
 
 def write_chat_tokenizer(out: Path) -> Path:
-    """A minimal tokenizer folder whose only job is the ChatML chat template the sglang
-    backend renders prompts with (no training, no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "[UNK]": 3}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                      pad_token="<|endoftext|>", unk_token="[UNK]")
-    wrapped.chat_template = CHATML
-    wrapped.save_pretrained(out)
-    # The sglang backend imports AutoTokenizer on its first render, inside the event loop: a
-    # one-off stall of seconds per process. Import it here, before anything is timed.
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(out)
+    """A minimal model folder whose only job is the ChatML chat template the sglang backend
+    renders prompts with: a `tokenizer_config.json` with the template and its special tokens
+    (what `backends.template_source` reads; no transformers, no tokenizer files)."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"chat_template": CHATML, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+              "unk_token": "[UNK]", "model_max_length": 32768}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return out
 
 
