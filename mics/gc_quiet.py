@@ -10,26 +10,33 @@ is raised; both are undone on exit. Only when objects are freed changes, never w
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 GEN0_THRESHOLD = 20_000
-_depth = 0  # nested runs (a bench running the engine inside another run) freeze once
+_lock = threading.Lock()
+_depth = 0  # runs inside quiet_gc now, over all threads: the first freezes, the last restores
+_saved: tuple[int, ...] = ()  # the thresholds before the first one
 
 
 @contextmanager
 def quiet_gc() -> Iterator[None]:
-    """Freeze the objects that exist now and collect young ones less often, until exit."""
-    global _depth
-    _depth += 1
-    saved = gc.get_threshold()
-    if _depth == 1:
-        gc.freeze()
-        gc.set_threshold(max(saved[0], GEN0_THRESHOLD), *saved[1:])
+    """Freeze the objects that exist now and collect young ones less often, until exit.
+    Nested or concurrent uses (several searches, on several threads) share one quiet period:
+    the settings from before the first are restored when the last one ends."""
+    global _depth, _saved
+    with _lock:
+        _depth += 1
+        if _depth == 1:
+            _saved = gc.get_threshold()
+            gc.freeze()
+            gc.set_threshold(max(_saved[0], GEN0_THRESHOLD), *_saved[1:])
     try:
         yield
     finally:
-        _depth -= 1
-        if _depth == 0:
-            gc.set_threshold(*saved)
-            gc.unfreeze()
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                gc.set_threshold(*_saved)
+                gc.unfreeze()

@@ -43,3 +43,28 @@ def test_quiet_gc_restores_after_an_error() -> None:
         pass
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+def test_quiet_gc_on_two_threads_restores_the_settings_from_before_both() -> None:
+    """Two searches on two threads, ending in the other order than they began."""
+    import threading
+
+    before = gc.get_threshold()
+    first_in, second_in, first_may_leave = (threading.Event() for _ in range(3))
+
+    def first() -> None:
+        with quiet_gc():
+            first_in.set()
+            second_in.wait(5)
+            first_may_leave.wait(5)
+
+    t = threading.Thread(target=first)
+    t.start()
+    first_in.wait(5)
+    with quiet_gc():  # enters while the first is inside, leaves after it
+        second_in.set()
+        first_may_leave.set()
+        t.join(5)
+        assert gc.get_threshold()[0] == max(before[0], GEN0_THRESHOLD)  # still quiet
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
