@@ -14,6 +14,7 @@ import io
 import os
 import threading
 from collections import OrderedDict
+from contextvars import ContextVar
 from pathlib import Path
 
 from PIL import Image as PILImage
@@ -59,7 +60,10 @@ class ImageCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def data_url(self, image: ImageRef, max_side: int = 0) -> str:
+    def data_url(self, image: ImageRef, max_side: int = 0,
+                 directory: Path | None = None) -> str:
+        """The image's data URL; persisted under `directory` (default: this cache's own)."""
+        directory = directory if directory is not None else self.directory
         key = (image.sha256, image.mime, max_side)
         with self._lock:
             url = self._memory.get(key)
@@ -67,12 +71,12 @@ class ImageCache:
                 self._memory.move_to_end(key)
                 self.memory_hits += 1
                 return url
-        url = self._read(key)
+        url = self._read(key, directory)
         if url is None:
             url = encode(image.path, image.mime, max_side)
             with self._lock:
                 self.encodes += 1
-            self._write(key, url)
+            self._write(key, url, directory)
         else:
             with self._lock:
                 self.disk_hits += 1
@@ -86,14 +90,15 @@ class ImageCache:
                     "memory_hits": self.memory_hits, "entries": len(self._memory),
                     "memory_bytes": self._bytes}
 
-    def _file(self, key: tuple[str, str, int]) -> Path | None:
-        if self.directory is None:
+    @staticmethod
+    def _file(key: tuple[str, str, int], directory: Path | None) -> Path | None:
+        if directory is None:
             return None
         sha, mime, side = key
-        return self.directory / f"{sha}-{mime.replace('/', '_')}-{side}.url"
+        return directory / f"{sha}-{mime.replace('/', '_')}-{side}.url"
 
-    def _read(self, key: tuple[str, str, int]) -> str | None:
-        path = self._file(key)
+    def _read(self, key: tuple[str, str, int], directory: Path | None) -> str | None:
+        path = self._file(key, directory)
         if path is None:
             return None
         try:
@@ -101,8 +106,8 @@ class ImageCache:
         except (OSError, UnicodeDecodeError):
             return None
 
-    def _write(self, key: tuple[str, str, int], url: str) -> None:
-        path = self._file(key)
+    def _write(self, key: tuple[str, str, int], url: str, directory: Path | None) -> None:
+        path = self._file(key, directory)
         if path is None:
             return
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -126,11 +131,15 @@ class ImageCache:
 
 
 _cache = ImageCache()
+_directory: ContextVar[Path | None] = ContextVar("mics_image_cache_directory", default=None)
 
 
 def use_directory(directory: Path | None) -> None:
-    """Persist encodings under `directory` (None: memory only) from now on in this process."""
-    _cache.directory = Path(directory) if directory is not None else None
+    """Persist encodings under `directory` (None: memory only) from now on in this context:
+    the calling task and the tasks it starts afterwards (a search run and its calls), so two
+    runs in one process (two threads, two event loops) each keep their own folder. The
+    in-memory cache is shared: it is keyed by content."""
+    _directory.set(Path(directory) if directory is not None else None)
 
 
 def cache() -> ImageCache:
@@ -138,6 +147,13 @@ def cache() -> ImageCache:
     return _cache
 
 
+def set_cache(new: ImageCache) -> ImageCache:
+    """Make `new` the process-wide cache (a benchmark's fresh one); returns the one before."""
+    global _cache
+    old, _cache = _cache, new
+    return old
+
+
 def data_url(image: ImageRef, max_side: int = 0) -> str:
     """The image as a data URL, downscaled so its longest side is <= max_side (0: unchanged)."""
-    return _cache.data_url(image, max_side)
+    return _cache.data_url(image, max_side, _directory.get())

@@ -79,7 +79,7 @@ def run_images(images: int = 2000, concurrency: int = 64, passes: int = 2, width
     if work_dir is None:
         tmp = tempfile.mkdtemp(prefix="mics-bench-images-")
         work_dir = Path(tmp)
-    saved = images_module._cache
+    saved = images_module.cache()
     try:
         refs = write_images(Path(work_dir) / "images", images, width, height, seed)
         calls = [Call(Prompt("You are a radiologist.",
@@ -92,7 +92,8 @@ def run_images(images: int = 2000, concurrency: int = 64, passes: int = 2, width
         run_dir = Path(work_dir) / "run"
         with LoopbackServer({"m0": {"role": "mentor"}}, seed=seed) as srv:
             for label in ("run", "resume"):
-                cache = images_module._cache = ImageCache(run_dir / CACHE_DIR_NAME)
+                cache = ImageCache(run_dir / CACHE_DIR_NAME)
+                images_module.set_cache(cache)
                 with RunStore.open(run_dir / label, write=True, create=True) as store:
                     model = OpenAIChat(ModelConfig(
                         name="m0", backend="openai", model="m0", base_url=f"{srv.url}/v1",
@@ -114,6 +115,6 @@ def run_images(images: int = 2000, concurrency: int = 64, passes: int = 2, width
         out["memory_budget_mb"] = round(images_module.MEMORY_BUDGET_BYTES / 2**20, 1)
         return out
     finally:
-        images_module._cache = saved
+        images_module.set_cache(saved)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

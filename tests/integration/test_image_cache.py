@@ -90,3 +90,28 @@ def test_images_bench_command_writes_its_figures(tmp_path: Path) -> None:
     r = orjson.loads(out.read_bytes())["images"]
     assert r["encodes"] == 40 == r["distinct_images"] and r["resume_encodes"] == 0
     assert r["requests"] == 80 and r["failed"] == 0
+
+
+def test_two_runs_on_two_threads_keep_their_own_cache_folders(tmp_path: Path) -> None:
+    """`use_directory` is per context: a run on another thread does not redirect this one's."""
+    import threading
+
+    from backends import images
+
+    refs = [_jpeg(tmp_path / f"i{i}.jpg", 50 + i) for i in range(2)]
+    folders = [tmp_path / "run-a" / "image-cache", tmp_path / "run-b" / "image-cache"]
+    a_set, b_set = threading.Event(), threading.Event()
+
+    def run(i: int, mine: threading.Event, other: threading.Event) -> None:
+        images.use_directory(folders[i])
+        mine.set()
+        other.wait(5)  # the other run has set its folder too
+        images.data_url(refs[i], 64)
+
+    threads = [threading.Thread(target=run, args=(0, a_set, b_set)),
+               threading.Thread(target=run, args=(1, b_set, a_set))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert [len(list(f.glob("*.url"))) for f in folders] == [1, 1]
