@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 import httpx
 import orjson
+import yarl
 
 _JSON = {"content-type": "application/json"}
 
@@ -97,6 +98,7 @@ class AioClient:
         self._ssl: ssl.SSLContext | bool = (ssl_context() if self.base_url.startswith("https:")
                                             else False)
         self._proxy = env_proxy(self.base_url)
+        self._urls: dict[str, yarl.URL] = {}
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -126,7 +128,9 @@ class AioClient:
     async def _request(self, method: str, path: str, body: bytes | None,
                        headers: dict[str, str] | None) -> Response:
         session = self._open()
-        url = self.base_url + path
+        url = self._urls.get(path)
+        if url is None:  # parsed once per path, not per request
+            url = self._urls[path] = yarl.URL(self.base_url + path)
         try:
             async with session.request(method, url, data=body, headers=headers,
                                        allow_redirects=False, proxy=self._proxy) as r:
