@@ -431,24 +431,28 @@ def _first(group: BaseExceptionGroup, kind: type[BaseException] | tuple[type[Bas
 
 
 def summarize(store: RunStore) -> RunSummary:
-    """Counts by status and stop reason, computed from the store."""
+    """Counts by status and stop reason, computed from the store (from its status counts:
+    no record is read unless some question is deferred)."""
     summary = RunSummary(run_dir=str(store.run_dir))
     reasons: Counter[str] = Counter()
     by_endpoint: Counter[str] = Counter()
-    for _qid, status, stop_reason in store.question_statuses():
-        summary.questions += 1
+    for (status, stop_reason), n in store.question_counts().items():
+        summary.questions += n
         if status == "succeeded":
-            summary.succeeded += 1
+            summary.succeeded += n
         elif status == "failed":
-            summary.failed += 1
+            summary.failed += n
+        elif status == "deferred":
+            summary.deferred += n
         else:
-            summary.pending += 1
+            summary.pending += n
         if stop_reason:
-            reasons[stop_reason] += 1
-        if status == "deferred":
-            summary.deferred += 1
-            summary.pending -= 1
-            rec = store.get_question(_qid) or {}
+            reasons[stop_reason] += n
+    if summary.deferred:  # which endpoints they wait for: from their records
+        for qid, status, _stop in store.question_statuses():
+            if status != "deferred":
+                continue
+            rec = store.get_question(qid) or {}
             for name in ((rec.get("outcome") or {}).get("details") or {}).get("endpoints", []):
                 by_endpoint[name] += 1
     summary.stop_reasons = dict(sorted(reasons.items()))
