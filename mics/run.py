@@ -322,12 +322,22 @@ def relocate_dataset(store: RunStore, data: Path, image_root: Path | None) -> No
         store.put_meta("dataset", moved)
 
 
-def dataset_total(dataset: dict[str, Any]) -> int | None:
-    """Records the run reads (for progress and ETA); None when not countable cheaply."""
+def dataset_total(dataset: dict[str, Any], store: RunStore | None = None) -> int | None:
+    """Records the run reads (for progress and ETA); None when not countable cheaply.
+
+    With `store` (only once the dataset was checked unchanged, see dataset_items) the count is
+    read from the store when it was counted before for the same content, else counted and
+    stored: a resume does not read the whole file again for it."""
     path = Path(dataset["path"])
     if not path.is_file():
         return None
-    total = count_records(path)
+    cached = store.get_meta("dataset_records") if store is not None else None
+    if cached is not None and cached.get("sha256") == dataset["sha256"]:
+        total = cached["records"]
+    else:
+        total = count_records(path)
+        if store is not None and store.writable:
+            store.put_meta("dataset_records", {"sha256": dataset["sha256"], "records": total})
     limit = dataset.get("limit")
     return min(total, limit) if total is not None and limit is not None else total
 
@@ -363,7 +373,7 @@ async def search_run(
         retry = infra_failed(store) if retry_failed else set()
         items = dataset_items(dataset, store, on_done, config.dataset.format, retry)
         point = resume_point(store, dataset)
-        total = dataset_total(dataset)
+        total = dataset_total(dataset, store)
         if on_start:
             on_start(total, *((point["ok"], point["failed"]) if point else (0, 0)))
         models = models or build_models(config)
