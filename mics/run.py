@@ -402,7 +402,7 @@ async def search_run(
             with anyio.CancelScope(shield=True):  # close clients even when the owner cancels
                 await models.aclose()
         mark_resume_point(store, dataset, config.dataset.format)
-        summary = summarize(store)
+        summary = summarize(store, from_records=False)  # kept counts: no record read
         summary.total = total
         summary.calls = dict(gate.counts)
         summary.tokens = gate.tokens
@@ -440,13 +440,24 @@ def _first(group: BaseExceptionGroup, kind: type[BaseException] | tuple[type[Bas
     return None
 
 
-def summarize(store: RunStore) -> RunSummary:
-    """Counts by status and stop reason, computed from the store (from its status counts:
-    no record is read unless some question is deferred)."""
+def summarize(store: RunStore, *, from_records: bool = True) -> RunSummary:
+    """Counts by status and stop reason, computed from the store.
+
+    `from_records`: count from every question record (each one is read, so a damaged record is
+    a StoreError), as `mics status` and `Run.summary()` do. Otherwise from the counts the store
+    keeps beside the records (the closing summary of search_run: no record is read unless some
+    question is deferred, so it does not grow with the finished questions)."""
     summary = RunSummary(run_dir=str(store.run_dir))
     reasons: Counter[str] = Counter()
     by_endpoint: Counter[str] = Counter()
-    for (status, stop_reason), n in store.question_counts().items():
+    deferred_qids: list[str] | None = None
+    if from_records:
+        statuses = store.question_statuses()
+        counts: dict[tuple[str, str | None], int] = Counter((s, r) for _q, s, r in statuses)
+        deferred_qids = [q for q, s, _r in statuses if s == "deferred"]
+    else:
+        counts = store.question_counts()
+    for (status, stop_reason), n in counts.items():
         summary.questions += n
         if status == "succeeded":
             summary.succeeded += n
@@ -459,9 +470,9 @@ def summarize(store: RunStore) -> RunSummary:
         if stop_reason:
             reasons[stop_reason] += n
     if summary.deferred:  # which endpoints they wait for: from their records
-        for qid, status, _stop in store.question_statuses():
-            if status != "deferred":
-                continue
+        if deferred_qids is None:
+            deferred_qids = [q for q, s, _r in store.question_statuses() if s == "deferred"]
+        for qid in deferred_qids:
             rec = store.get_question(qid) or {}
             for name in ((rec.get("outcome") or {}).get("details") or {}).get("endpoints", []):
                 by_endpoint[name] += 1
