@@ -103,7 +103,7 @@ def worker(questions: int, work_dir: Path, concurrency: int, seed: int = 0) -> d
         "commits_per_s": round(commits / seconds, 1),
         "questions_per_s": round(questions / seconds, 2),
         "peak_rss_mb": round(peak, 1) if peak is not None else None,
-        # the peak before search_run's closing summary (which reads every question record)
+        # the peak while searching, before search_run's closing summary
         "peak_rss_search_mb": samples[-1]["peak_mb"] if samples else None,
         "start_rss_mb": start_mem["rss_mb"],
         "peak_anon_mb_sampled": max(anon) if anon else None,

@@ -1,12 +1,23 @@
-"""`mics bench resume`: how long an interrupted run of ≥ N stored nodes takes to open and resume,
-and (``--finished N``) how long a run with images and N finished records takes to its first new
-call.
+"""`mics bench resume`: how long a fresh process takes to resume a run.
 
-A child process searches enough synthetic questions (zero-latency simulated models, full
-persistence) to store at least `nodes` tree nodes, and is interrupted (SIGINT, as Ctrl-C) when
-all but `concurrency` questions are finished, so the last ones are left mid-search. A fresh
-child process then times `mics.run.search_run` on that run: open the store, check the dataset,
-skip the finished questions, replay the interrupted ones from the call memo and finish them.
+``--nodes N`` (`run_resume`): a child process searches enough synthetic questions (zero-latency
+simulated models, full persistence) to store at least N tree nodes, and is interrupted (SIGINT,
+as Ctrl-C) when all but `concurrency` questions are finished, so the last ones are left
+mid-search. A fresh child process then times `mics.run.search_run` on that run: open the store,
+check the dataset, skip the finished questions, replay the interrupted ones from the call memo
+and finish them. Only those few questions are replayed, so this hardly grows with N; the
+finished records are what `--finished` grows.
+
+``--finished N`` (`run_finished`): whether resuming grows with the finished records. Four runs,
+N/10 and N records finished (stored as the session that finished them leaves them: records,
+resume point, dataset stat and record count, synced), each with no image and with one 384x384
+PNG per record (64 distinct files), and `fresh` (8) records still to search. A fresh child
+process (`python -m bench.resume --timed-resume`) resumes each as `mics resume` does; the
+figures are seconds from the moment that process is started (interpreter start-up and imports
+included), and from the call of search_run, to the first new model call and to done (every
+question searched, resume point marked, closing summary counted), plus the last new call to
+done. Each run is then checked: no finished question was called again, and the fresh questions'
+trees and export rows equal those of a run that searched only them from scratch.
 """
 
 from __future__ import annotations
@@ -102,29 +113,40 @@ def _write_images(folder: Path, side: int, seed: int) -> list[str]:
     return names
 
 
+def _finished_record(rid: str, i: int, image: str | None) -> dict[str, Any]:
+    """A finished question's stored record, about the size of a real one (~3.5 KB)."""
+    return {"status": "succeeded", "index": i, "stop_reason": "full_score", "retryable": False,
+            "question": {"qid": rid, "question": "q" * 400, "gt_answer": "a",
+                         "image_paths": [image] if image else []},
+            "outcome": {"qid": rid, "status": "succeeded", "stop_reason": "full_score",
+                        "reasoning": "r" * 3000}}
+
+
 def build_finished(run_dir: Path, finished: int, fresh: int, seed: int = 0,
-                   image_side: int = 384) -> dict[str, Any]:
-    """A run over `finished + fresh` records with one image each, `finished` stored as done
-    (written straight to the store: searching 100k questions first would take an hour)."""
+                   image_side: int = 384, images: bool = True) -> dict[str, Any]:
+    """A run over `finished + fresh` records (with one image each, or none), the first
+    `finished` stored as done, as the session that finished them would have left the run
+    (records, resume point, dataset stat, synced to disk). The records are written straight
+    to the store: searching 100k questions first would take an hour."""
     import random
 
     import orjson
 
     from bench.common import question_record
     from mics.config import parse_config
-    from mics.run import describe_dataset, mark_resume_point, record_run
+    from mics.run import dataset_items, dataset_total, describe_dataset, record_run
     from store import RunStore
 
     t0 = time.perf_counter()
-    image_dir = run_dir.with_name(run_dir.name + "-images")
-    images = _write_images(image_dir, image_side, seed)
+    image_dir = run_dir.with_name(run_dir.name + "-images") if images else None
+    names = _write_images(image_dir, image_side, seed) if image_dir else []
     data = run_dir.with_name(run_dir.name + "-questions.jsonl")
     rng = random.Random(seed)
     rids = []
     with data.open("wb") as f:
         for i in range(finished + fresh):
             rec = question_record(i, rng)
-            rec["images"] = [images[i % len(images)]]
+            rec["images"] = [names[i % len(names)]] if names else []
             rids.append(rec["rid"])
             f.write(orjson.dumps(rec) + b"\n")
     dataset = describe_dataset(data, image_dir, None)
@@ -133,47 +155,125 @@ def build_finished(run_dir: Path, finished: int, fresh: int, seed: int = 0,
         for start in range(0, finished, 5_000):
             with store.transaction():
                 for i in range(start, min(finished, start + 5_000)):
-                    store.put_question(rids[i], {  # about the size of a real record
-                        "status": "succeeded", "index": i, "stop_reason": "full_score",
-                        "retryable": False,
-                        "question": {"qid": rids[i], "question": "q" * 400, "gt_answer": "a",
-                                     "image_paths": [images[i % len(images)]]},
-                        "outcome": {"qid": rids[i], "status": "succeeded",
-                                    "stop_reason": "full_score", "reasoning": "r" * 3000}})
-        mark_resume_point(store, dataset)  # as the session that finished them would have
-    return {"finished": finished, "fresh": fresh, "image_side": image_side,
-            "build_s": round(time.perf_counter() - t0, 3)}
+                    store.put_question(rids[i], _finished_record(
+                        rids[i], i, names[i % len(names)] if names else None))
+        # as the finishing session: dataset checked (stat stored), resume point marked,
+        # records counted once
+        dataset_items(dataset, store)
+        dataset_total(dataset, store)
+    _fsync(run_dir / "store" / "data.mdb")  # that session's close fsynced; sync=False did not
+    return {"finished": finished, "fresh": fresh, "images": images,
+            "image_side": image_side if images else None,
+            "store_mb": round(_size(run_dir / "store") / 2**20, 1),
+            "dataset_mb": round(data.stat().st_size / 2**20, 1),
+            "fresh_rids": rids[finished:], "build_s": round(time.perf_counter() - t0, 3)}
 
 
-def first_call(run_dir: Path, t_start: float) -> dict[str, Any]:
-    """Resume the run; seconds from `t_start` (process start) and from the call of
-    search_run to the first new model call (the call log's first entry)."""
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def timed_resume(run_dir: Path, t_start: float) -> dict[str, Any]:
+    """Resume the run as `mics resume` does (search_run); seconds from `t_start` (process
+    start) and from the call of search_run to its first new model call (the call log's first
+    entry) and to done (search_run returned: every question searched, resume point marked,
+    closing summary counted from the store)."""
     from mics.run import search_run
     from store import RunStore
 
     t_call = time.time()
     summary = anyio.run(search_run, run_dir)
+    t_done = time.time()
     with RunStore.open(run_dir, write=False) as store:
-        first = min(e["t"] for e in store.iter_calls())
-    return {"first_call_s": round(first - t_start, 3),
+        calls = store.iter_calls()
+    first = min(e["t"] for e in calls) if calls else math.nan
+    last = max(e["t"] for e in calls) if calls else math.nan
+    return {"first_call_s": round(first - t_start, 3), "done_s": round(t_done - t_start, 3),
             "first_call_after_search_run_s": round(first - t_call, 3),
-            "questions": summary.questions, "sent": summary.calls.get("sent", 0)}
+            "done_after_search_run_s": round(t_done - t_call, 3),
+            "last_call_to_done_s": round(t_done - last, 3),
+            "questions": summary.questions, "succeeded": summary.succeeded,
+            "failed": summary.failed, "pending": summary.pending,
+            "sent": summary.calls.get("sent", 0),
+            "called_qids": sorted({e.get("qid", "") for e in calls})}
 
 
-def run_first_call(finished: int = 100_000, fresh: int = 8, seed: int = 0,
-                   work_dir: Path | None = None, timeout_s: float = 3600) -> dict[str, Any]:
-    """Time to the first new call after starting `resume` on runs with images and
-    finished/10 and `finished` finished records (flat: finished questions open no image)."""
+def fresh_exports_identical(run_dir: Path, fresh_rids: list[str]) -> bool:
+    """The resumed run's exports of its fresh questions equal those of a run that searched
+    only those records from scratch (same config, same images), never resumed."""
+    from mics.run import load_run, search_run, start_run
+    from store import RunStore
+
+    data = run_dir.with_name(run_dir.name + "-questions.jsonl")
+    ref_data = run_dir.with_name(run_dir.name + "-fresh.jsonl")
+    with RunStore.open(run_dir, write=False) as store:
+        config, dataset = load_run(store)
+        resumed = _export_rows(store, fresh_rids)
+    wanted = set(fresh_rids)
+    with data.open("rb") as src, ref_data.open("wb") as out:
+        for line in src:
+            if json.loads(line)["rid"] in wanted:
+                out.write(line)
+    ref = run_dir.with_name(run_dir.name + "-fresh-run")
+    root = dataset["image_root"]
+    start_run(ref, config, ref_data, Path(root) if root else None, None)
+    anyio.run(search_run, ref)
+    with RunStore.open(ref, write=False) as store:
+        return resumed == _export_rows(store, fresh_rids) and len(resumed) == len(fresh_rids)
+
+
+def _export_rows(store: Any, qids: list[str]) -> dict[str, Any]:
+    """Every export format's rows of `qids`, with the stored trees (finished questions only)."""
+    from mics.export import FORMATS, export_rows, run_image_root
+
+    root = run_image_root(store)
+    rows: dict[str, Any] = {}
+    for qid in qids:
+        rec = store.get_question(qid)
+        if rec is None or rec.get("status") not in ("succeeded", "failed"):
+            continue
+        nodes = store.get_nodes(qid)
+        rows[qid] = {"outcome": rec.get("outcome"), "nodes": nodes, **{
+            f: export_rows(f, qid, rec, nodes, False, root) for f in FORMATS if f != "reference"}}
+    return rows
+
+
+def run_finished(finished: int = 100_000, fresh: int = 8, seed: int = 0,
+                 work_dir: Path | None = None, timeout_s: float = 3600,
+                 image_side: int = 384) -> dict[str, Any]:
+    """Time a fresh `resume` process, from its start to the first new call and to done, on
+    runs with finished/10 and `finished` finished records, each with and without images.
+
+    Each run is built in one child process and resumed in another; the fresh questions'
+    exports are then checked against a run that searched only them."""
     rows = []
-    with tempfile.TemporaryDirectory(prefix="mics-bench-first-call-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mics-bench-resume-finished-") as tmp:
         where = Path(work_dir) if work_dir is not None else Path(tmp)
         for n in sorted({max(1, finished // 10), finished}):
-            run_dir = where / f"finished{n}"
-            built, _ = _child("--build-finished", "--finished", str(n), "--fresh", str(fresh),
-                              "--seed", str(seed), "--dir", str(run_dir), timeout_s=timeout_s)
-            resumed, wall = _child("--first-call", "--dir", str(run_dir), timeout_s=timeout_s)
-            rows.append({**built, **resumed, "process_s": round(wall, 3)})
-    return {"runs": rows, "fresh": fresh}
+            for images in (False, True):
+                run_dir = where / f"finished{n}-{'images' if images else 'text'}"
+                built, _ = _child("--build-finished", "--finished", str(n), "--fresh",
+                                  str(fresh), "--seed", str(seed), "--image-side",
+                                  str(image_side), "--images" if images else "--no-images",
+                                  "--dir", str(run_dir), timeout_s=timeout_s)
+                spawned = time.time()  # "process start": the moment the child is started
+                resumed, wall = _child("--timed-resume", "--dir", str(run_dir), "--t-start",
+                                       repr(spawned), timeout_s=timeout_s)
+                fresh_rids = built.pop("fresh_rids")
+                called = resumed.pop("called_qids")
+                rows.append({**built, **resumed, "process_s": round(wall, 3),
+                             "calls_for_finished": len(set(called) - set(fresh_rids)),
+                             "fresh_exports_identical": fresh_exports_identical(
+                                 run_dir, fresh_rids)})
+    return {"runs": rows, "fresh": fresh, "seed": seed}
 
 
 def _child(*args: str, timeout_s: float) -> tuple[dict[str, Any], float]:
@@ -220,7 +320,8 @@ def run_resume(nodes: int = 10_000, concurrency: int = 8, seed: int = 0,
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Child entry point: `python -m bench.resume --build|--resume --dir RUN`."""
+    """Child entry point: `python -m bench.resume --build|--resume|--build-finished|
+    --timed-resume --dir RUN`."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m bench.resume")
@@ -228,9 +329,12 @@ def main(argv: list[str] | None = None) -> None:
     mode.add_argument("--build", action="store_true")
     mode.add_argument("--resume", action="store_true")
     mode.add_argument("--build-finished", action="store_true")
-    mode.add_argument("--first-call", action="store_true")
+    mode.add_argument("--timed-resume", action="store_true")
     ap.add_argument("--finished", type=int, default=100_000)
     ap.add_argument("--fresh", type=int, default=8)
+    ap.add_argument("--images", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--image-side", type=int, default=384)
+    ap.add_argument("--t-start", type=float, default=None)
     ap.add_argument("--dir", type=Path, required=True)
     ap.add_argument("--questions", type=int, default=1_500)
     ap.add_argument("--concurrency", type=int, default=8)
@@ -238,9 +342,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.build_finished:
         args.dir.parent.mkdir(parents=True, exist_ok=True)
-        result = build_finished(args.dir, args.finished, args.fresh, args.seed)
-    elif args.first_call:
-        result = first_call(args.dir, PROCESS_START)
+        result = build_finished(args.dir, args.finished, args.fresh, args.seed,
+                                args.image_side, args.images)
+    elif args.timed_resume:
+        result = timed_resume(args.dir, PROCESS_START if args.t_start is None else args.t_start)
     elif args.build:
         args.dir.mkdir(parents=True, exist_ok=True)
         result = build(args.dir, args.questions, args.concurrency, args.seed)

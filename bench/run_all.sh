@@ -25,4 +25,5 @@ else
     mics bench overhead --questions 10000 --json "$OUT/overhead.json"
 fi
 mics bench resume --nodes 10000 --json "$OUT/resume.json"
+mics bench resume --finished 100000 --json "$OUT/resume-finished.json"
 echo "figures in $OUT/"

@@ -171,7 +171,7 @@ def overhead(
         ("store commits per second", r["commits_per_s"], f"{r['commits']:,} commits"),
         ("peak RSS (MB)", r["peak_rss_mb"], "acceptance: < 400 at 10,000 questions"),
         ("peak RSS before the closing summary (MB)", r["peak_rss_search_mb"],
-         "search_run ends by reading every question"),
+         "before search_run's closing summary"),
         ("heap (RssAnon) first -> last sample (MB)",
          f"{fmt(rss[0]['anon_mb'])} -> {fmt(rss[-1]['anon_mb'])}" if rss else None,
          f"{len(rss)} samples as questions finish"),
@@ -189,15 +189,21 @@ def resume(
     concurrency: Annotated[int, typer.Option(min=1, help="Questions at once.")] = 8,
     seed: int = 0,
     finished: Annotated[int, typer.Option(
-        min=0, help="Instead: time to the first new call on runs with images and N/10 and N "
-        "finished records (e.g. 100000).")] = 0,
+        min=0, help="Instead: time a resume from start to its first new call and to done on "
+        "runs with N/10 and N finished records, with and without images (e.g. 100000).")] = 0,
+    fresh: Annotated[int, typer.Option(
+        min=1, help="With --finished: questions left to search.")] = 8,
+    image_side: Annotated[int, typer.Option(
+        min=8, help="With --finished: side of the square PNG each record has (images runs).")
+    ] = 384,
     json_out: JsonOut = None,
     work_dir: WorkDir = None,
 ) -> None:
     """Time to open an interrupted run of >= NODES nodes and resume it (fresh process), or
-    with --finished N the time from start to the first new call on a run with images."""
+    with --finished N the time from start to the first new call and to done on runs with
+    N/10 and N finished records, with and without images."""
     if finished:
-        _first_call(finished, seed, json_out, work_dir)
+        _resume_finished(finished, fresh, image_side, seed, json_out, work_dir)
         return
     from bench.resume import run_resume
 
@@ -216,18 +222,32 @@ def resume(
     _finish("resume", r, json_out)
 
 
-def _first_call(finished: int, seed: int, json_out: Path | None, work_dir: Path | None) -> None:
-    from bench.resume import run_first_call
+def _resume_finished(finished: int, fresh: int, image_side: int, seed: int,
+                     json_out: Path | None, work_dir: Path | None) -> None:
+    from bench.resume import run_finished
 
-    with console.status(f"building runs with images and up to {finished:,} finished records"):
-        r = run_first_call(finished, seed=seed, work_dir=work_dir)
-    rows = []
+    with console.status(f"building runs with up to {finished:,} finished records"):
+        r = run_finished(finished, fresh, seed=seed, work_dir=work_dir, image_side=image_side)
+    t = Table(title=f"mics bench resume --finished {finished}: a fresh resume process, "
+              f"{fresh} questions left", show_header=True, header_style="bold")
+    for name in ("finished", "images", "first new call (s)", "done (s)",
+                 "first call / done after search_run began (s)", "last call to done (s)",
+                 "store / dataset (MB)", "exports of the new ones identical"):
+        t.add_column(name, justify="left" if name == "images" else "right")
     for row in r["runs"]:
-        rows.append((f"first new call, {row['finished']:,} finished (s)", row["first_call_s"],
-                     f"from process start; {row['first_call_after_search_run_s']} s after "
-                     "search_run began"))
-    console.print(table("mics bench resume --finished", rows))
-    _finish("resume-first-call", r, json_out)
+        t.add_row(fmt(row["finished"]), f"{row['image_side']}px PNG" if row["images"] else "no",
+                  fmt(row["first_call_s"]), fmt(row["done_s"]),
+                  f"{fmt(row['first_call_after_search_run_s'])} / "
+                  f"{fmt(row['done_after_search_run_s'])}",
+                  fmt(row["last_call_to_done_s"]),
+                  f"{fmt(row['store_mb'])} / {fmt(row['dataset_mb'])}",
+                  fmt(row["fresh_exports_identical"] and row["calls_for_finished"] == 0))
+    console.print(t)
+    console.print("[dim]Times from the moment the resume process is started (interpreter "
+                  "start-up and imports included); done: every question searched and the closing "
+                  "summary counted. Exports: the new questions' rows equal those of a run that "
+                  "searched only them, and no finished question was called.[/]")
+    _finish("resume-finished", r, json_out)
 
 
 @bench_app.command("prefix")

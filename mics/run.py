@@ -322,12 +322,22 @@ def relocate_dataset(store: RunStore, data: Path, image_root: Path | None) -> No
         store.put_meta("dataset", moved)
 
 
-def dataset_total(dataset: dict[str, Any]) -> int | None:
-    """Records the run reads (for progress and ETA); None when not countable cheaply."""
+def dataset_total(dataset: dict[str, Any], store: RunStore | None = None) -> int | None:
+    """Records the run reads (for progress and ETA); None when not countable cheaply.
+
+    With `store` (only once the dataset was checked unchanged, see dataset_items) the count is
+    read from the store when it was counted before for the same content, else counted and
+    stored: a resume does not read the whole file again for it."""
     path = Path(dataset["path"])
     if not path.is_file():
         return None
-    total = count_records(path)
+    cached = store.get_meta("dataset_records") if store is not None else None
+    if cached is not None and cached.get("sha256") == dataset["sha256"]:
+        total = cached["records"]
+    else:
+        total = count_records(path)
+        if store is not None and store.writable:
+            store.put_meta("dataset_records", {"sha256": dataset["sha256"], "records": total})
     limit = dataset.get("limit")
     return min(total, limit) if total is not None and limit is not None else total
 
@@ -363,7 +373,7 @@ async def search_run(
         retry = infra_failed(store) if retry_failed else set()
         items = dataset_items(dataset, store, on_done, config.dataset.format, retry)
         point = resume_point(store, dataset)
-        total = dataset_total(dataset)
+        total = dataset_total(dataset, store)
         if on_start:
             on_start(total, *((point["ok"], point["failed"]) if point else (0, 0)))
         models = models or build_models(config)
@@ -392,7 +402,7 @@ async def search_run(
             with anyio.CancelScope(shield=True):  # close clients even when the owner cancels
                 await models.aclose()
         mark_resume_point(store, dataset, config.dataset.format)
-        summary = summarize(store)
+        summary = summarize(store, from_records=False)  # kept counts: no record read
         summary.total = total
         summary.calls = dict(gate.counts)
         summary.tokens = gate.tokens
@@ -430,25 +440,40 @@ def _first(group: BaseExceptionGroup, kind: type[BaseException] | tuple[type[Bas
     return None
 
 
-def summarize(store: RunStore) -> RunSummary:
-    """Counts by status and stop reason, computed from the store."""
+def summarize(store: RunStore, *, from_records: bool = True) -> RunSummary:
+    """Counts by status and stop reason, computed from the store.
+
+    `from_records`: count from every question record (each one is read, so a damaged record is
+    a StoreError), as `mics status` and `Run.summary()` do. Otherwise from the counts the store
+    keeps beside the records (the closing summary of search_run: no record is read unless some
+    question is deferred, so it does not grow with the finished questions)."""
     summary = RunSummary(run_dir=str(store.run_dir))
     reasons: Counter[str] = Counter()
     by_endpoint: Counter[str] = Counter()
-    for _qid, status, stop_reason in store.question_statuses():
-        summary.questions += 1
+    deferred_qids: list[str] | None = None
+    if from_records:
+        statuses = store.question_statuses()
+        counts: dict[tuple[str, str | None], int] = Counter((s, r) for _q, s, r in statuses)
+        deferred_qids = [q for q, s, _r in statuses if s == "deferred"]
+    else:
+        counts = store.question_counts()
+    for (status, stop_reason), n in counts.items():
+        summary.questions += n
         if status == "succeeded":
-            summary.succeeded += 1
+            summary.succeeded += n
         elif status == "failed":
-            summary.failed += 1
+            summary.failed += n
+        elif status == "deferred":
+            summary.deferred += n
         else:
-            summary.pending += 1
+            summary.pending += n
         if stop_reason:
-            reasons[stop_reason] += 1
-        if status == "deferred":
-            summary.deferred += 1
-            summary.pending -= 1
-            rec = store.get_question(_qid) or {}
+            reasons[stop_reason] += n
+    if summary.deferred:  # which endpoints they wait for: from their records
+        if deferred_qids is None:
+            deferred_qids = [q for q, s, _r in store.question_statuses() if s == "deferred"]
+        for qid in deferred_qids:
+            rec = store.get_question(qid) or {}
             for name in ((rec.get("outcome") or {}).get("details") or {}).get("endpoints", []):
                 by_endpoint[name] += 1
     summary.stop_reasons = dict(sorted(reasons.items()))

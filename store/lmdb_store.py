@@ -235,6 +235,42 @@ def _take_lock(run_dir: Path) -> int:
     return fd
 
 
+_COUNTS_KEY = b"question_counts"  # meta: {"n": questions, "by": [[status, stop, n], ...]}
+_Counts = dict[tuple[str, str | None], int]
+
+
+def _status_of(rec: dict) -> tuple[str, str | None]:
+    return rec.get("status", ""), rec.get("stop_reason")
+
+
+def _enc_counts(counts: _Counts, n: int) -> bytes:
+    return _enc({"n": n, "by": [[s, r, c] for (s, r), c in sorted(
+        counts.items(), key=lambda kv: str(kv[0]))]})
+
+
+def _valid_counts(txn: lmdb.Transaction, dbs: dict[str, Any], stored: dict) -> _Counts | None:
+    """The stored counts, or None when they do not add up to the stored questions (a run
+    written before they were kept, or by a writer that did not keep them)."""
+    if not isinstance(stored, dict) or stored.get("n") != txn.stat(dbs["questions"])["entries"]:
+        return None
+    return {(s, r): c for s, r, c in stored.get("by", [])}
+
+
+def _scan_counts(txn: lmdb.Transaction, dbs: dict[str, Any]) -> _Counts:
+    counts: _Counts = {}
+    for v in txn.cursor(db=dbs["questions"]).iternext(keys=False):
+        key = _status_of(orjson.loads(v))
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _counts_in(txn: lmdb.Transaction, dbs: dict[str, Any]) -> _Counts:
+    """The counts as of this (write) transaction, counted from the records when missing."""
+    raw = txn.get(_COUNTS_KEY, db=dbs["meta"])
+    counts = None if raw is None else _valid_counts(txn, dbs, orjson.loads(raw))
+    return _scan_counts(txn, dbs) if counts is None else counts
+
+
 class RunStore:
     """The persistent state of one run: config, questions, trees, call memo and log, failures."""
 
@@ -520,8 +556,24 @@ class RunStore:
     # ---------------------------------------------------------------- questions
 
     def put_question(self, qid: str, rec: dict) -> None:
-        """Store (replace) a question's record."""
-        self._put("questions", _key(qid), _enc(rec))
+        """Store (replace) a question's record; the run's status counts follow in the same
+        commit (see question_counts)."""
+        k, value, dbs = _key(qid), _enc(rec), self._shared().dbs
+        new = _status_of(rec)
+
+        def op(txn: lmdb.Transaction) -> None:
+            counts = _counts_in(txn, dbs)
+            old = txn.get(k, db=dbs["questions"])
+            if old is not None:
+                was = _status_of(orjson.loads(old))
+                left = counts.pop(was, 0) - 1
+                if left > 0:
+                    counts[was] = left
+            counts[new] = counts.get(new, 0) + 1
+            txn.put(k, value, db=dbs["questions"])
+            txn.put(_COUNTS_KEY, _enc_counts(counts, sum(counts.values())), db=dbs["meta"])
+
+        self._write(op)
 
     def get_question(self, qid: str) -> dict | None:
         """A question's record, or None."""
@@ -544,6 +596,33 @@ class RunStore:
             return out
 
         return self._read(fn)
+
+    def question_counts(self) -> dict[tuple[str, str | None], int]:
+        """``(status, stop_reason) -> questions`` over every stored question, as
+        question_statuses would count them, without reading the records: put_question keeps
+        the counts in ``meta`` in the same commit as the record. A run written before they
+        were kept (or whose question count no longer matches them) is counted from its records
+        once; a writer stores the result."""
+        def fn(txn: lmdb.Transaction, dbs: dict[str, Any]
+               ) -> dict[tuple[str, str | None], int] | None:
+            raw = txn.get(_COUNTS_KEY, db=dbs["meta"])
+            return None if raw is None else _valid_counts(txn, dbs, orjson.loads(raw))
+
+        counts = self._read(fn)
+        if counts is not None:
+            return counts
+        if not self.writable or self._batch is not None:
+            return self._read(_scan_counts)
+        out: list[dict[tuple[str, str | None], int]] = []
+        dbs = self._shared().dbs
+
+        def op(txn: lmdb.Transaction) -> None:
+            out.clear()
+            out.append(_counts_in(txn, dbs))
+            txn.put(_COUNTS_KEY, _enc_counts(out[0], sum(out[0].values())), db=dbs["meta"])
+
+        self._write(op)
+        return dict(out[0])
 
     def question_count(self) -> int:
         """Number of stored questions."""

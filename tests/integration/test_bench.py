@@ -75,6 +75,22 @@ def test_resume_smoke(tmp_path):
     assert r["memo_hits_on_resume"] > 0  # the interrupted questions were replayed from the memo
 
 
+def test_resume_finished_smoke(tmp_path):
+    r = bench("resume", "--finished", "200", "--fresh", "2", "--image-side", "16",
+              "--json", str(tmp_path / "f.json"))["resume-finished"]
+    runs = r["runs"]
+    assert [(x["finished"], x["images"]) for x in runs] == [
+        (20, False), (20, True), (200, False), (200, True)]
+    for x in runs:
+        assert x["questions"] == x["finished"] + 2 and x["pending"] == 0 and x["sent"] > 0
+        assert x["succeeded"] + x["failed"] == x["questions"]
+        assert x["calls_for_finished"] == 0  # no finished question was searched again
+        assert x["fresh_exports_identical"] is True
+        assert 0 < x["first_call_s"] <= x["done_s"] and x["first_call_s"] <= x["process_s"]
+        assert 0 < x["first_call_after_search_run_s"] <= x["done_after_search_run_s"]
+        assert x["image_side"] == (16 if x["images"] else None)
+
+
 def test_prefix_smoke(tmp_path):
     pytest.importorskip("transformers")
     r = bench("prefix", "--models", "tiny", "--questions", "1", "--depths", "1", "--no-vlm",

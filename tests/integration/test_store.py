@@ -245,3 +245,87 @@ def test_reader_follows_map_growth_of_writer(run_dir: Path) -> None:
         out, err = proc.communicate("\n", timeout=60)
         assert proc.returncode == 0, err
         assert out.split() == ["300", "299"]
+
+
+def _scanned(s: RunStore) -> dict[tuple[str, str | None], int]:
+    """The counts as question_statuses gives them, record by record."""
+    out: dict[tuple[str, str | None], int] = {}
+    for _qid, status, stop in s.question_statuses():
+        out[(status, stop)] = out.get((status, stop), 0) + 1
+    return out
+
+
+def _kept(s: RunStore) -> dict[tuple[str, str | None], int]:
+    """The counts as stored beside the records (not recounted from them)."""
+    stored = s.get_meta("question_counts")
+    assert stored["n"] == s.question_count()
+    return {(st, stop): n for st, stop, n in stored["by"]}
+
+
+def test_question_counts_follow_every_write(run_dir: Path) -> None:
+    import random
+
+    rng = random.Random(7)
+    statuses = [{"status": "running"}, {"status": "succeeded", "stop_reason": "full_score"},
+                {"status": "failed", "stop_reason": "max_depth"}, {"status": "deferred",
+                "stop_reason": "deferred"}, {"index": 3}, {"status": "failed"}]
+    with RunStore.open(run_dir, create=True, map_size=64 << 10) as s:
+        assert s.question_counts() == {}
+        for step in range(400):
+            qid = f"q{rng.randrange(60)}"
+            rec = {**rng.choice(statuses), "pad": "x" * rng.randrange(3000)}
+            if step % 50 == 0:  # a group, with replacements of records put in it
+                with s.transaction():
+                    for k in range(30):
+                        s.put_question(f"q{rng.randrange(80)}", {**rng.choice(statuses), "k": k})
+            elif step % 77 == 0:  # a discarded group changes nothing
+                with pytest.raises(RuntimeError), s.transaction():
+                    s.put_question(qid, rec)
+                    s.put_question("never", rec)
+                    raise RuntimeError
+            else:
+                s.put_question(qid, rec)
+            if step % 20 == 0:
+                assert _kept(s) == _scanned(s) == s.question_counts()
+        assert _kept(s) == _scanned(s) == s.question_counts()
+        assert sum(s.question_counts().values()) == s.question_count()
+    with RunStore.open(run_dir, write=False) as r:
+        assert r.question_counts() == _scanned(r)
+
+
+def _raw_write(run_dir: Path, db: bytes, key: bytes, value: bytes | None) -> None:
+    """Write (or delete) one entry with lmdb itself, bypassing RunStore."""
+    import lmdb
+
+    env = lmdb.open(str(run_dir / "store"), max_dbs=10)
+    try:
+        with env.begin(write=True) as txn:
+            handle = env.open_db(db, txn=txn)
+            if value is None:
+                txn.delete(key, db=handle)
+            else:
+                txn.put(key, value, db=handle)
+    finally:
+        env.close()
+
+
+def test_question_counts_of_a_run_that_did_not_keep_them(run_dir: Path) -> None:
+    import orjson
+
+    with RunStore.open(run_dir, create=True) as s:
+        for i in range(5):
+            s.put_question(f"q{i}", {"status": "succeeded", "stop_reason": "full_score"})
+    # a writer that kept no counts stores one more record
+    _raw_write(run_dir, b"questions", b"q9", orjson.dumps({"status": "failed"}))
+    want = {("succeeded", "full_score"): 5, ("failed", None): 1}
+    with RunStore.open(run_dir, write=False) as r:
+        assert r.question_counts() == want  # counted from the records: they no longer add up
+    _raw_write(run_dir, b"meta", b"question_counts", None)  # a run from before they were kept
+    with RunStore.open(run_dir, write=False) as r:
+        assert r.question_counts() == want and r.get_meta("question_counts") is None
+    with RunStore.open(run_dir) as s:
+        assert s.question_counts() == want  # a writer counts once and keeps them
+        assert s.get_meta("question_counts")["n"] == 6
+        s.put_question("q0", {"status": "running"})
+        assert s.question_counts() == {("succeeded", "full_score"): 4, ("failed", None): 1,
+                                       ("running", None): 1}
