@@ -564,8 +564,11 @@ class RunStore:
         def op(txn: lmdb.Transaction) -> None:
             counts = _counts_in(txn, dbs)
             old = txn.get(k, db=dbs["questions"])
-            if old is not None:
-                was = _status_of(orjson.loads(old))
+            try:
+                was = _status_of(orjson.loads(old)) if old is not None else None
+            except orjson.JSONDecodeError:  # a damaged record being replaced: the counts'
+                was = None  # total no longer matches, so the next reader recounts
+            if was is not None:
                 left = counts.pop(was, 0) - 1
                 if left > 0:
                     counts[was] = left
