@@ -121,7 +121,7 @@ def _search(run_dir: Path, questions: int, seed: int) -> None:
     anyio.run(search_run, run_dir)
 
 
-def group_puts(entries: Sequence[tuple[str, dict, dict]]) -> list[Put]:
+def group_puts(entries: Sequence[Entry]) -> list[Put]:
     """Call-log order back into the gate's puts: an intern batch (consecutive entries of one
     question and intern) is one put; a mentor or judge call is one put of its own."""
     puts: list[Put] = []
