@@ -15,6 +15,7 @@ mics bench loop --questions 200 --cap 16 --preset fast --json "$OUT/loop-fast.js
 mics bench loop --questions 200 --cap 64 --preset fast --sharded-questions 64 \
     --json "$OUT/loop-fast-cap64.json"
 "$PY" -m bench.http_clients --json "$OUT/http-clients.json"
+mics bench parts --json "$OUT/parts.json"
 mics bench images --images 2000 --concurrency 64 --json "$OUT/images.json"
 if [[ "${QUICK:-0}" == 1 ]]; then
     mics bench prefix --models tiny --json "$OUT/prefix.json"

@@ -1,4 +1,5 @@
-"""`mics bench ...`: loop, overhead, resume and prefix benchmarks, each one command, one run.
+"""`mics bench ...`: loop, overhead, resume, prefix, images and parts benchmarks, each one
+command, one run.
 
 Every command prints a rich table and, with `--json FILE`, writes the figures with the machine
 (cores, RAM, Python, package versions) and the exact command (see bench/common.py).
@@ -41,7 +42,8 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     _common().write_json(path, payload)
 
 bench_app = typer.Typer(no_args_is_help=True, add_completion=False,
-                        help="Benchmarks: engine vs reference order, overhead, resume, prefix.")
+                        help="Benchmarks: engine vs reference order, overhead, resume, "
+                             "prefix, images, our own CPU per call (parts).")
 console = Console()
 
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")]
@@ -324,6 +326,83 @@ def images(
     ]))
     _finish("images", r, json_out)
     if not r["encodes_equal_distinct"] or r["resume_encodes"]:
+        raise typer.Exit(1)
+
+
+@bench_app.command("parts")
+def parts(
+    replies: Annotated[int, typer.Option(min=1, help="Replies stored per path.")] = 4000,
+    puts_per_turn: Annotated[float | None, typer.Option(
+        min=1.0, help="Gate calls whose replies arrive in one event-loop turn (default: 1.77, "
+        "as measured on the loop workload, --preset fast --cap 16).")] = None,
+    calls: Annotated[int, typer.Option(min=1, help="Calls per task through the gate.")] = 500,
+    tasks: Annotated[str, typer.Option(help="Concurrent tasks through the gate, e.g. 16,64.")
+                     ] = "16,64",
+    cap: Annotated[int, typer.Option(min=1, help="The endpoint's max_concurrency.")] = 16,
+    prompts: Annotated[int, typer.Option(min=1, help="Intern prompts rendered per family.")
+                       ] = 1000,
+    repeats: Annotated[int, typer.Option(min=1, help="Best of this many, interleaved.")] = 3,
+    seed: int = 0,
+    json_out: JsonOut = None,
+    work_dir: WorkDir = None,
+) -> None:
+    """Our own CPU per call, before and after issue 15: storing replies, gate primitives and
+    prompt rendering, old and new side by side in one run (bench/parts.py)."""
+    from dataclasses import replace
+
+    from bench.parts import PartsSettings, run_parts
+
+    try:
+        counts = tuple(int(t) for t in tasks.split(",") if t.strip())
+    except ValueError:
+        raise typer.BadParameter(f"--tasks: comma-separated numbers, got {tasks!r}") from None
+    if not counts or min(counts) < 1:
+        raise typer.BadParameter(f"--tasks: comma-separated numbers >= 1, got {tasks!r}")
+    settings = PartsSettings(replies=replies, calls=calls, tasks=counts, cap=cap,
+                             prompts=prompts, repeats=repeats, seed=seed)
+    if puts_per_turn is not None:
+        settings = replace(settings, puts_per_turn=puts_per_turn)
+    r = run_parts(settings, work_dir, progress=lambda m: console.print(f"[dim]{m}[/]"))
+    st, issue = r["storing"], r["issue_ms"]
+    t = Table(title="mics bench parts: our own CPU per call (ms), old and new in one run",
+              header_style="bold")
+    for col in ("item", "old", "new", "new / old", "issue 15 (old)", "note"):
+        t.add_column(col, justify="left" if col in ("item", "note") else "right")
+
+    def row(item: str, fig: dict[str, Any], issue_ms: float | None, note: str) -> None:
+        t.add_row(item, fmt(fig["old_ms"]), fmt(fig["new_ms"]), fmt(fig["ratio"]),
+                  fmt(issue_ms), note)
+
+    row("storing a reply", st["measured"], issue["storing"],
+        f"{fmt(st['puts_per_turn'])} calls' replies per turn; commits per reply "
+        f"{fmt(st['measured']['old_commits_per_reply'])} -> "
+        f"{fmt(st['measured']['new_commits_per_reply'])}")
+    row("  one reply per turn (worst case)", st["one_per_turn"], None,
+        f"commits per reply {fmt(st['one_per_turn']['new_commits_per_reply'])}")
+    for n, g in r["gate"].items():
+        row(f"gate primitives, {n} tasks", g, issue["gate"] if n == str(counts[0]) else None,
+            f"cap {g['cap']}; the call alone {fmt(g['call_ms'])} ms, subtracted")
+    for family, g in r["render"].items():
+        row(f"rendering a prompt, {family}", g, None,
+            f"{g['prompts']:,} prompts, {g['images']:,} images; strings equal")
+    text = r["render"]["text"]
+    t.add_row("  text, old = transformers", fmt(text["transformers_ms"]), fmt(text["new_ms"]),
+              fmt(text["ratio_vs_transformers"]), fmt(issue["render"]),
+              "apply_chat_template, the renderer before issue 15")
+    for n, tot in r["total"].items():
+        row(f"total, gate at {n} tasks", tot, issue["total"],
+            f"goal: new <= old / 2 ({fmt(tot['halved'])}); issue's goal "
+            f"{fmt(r['goal_ms'])} ms ({fmt(tot['within_issue_goal'])})")
+        t.add_row("  old renderer = transformers", fmt(tot["old_transformers_ms"]),
+                  fmt(tot["new_ms"]), fmt(tot["ratio_vs_transformers"]), "", "")
+    console.print(t)
+    console.print(f"[dim]stores identical (memo and call log, old and new): "
+                  f"{fmt(st['stores_identical'])}; harness {fmt(st['harness_ms_per_reply'])} ms "
+                  "per reply subtracted; issue 15's figures were measured before the change, "
+                  "on its own machine and code[/]")
+    _finish("parts", r, json_out)
+    if not st["stores_identical"]:
+        console.print("[bold red]the old and new paths stored different memos or call logs[/]")
         raise typer.Exit(1)
 
 

@@ -161,3 +161,29 @@ def test_unmapping_follows_the_map_when_it_grows(tmp_path, monkeypatch):
             assert s.memo_get(f"k{i // 2}") == {"text": str((i // 2) % 10) * 4000}
         assert len(sizes) > 1  # the map really grew (and moved), trimmed after every commit
         assert all(s.memo_get(f"k{i}") == {"text": str(i % 10) * 4000} for i in range(400))
+
+
+def test_parts_smoke(tmp_path):
+    pytest.importorskip("transformers")
+    r = bench("parts", "--replies", "150", "--calls", "20", "--tasks", "4,8", "--prompts", "20",
+              "--repeats", "1", "--json", str(tmp_path / "parts.json"))["parts"]
+    st = r["storing"]
+    assert st["replies"] == 150 and st["stores_identical"] is True
+    for pattern in ("measured", "one_per_turn"):
+        row = st[pattern]
+        assert row["old_commits"] == 150 and row["commits_match_turns"] is True
+        assert row["old_ms"] >= 0 and row["new_ms"] >= 0
+    assert st["one_per_turn"]["new_commits"] == 150  # nothing to group: a commit per reply
+    assert st["measured"]["new_commits"] < 150 and st["puts_per_turn"] == 1.77
+    assert set(r["gate"]) == {"4", "8"} and r["gate"]["8"]["calls"] == 160
+    assert set(r["render"]) == {"text", "qwen2-vl", "internvl"}
+    assert all(x["equal"] is True and x["prompts"] == 20 for x in r["render"].values())
+    assert r["render"]["text"]["images"] == 0 < r["render"]["internvl"]["images"]
+    assert r["render"]["text"]["transformers_ms"] > 0  # the pre-issue-15 renderer, equal too
+    for n, tot in r["total"].items():  # the total is the sum of the three items
+        parts = (st["measured"], r["gate"][n], r["render"]["text"])
+        assert tot["old_ms"] == pytest.approx(sum(p["old_ms"] for p in parts))
+        assert tot["new_ms"] == pytest.approx(sum(p["new_ms"] for p in parts))
+        assert tot["old_transformers_ms"] == pytest.approx(
+            tot["old_ms"] - r["render"]["text"]["old_ms"] + r["render"]["text"]["transformers_ms"])
+    assert r["issue_ms"]["total"] == 0.242 and r["goal_ms"] == pytest.approx(0.121)
