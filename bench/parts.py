@@ -339,11 +339,35 @@ def measure_gate(tasks: int, calls: int, cap: int, repeats: int) -> dict[str, An
 # ---------------------------------------------------------------- 3. prompt rendering
 
 
+def write_transformers_tokenizer(out: Path) -> Path:
+    """The loop's ChatML template in a folder transformers' AutoTokenizer can load too (a
+    WordLevel tokenizer; no training, no download): what the sglang backend rendered with
+    before issue 15, kept as this bench's baseline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from bench.loop import CHATML
+
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "[UNK]": 3}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                      pad_token="<|endoftext|>", unk_token="[UNK]")
+    wrapped.chat_template = CHATML
+    wrapped.save_pretrained(out)
+    return out
+
+
 def template_folders(work_dir: Path) -> dict[str, Path]:
-    """A tokenizer folder per family: the loop's (text) and the published VL templates."""
+    """A tokenizer folder per family: the loop's ChatML (text; loadable by transformers when
+    it is installed) and the published VL templates."""
     from bench.loop import write_chat_tokenizer
 
-    folders = {"text": write_chat_tokenizer(work_dir / "tok-text")}
+    try:
+        text = write_transformers_tokenizer(work_dir / "tok-text")
+    except ImportError:  # the Jinja and fast paths need only the template
+        text = write_chat_tokenizer(work_dir / "tok-text")
+    folders = {"text": text}
     for family, config in (("qwen2-vl", {"chat_template": QWEN2_VL_TEMPLATE}),
                            ("internvl", {"chat_template": INTERNVL_TEMPLATE,
                                          "bos_token": "<s>", "eos_token": "<|im_end|>"})):
