@@ -26,6 +26,7 @@ from mics.analysis import (
     tree_summary,
 )
 from mics.config import RunConfig, load_config
+from mics.records import StoredQuestion, read_nodes
 from mics.run import search_run, start_run
 from store import RunStore
 
@@ -57,7 +58,7 @@ def test_trees_match_the_store(run):
             assert nx.is_arborescence(g)
             s = tree_summary(g)
             assert s["node_count"] == len(nodes) and s["depth"] == rec["outcome"]["final_depth"]
-            assert s["stop_kind"] == stop_kind(rec)
+            assert s["stop_kind"] == stop_kind(StoredQuestion.from_record(qid, rec))
             if rec["status"] == "succeeded":
                 assert s["path_mentors"] == rec["outcome"]["generated_by"]
                 assert s["chosen_path"][-1] == rec["outcome"]["details"]["node"]
@@ -134,12 +135,12 @@ def test_prices_by_model_id_and_validation(tmp_path):
 def test_restarts_give_a_forest_and_the_last_attempt_path(tmp_path):
     run = build_fixed_run(tmp_path / "r", on_all_zero="restart:1")
     with RunStore.open(run, write=False) as store:
-        nodes = store.get_nodes("q1")
+        nodes = read_nodes(store, "q1")
         g = load_tree(store, "q1")
-    assert {n["attempt"] for n in nodes} == {0, 1}
+    assert {n.attempt for n in nodes} == {0, 1}
     assert tree_summary(g)["attempts"] == 2
     assert nx.number_weakly_connected_components(g) == 2
-    assert all(n["attempt"] == 1 for n in chosen_path(nodes))
+    assert all(n.attempt == 1 for n in chosen_path(nodes))
 
 
 def test_kappa():
