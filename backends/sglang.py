@@ -221,7 +221,7 @@ class SGLangRollout:
             version = parse_version((server or {}).get("version"))
             self.versions[url] = version
             if self.options.family == "internvl":
-                self._choose_placeholder(url, version)
+                self._placeholder = self.placeholder_for(url, version)
             if self.options.check_model:
                 self.check_served(url, info)
             self._checked.add(url)
@@ -242,9 +242,13 @@ class SGLangRollout:
             return data if isinstance(data, dict) else {}
         return None
 
-    def _choose_placeholder(self, url: str, version: Version | None) -> None:
+    def placeholder_for(self, url: str, version: Version | None) -> str:
+        """InternVL's image placeholder for the server at `url` running SGLang `version`:
+        options.image_placeholder when set, else the version's; FatalError when the server
+        reports no version, or when it wants another placeholder than the servers checked
+        before (the first one checked decides)."""
         if self.options.image_placeholder:
-            return
+            return self.options.image_placeholder
         if version is None:
             raise FatalError(f"{self.config.name}: SGLang server at {url} does not report its "
                              "version (/server_info, /get_server_info), and InternVL's image "
@@ -256,7 +260,7 @@ class SGLangRollout:
                              f"placeholder ({url} runs SGLang {'.'.join(map(str, version))}, "
                              f"which wants {wanted}; another wants {self._placeholder}); run "
                              "one SGLang version or set options.image_placeholder")
-        self._placeholder = wanted
+        return wanted
 
     def check_served(self, url: str, info: dict[str, Any]) -> None:
         """The server's names (`model_path` is the launch path as typed, `served_model_name` is
