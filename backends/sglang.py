@@ -33,7 +33,7 @@ from backends.base import (
     TransientError,
     gather,
 )
-from backends.chat_templates import messages, render_prompt
+from backends.chat_templates import jinja_render, render_prompt
 from backends.http import api_key, check_response, make_client, transport_error
 from backends.images import data_url
 from backends.keys import call_key
@@ -149,8 +149,7 @@ class SGLangRollout:
         image = lambda: f"{self.placeholder()}\n"  # noqa: E731 - the server's, as below
         if (fast := render_prompt(self._tokenizer(), family, prompt, image)) is not None:
             return fast  # the known templates, without Jinja (equal to apply_chat_template)
-        return self._tokenizer().apply_chat_template(messages(prompt, family, image),
-                                                     tokenize=False, add_generation_prompt=True)
+        return jinja_render(self._tokenizer(), prompt, family, image)
 
     def _images(self, prompt: Prompt) -> list[str]:
         if self.options.family == "text":

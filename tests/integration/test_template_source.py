@@ -21,7 +21,8 @@ from test_chat_templates import (
     _prompts,
 )
 
-from backends.chat_templates import compile_template, messages, render_prompt
+from backends.chat_templates import compile_template, render_prompt
+from backends.messages import family_messages
 from backends.template_source import ChatTemplate, ChatTemplateError, load_chat_template
 from mics.errors import ConfigError, FatalError
 from mics.types import Prompt, Text
@@ -77,7 +78,7 @@ def _assert_same(ours: ChatTemplate, theirs, seed: int = 0) -> None:  # noqa: AN
     rendered = 0
     for family in FAMILIES:
         for prompt in _prompts(60, seed=seed):
-            chat = messages(prompt, family)
+            chat = family_messages(prompt, family)
             for gen in (True, False):
                 mine = _outcome(ours.apply_chat_template, chat, gen)
                 assert mine == _outcome(theirs.apply_chat_template, chat, gen), (family, prompt)
@@ -176,7 +177,7 @@ def test_compiled_fast_path_works_on_the_jinja2_template(tmp_path: Path, tokeniz
     assert compile_template(ours, family) is not None
     for prompt in _prompts(80, seed=11):
         assert render_prompt(ours, family, prompt) == theirs.apply_chat_template(
-            messages(prompt, family), tokenize=False, add_generation_prompt=True)
+            family_messages(prompt, family), tokenize=False, add_generation_prompt=True)
 
 
 def test_content_dependent_template_still_falls_back(tmp_path: Path, tokenizer_dir: Path) -> None:
@@ -290,7 +291,7 @@ def test_internvl_fast_path_uses_the_servers_placeholder(tmp_path: Path, tokeniz
     for prompt in with_images:
         fast = render_prompt(ours, "internvl", prompt, lambda: f"{placeholder}\n")
         assert fast == theirs.apply_chat_template(
-            messages(prompt, "internvl", f"{placeholder}\n"), tokenize=False,
+            family_messages(prompt, "internvl", f"{placeholder}\n"), tokenize=False,
             add_generation_prompt=True)
     assert sum(render_prompt(ours, "internvl", p, lambda: f"{placeholder}\n").count(placeholder)
                for p in with_images) > 0
