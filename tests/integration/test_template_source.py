@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, Imports, command_imports
 from test_chat_templates import (
     INTERNVL,
     QWEN2_TEXT,
@@ -229,19 +227,6 @@ def test_a_hub_id_is_found_in_the_local_hf_cache(tmp_path: Path, tokenizer_dir: 
         load_chat_template("org/other", "i0")
 
 
-LEAN = """
-import sys
-from cli.app import main
-sys.argv = ["mics", *{args!r}]
-try:
-    main()
-except SystemExit as e:
-    code = e.code
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
-print("HEAVY", heavy, "EXIT", code, "JINJA", "jinja2" in sys.modules)
-"""
-
-
 def test_search_with_sglang_interns_never_imports_torch_or_transformers(
         tmp_path: Path, tokenizer_dir: Path) -> None:
     from bench.loopback import LoopbackServer
@@ -264,11 +249,9 @@ def test_search_with_sglang_interns_never_imports_torch_or_transformers(
             f'base_url = "{srv.url}/v1"', ""]))
         args = ["search", data, "--image-root", images, "-c", cfg, "--run", tmp_path / "R",
                 "--limit", "2"]
-        proc = subprocess.run([sys.executable, "-c", LEAN.format(args=[str(a) for a in args])],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        report = command_imports(*args)
         generated = [body for path, body in srv.bodies if path.endswith("/generate")]
-    assert proc.stdout.strip().splitlines()[-1] == "HEAVY [] EXIT 0 JINJA True", \
-        proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert report == Imports(heavy=[], code=0, jinja=True)
     texts = [t for body in generated for t in
              (body["text"] if isinstance(body["text"], list) else [body["text"]])]
     assert texts, "no /generate request reached the server"
