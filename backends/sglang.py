@@ -34,7 +34,7 @@ from backends.base import (
     gather,
 )
 from backends.chat_templates import jinja_render, render_prompt
-from backends.http import api_key, check_response, make_client, transport_error
+from backends.http import api_key, check_response, json_body, make_client, transport_error
 from backends.images import data_url
 from backends.keys import call_key
 from backends.sglang_router import Router, check_mode, generate_each, router_for
@@ -234,10 +234,7 @@ class SGLangRollout:
             if resp.status_code == 404:
                 continue
             check_response(resp, cfg)
-            try:
-                data = resp.json()
-            except ValueError:
-                raise TransientError(f"{cfg.name} at {url}: malformed JSON from {route}") from None
+            data = json_body(resp, f"{cfg.name} at {url}", route)
             return data if isinstance(data, dict) else {}
         return None
 
@@ -340,10 +337,7 @@ class SGLangRollout:
             raise transport_error(e, cfg) from None
         check_response(resp, cfg)
         latency = time.perf_counter() - start
-        try:
-            data = resp.json()
-        except ValueError:
-            raise TransientError(f"{cfg.name} at {url}: malformed JSON from /generate") from None
+        data = json_body(resp, f"{cfg.name} at {url}", "/generate")
         items = data if isinstance(data, list) else [data]
         if len(items) != len(calls):
             raise TransientError(f"{cfg.name} at {url}: {len(items)} results for {len(calls)}")

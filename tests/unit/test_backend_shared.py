@@ -127,3 +127,16 @@ def test_family_messages_are_the_one_source_of_an_images_text() -> None:
     qwen = Compiled("qwen2-vl", "", "|", "", image="<|vision_start|><|image_pad|><|vision_end|>")
     assert qwen.content(PROMPT) == "Look: <|vision_start|><|image_pad|><|vision_end|>what is it?"
     assert Compiled("text", "", "", "").content(PROMPT) == "Look: what is it?"
+
+
+def test_a_reply_that_is_not_json_is_one_transient_error() -> None:
+    """The sglang server, its info routes and the router read JSON through one helper."""
+    import httpx
+
+    from backends.base import TransientError
+    from backends.http import json_body
+
+    assert json_body(httpx.Response(200, json={"text": "a"}), "i0 at u", "/generate") == {
+        "text": "a"}
+    with pytest.raises(TransientError, match=r"^i0 at http://h:1: malformed JSON from /generate$"):
+        json_body(httpx.Response(200, content=b"<html>"), "i0 at http://h:1", "/generate")
