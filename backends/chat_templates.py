@@ -12,7 +12,8 @@ newlines, braces, images first and last). A template that treats content in any 
 
 `tokenizer` is anything with transformers' `apply_chat_template(messages, tokenize=False,
 add_generation_prompt=True)`: a transformers tokenizer or processor, or the jinja2-only
-`backends.template_source.ChatTemplate` the sglang backend uses.
+`backends.template_source.ChatTemplate` the sglang backend uses. Both renderings start from
+the same messages (`backends.messages.family_messages`), so an image's text is written once.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from backends.messages import ImagePart, chat_messages, image_slot
+from backends.messages import family_messages
 from mics.types import Image, Prompt, Text
 
 _SYS, _USR, _A, _B = "\x01S\x01", "\x01U\x01", "\x01A\x01", "\x01B\x01"
-_INTERNVL_IMAGE = "<image>\n"
 
 
 @dataclass(frozen=True)
@@ -40,52 +40,25 @@ class Compiled:
     image: str = ""
 
     def content(self, prompt: Prompt, internvl_image: Callable[[], str] | None = None) -> str:
-        """The user turn's text; an InternVL image is `internvl_image()` (the server's
-        placeholder and a newline), "<image>\n" without it."""
-        out = []
-        for part in prompt.parts:
-            if isinstance(part, Text):
-                out.append(part.text)
-            elif isinstance(part, Image):
-                if self.family == "qwen2-vl":
-                    out.append(self.image)
-                elif self.family == "internvl":
-                    out.append(internvl_image() if internvl_image else _INTERNVL_IMAGE)
-        return "".join(out)
+        """The user turn's text: the content of `family_messages`, with each qwen2-vl image
+        slot as the template's image piece (an InternVL image is `internvl_image()`, the
+        server's placeholder and a newline)."""
+        content = family_messages(prompt, self.family, internvl_image)[-1]["content"]
+        if isinstance(content, str):
+            return content
+        return "".join(p["text"] if p["type"] == "text" else self.image for p in content)
 
     def render(self, prompt: Prompt, internvl_image: Callable[[], str] | None = None) -> str:
         return (self.head + prompt.system + self.middle + self.content(prompt, internvl_image)
                 + self.tail)
 
 
-def family_image(family: str, internvl_image: Callable[[], str] | str | None = None
-                 ) -> ImagePart:
-    """How an image appears in a family's chat messages: qwen2-vl's image slot, InternVL's
-    placeholder as text (`internvl_image`, the server's placeholder and a newline; asked only
-    when an image is there), nothing for a text model."""
-
-    def part(img: Image) -> dict[str, Any] | None:
-        if family == "qwen2-vl":
-            return image_slot(img)
-        if family == "internvl":
-            text = internvl_image() if callable(internvl_image) else internvl_image
-            return {"type": "text", "text": text or _INTERNVL_IMAGE}
-        return None
-
-    return part
-
-
-def messages(prompt: Prompt, family: str, internvl_image: Callable[[], str] | str | None = None
-             ) -> list[dict[str, Any]]:
-    """The chat messages the sglang backend renders for `prompt` (what Jinja sees)."""
-    return chat_messages(prompt, family_image(family, internvl_image),
-                         as_text=family != "qwen2-vl")
-
-
-def jinja_render(tokenizer: Any, prompt: Prompt, family: str) -> str:
-    """The reference: `apply_chat_template(tokenize=False, add_generation_prompt=True)`."""
-    return tokenizer.apply_chat_template(messages(prompt, family), tokenize=False,
-                                         add_generation_prompt=True)
+def jinja_render(tokenizer: Any, prompt: Prompt, family: str,
+                 internvl_image: Callable[[], str] | str | None = None) -> str:
+    """The reference: `apply_chat_template(tokenize=False, add_generation_prompt=True)` on
+    the prompt's `family_messages`."""
+    return tokenizer.apply_chat_template(family_messages(prompt, family, internvl_image),
+                                         tokenize=False, add_generation_prompt=True)
 
 
 def _probe(system: str, *parts: str | None) -> Prompt:

@@ -16,7 +16,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -26,6 +26,12 @@ from backends.limits import CircuitBreaker, EndpointLimiter
 from backends.memo_writer import MemoWriter
 from mics.errors import RunError, Stopped
 from mics.types import CallFailure, Reply
+
+if TYPE_CHECKING:
+    from mics.config import ModelConfig
+    from mics.records import RunStore
+
+    Model = ChatModel | RolloutModel  # what the gate calls: mentors and the judge, or interns
 
 
 class StopRequested(Stopped):
@@ -42,7 +48,7 @@ class RunAborted(RunError):
 class CallGate:
     """Memoised, deduplicated, rate-limited, retried model calls backed by the run store."""
 
-    def __init__(self, store: Any, *, session: str = "") -> None:
+    def __init__(self, store: RunStore, *, session: str = "") -> None:
         self.store = store
         self.session = session
         self.counts: Counter[str] = Counter()  # sent / memo_hits / joined / failed / retries
@@ -61,13 +67,13 @@ class CallGate:
         """Send no new calls from now on; calls in flight finish and are stored."""
         self.stopping = True
 
-    def _limiter(self, model: Any) -> EndpointLimiter:
+    def _limiter(self, model: Model) -> EndpointLimiter:
         lim = self._limiters.get(id(model))
         if lim is None:
             lim = self._limiters[id(model)] = EndpointLimiter(model.config)
         return lim
 
-    def _breaker(self, model: Any) -> CircuitBreaker:
+    def _breaker(self, model: Model) -> CircuitBreaker:
         brk = self._breakers.get(id(model))
         if brk is None:
             brk = self._breakers[id(model)] = CircuitBreaker(model.config)
@@ -87,15 +93,15 @@ class CallGate:
         return await self._gated(model, list(calls), role="intern", qid=qid)
 
     @staticmethod
-    async def _send(model: Any, calls: list[Call], role: str) -> list[Reply | BackendError]:
+    async def _send(model: Model, calls: list[Call], role: str) -> list[Reply | BackendError]:
         """Interns get one batch; chat models one call. Items may be per-call errors."""
         if role == "intern":
-            return list(await model.rollout(calls))
-        return [await model.complete(calls[0])]
+            return list(await model.rollout(calls))  # type: ignore[union-attr]  # an intern
+        return [await model.complete(calls[0])]  # type: ignore[union-attr]  # a chat model
 
     async def _gated(
         self,
-        model: Any,
+        model: Model,
         calls: list[Call],
         *,
         role: str,
@@ -141,7 +147,7 @@ class CallGate:
 
     async def _send_with_retries(
         self,
-        model: Any,
+        model: Model,
         calls: list[Call],
         keys: list[str],
         *,
@@ -208,7 +214,7 @@ class CallGate:
                 if event is not None:
                     event.set()
 
-    async def _attempt_batch(self, model: Any, limiter: EndpointLimiter, calls: list[Call],
+    async def _attempt_batch(self, model: Model, limiter: EndpointLimiter, calls: list[Call],
                              role: str) -> list[Reply | BackendError]:
         """One try: a Reply or the BackendError for each call (a raised error fails them all)."""
         try:
@@ -225,7 +231,7 @@ class CallGate:
                                  for r in results if isinstance(r, Reply)))
         return results
 
-    def _watch_health(self, model: Any, breaker: CircuitBreaker,
+    def _watch_health(self, model: Model, breaker: CircuitBreaker,
                       outcome: list[Reply | BackendError]) -> None:
         """Feed the breaker: any reply closes it; connection failures and 5xx count."""
         if any(isinstance(r, Reply) for r in outcome):
@@ -242,7 +248,7 @@ class CallGate:
                 self.on_breaker(model.config.name, breaker.last_error)
 
     @staticmethod
-    def backoff_delay(cfg: Any, attempt: int, retry_after: float | None) -> float:
+    def backoff_delay(cfg: ModelConfig, attempt: int, retry_after: float | None) -> float:
         """Seconds to wait before attempt `attempt + 1`: jittered exponential backoff capped
         by max_backoff_s, or the server's Retry-After capped by max_rate_limit_wait_s."""
         delay = min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (attempt - 1))
@@ -251,7 +257,7 @@ class CallGate:
             delay = max(delay, min(retry_after, cfg.max_rate_limit_wait_s))
         return delay
 
-    def _memo_entry(self, model: Any, key: str, reply: Reply, *, role: str, qid: str,
+    def _memo_entry(self, model: Model, key: str, reply: Reply, *, role: str, qid: str,
                     attempts: int, errors: list[str]) -> tuple[str, dict, dict]:
         log = {"role": role, "model": model.config.name, "qid": qid, "session": self.session,
                "attempts": attempts, "errors": errors, "t": round(time.time(), 3)}
@@ -262,7 +268,7 @@ class CallGate:
         """Commit delivered replies (grouped with others arriving now) before anyone uses them."""
         await self._memo.put(entries)
 
-    def _fail(self, model: Any, keys: list[str], *, role: str, qid: str, attempts: int,
+    def _fail(self, model: Model, keys: list[str], *, role: str, qid: str, attempts: int,
               retryable: bool, history: list[str]) -> CallFailure:
         error = history[-1]
         self.counts["failed"] += len(keys)

@@ -162,6 +162,14 @@ def check_response(resp: httpx.Response, cfg: ModelConfig) -> None:
     raise PermanentError(message, status=resp.status_code)
 
 
+def json_body(resp: httpx.Response, where: str, route: str) -> Any:
+    """The reply's JSON body; TransientError (retried) when it is not JSON."""
+    try:
+        return resp.json()
+    except ValueError:
+        raise TransientError(f"{where}: malformed JSON from {route}") from None
+
+
 def transport_error(e: Exception, cfg: ModelConfig) -> BackendError:
     """Map an httpx transport error (timeout, refused, reset) to a retryable error."""
     where = f"{cfg.name} ({cfg.model} at {cfg.base_url})"

@@ -67,8 +67,8 @@ class _NoReuse(Exception):
 
 
 @dataclass
-class _Row:
-    """One distinct prompt, tokenized on its own."""
+class PromptRow:
+    """One prompt tokenized on its own, as the prefix-reuse path sees it."""
 
     key: tuple[int, ...]  # token ids; image tokens replaced by a negative id per image content
     ids: Any  # LongTensor [n]
@@ -76,6 +76,16 @@ class _Row:
     spans: list[tuple[int, int]]  # image token spans, in prompt order
     pixels: list[Any]  # per image: its rows of pixel_values
     grids: list[Any]  # per image: its grid_thw
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """Prompts as one left-padded batch, as `generate` gets them without prefix reuse."""
+
+    input_ids: Any  # LongTensor [batch, n]
+    attention_mask: Any  # LongTensor [batch, n]: 0 on padding
+    pixel_values: Any = None  # VL: the patches of every image, in prompt order
+    image_grid_thw: Any = None  # VL: one (t, h, w) grid per image
 
 
 @dataclass
@@ -107,6 +117,25 @@ class Runner:
         self.lru = PrefixLRU(options.prefix_cache_size)
         self.stats: dict[str, int] = dict.fromkeys(STATS, 0)
         self.last_fallback = ""  # why the last batch ran without reuse
+
+    # what the model sees (for tests and tools: the batch executor below does the same)
+
+    def encode_prompts(self, prompts: Sequence[Prompt]) -> list[PromptRow]:
+        """Each prompt tokenized alone as the prefix-reuse path does (the model is loaded and
+        the images are opened here): its token key (image tokens as a marker of the image's
+        content), ids, positions, image spans and pixels."""
+        with self.lock:
+            m = self.load()
+            return [self._encode_row(m, p, self._images(p)) for p in prompts]
+
+    def encode_batch(self, prompts: Sequence[Prompt]) -> EncodedBatch:
+        """The prompts as one left-padded batch, as the path without prefix reuse sends them
+        to `generate`."""
+        with self.lock:
+            m = self.load()
+            enc = self._encode(m, prompts, [self._images(p) for p in prompts])
+            return EncodedBatch(enc["input_ids"], enc["attention_mask"], enc.get("pixel_values"),
+                                enc.get("image_grid_thw"))
 
     # loading
 
@@ -242,7 +271,7 @@ class Runner:
                 if m.reuse:
                     self.stats["fallbacks"] += 1
                     self.last_fallback = str(e)
-                inputs = self._encode(m, calls, images)
+                inputs = self._encode(m, [c.prompt for c in calls], images)
                 new = self._generate(m, inputs, samplings, seeds)
                 prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
                 cached = [0] * len(calls)
@@ -260,9 +289,9 @@ class Runner:
                 for call, row, n, c in zip(calls, new.tolist(), prompt_tokens, cached,
                                            strict=True)]
 
-    def _encode(self, m: Loaded, calls: Sequence[Call], images: Sequence[list[Any]]) -> Any:
+    def _encode(self, m: Loaded, prompts: Sequence[Prompt], images: Sequence[list[Any]]) -> Any:
         vl = m.processor is not None
-        convs = [local_messages(c.prompt, vl) for c in calls]
+        convs = [local_messages(p, vl) for p in prompts]
         renderer = m.processor if vl else m.tokenizer
         texts = renderer.apply_chat_template(convs, tokenize=False, add_generation_prompt=True)
         flat = [img for per_call in images for img in per_call]
@@ -301,7 +330,7 @@ class Runner:
         import torch
 
         with torch.inference_mode():
-            rows: list[_Row] = []
+            rows: list[PromptRow] = []
             index: dict[tuple[int, ...], int] = {}
             call_rows: list[int] = []
             for call, imgs in zip(calls, images, strict=True):
@@ -337,7 +366,7 @@ class Runner:
         prompt_tokens = [len(rows[r].key) for r in call_rows]
         return out[:, width + 1:].cpu(), prompt_tokens, [leaves[r].cached for r in call_rows]
 
-    def _encode_row(self, m: Loaded, prompt: Prompt, imgs: list[Any]) -> _Row:
+    def _encode_row(self, m: Loaded, prompt: Prompt, imgs: list[Any]) -> PromptRow:
         """One prompt tokenized alone, exactly as `_encode` renders it, with its positions."""
         import torch
 
@@ -347,13 +376,13 @@ class Runner:
                                               add_generation_prompt=True)
         if not vl:
             ids = m.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-            return _Row(tuple(ids.tolist()), ids, torch.arange(len(ids))[None], [], [], [])
+            return PromptRow(tuple(ids.tolist()), ids, torch.arange(len(ids))[None], [], [], [])
         enc = m.processor(text=[text], images=imgs or None, return_tensors="pt")
         ids = enc["input_ids"][0]
         n = len(ids)
         text_pos = torch.arange(n)[None]
         if not imgs:
-            return _Row(tuple(ids.tolist()), ids, text_pos.expand(4, n), [], [], [])
+            return PromptRow(tuple(ids.tolist()), ids, text_pos.expand(4, n), [], [], [])
         grids = list(enc["image_grid_thw"])
         sizes = [int(g.prod()) for g in grids]
         pixels = list(enc["pixel_values"].to(m.dtype).split(sizes))
@@ -372,9 +401,9 @@ class Runner:
                                           image_grid_thw=enc["image_grid_thw"])
         except Exception as e:  # an architecture whose positions this path cannot build
             raise _NoReuse(f"no 3D positions: {type(e).__name__}: {e}") from None
-        return _Row(tuple(key), ids, torch.cat([text_pos, pos3[:, 0]]), spans, pixels, grids)
+        return PromptRow(tuple(key), ids, torch.cat([text_pos, pos3[:, 0]]), spans, pixels, grids)
 
-    def _fill(self, m: Loaded, rows: list[_Row], ctx: list[tuple[int, ...]],
+    def _fill(self, m: Loaded, rows: list[PromptRow], ctx: list[tuple[int, ...]],
               root: Node) -> dict[int, Node]:
         """Give every trie node its KV, level by level, one forward per level; returns the node
         that ends at each context."""
@@ -409,7 +438,7 @@ class Runner:
             level = [(child, node) for node, _ in level for child in node.children]
         return ends
 
-    def _extend(self, m: Loaded, items: list[tuple[KV | None, int, _Row, int]]) -> list[KV]:
+    def _extend(self, m: Loaded, items: list[tuple[KV | None, int, PromptRow, int]]) -> list[KV]:
         """One forward pass: each item's base KV (length b) plus its row's tokens [b, end)."""
         width = max(b for _, b, _, _ in items)
         steps = max(end - b for _, b, _, end in items)
@@ -468,7 +497,7 @@ class Runner:
             data.append((torch.cat(keys), torch.cat(values)))
         return DynamicCache(ddp_cache_data=data, config=config)
 
-    def _layout(self, m: Loaded, items: list[tuple[_Row, int, int, int]],
+    def _layout(self, m: Loaded, items: list[tuple[PromptRow, int, int, int]],
                 total: int) -> tuple[Any, Any, Any]:
         """input_ids, attention_mask, position_ids over `total` columns for items
         (row, start, end, offset): row position p sits in column offset + p, tokens [start, end)

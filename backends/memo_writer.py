@@ -13,7 +13,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mics.records import RunStore
 
 Entry = tuple[str, dict, dict]  # memo key, reply dict, call-log entry
 
@@ -29,7 +32,7 @@ class _Round:
 class MemoWriter:
     """Batches `store.memo_put` calls from concurrent tasks into one commit per loop turn."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: RunStore) -> None:
         self.store = store
         self.commits = 0
         self._open: _Round | None = None

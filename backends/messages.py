@@ -1,4 +1,6 @@
-"""Prompt -> chat messages: the one rendering of a prompt as a system and a user turn."""
+"""Prompt -> chat messages: the one rendering of a prompt as a system and a user turn, and how
+an image appears in it for each model family the sglang backend serves (`family_messages`; the
+Jinja-free templates in backends.chat_templates render these same messages)."""
 
 from __future__ import annotations
 
@@ -37,3 +39,33 @@ def chat_messages(prompt: Prompt, image: ImagePart = no_image, *, as_text: bool 
     if not prompt.system and not empty_system:
         messages = []
     return [*messages, {"role": "user", "content": content}]
+
+
+INTERNVL_IMAGE = "<image>\n"  # InternVL's image text when the server's placeholder is not given
+
+
+def family_image(family: str, internvl_image: Callable[[], str] | str | None = None
+                 ) -> ImagePart:
+    """How an image appears in a family's chat messages: qwen2-vl's image slot, InternVL's
+    placeholder as text (`internvl_image`, the server's placeholder and a newline; asked only
+    when an image is there), nothing for a text model."""
+
+    def part(img: Image) -> dict[str, Any] | None:
+        if family == "qwen2-vl":
+            return image_slot(img)
+        if family == "internvl":
+            text = internvl_image() if callable(internvl_image) else internvl_image
+            return {"type": "text", "text": text or INTERNVL_IMAGE}
+        return None
+
+    return part
+
+
+def family_messages(prompt: Prompt, family: str,
+                    internvl_image: Callable[[], str] | str | None = None
+                    ) -> list[dict[str, Any]]:
+    """The chat messages of `prompt` for a model `family` ("qwen2-vl", "internvl", "text"):
+    what the chat template sees. The user turn is one string except for qwen2-vl, whose
+    template fills `{"type": "image"}` slots."""
+    return chat_messages(prompt, family_image(family, internvl_image),
+                         as_text=family != "qwen2-vl")

@@ -33,8 +33,8 @@ from backends.base import (
     TransientError,
     gather,
 )
-from backends.chat_templates import messages, render_prompt
-from backends.http import api_key, check_response, make_client, transport_error
+from backends.chat_templates import jinja_render, render_prompt
+from backends.http import api_key, check_response, json_body, make_client, transport_error
 from backends.images import data_url
 from backends.keys import call_key
 from backends.sglang_router import Router, check_mode, generate_each, router_for
@@ -151,8 +151,7 @@ class SGLangRollout:
         image = lambda: f"{self.placeholder()}\n"  # noqa: E731 - the server's, as below
         if (fast := render_prompt(self._tokenizer(), family, prompt, image)) is not None:
             return fast  # the known templates, without Jinja (equal to apply_chat_template)
-        return self._tokenizer().apply_chat_template(messages(prompt, family, image),
-                                                     tokenize=False, add_generation_prompt=True)
+        return jinja_render(self._tokenizer(), prompt, family, image)
 
     def _images(self, prompt: Prompt) -> list[str]:
         if self.options.family == "text":
@@ -223,7 +222,7 @@ class SGLangRollout:
             version = parse_version((server or {}).get("version"))
             self.versions[url] = version
             if self.options.family == "internvl":
-                self._choose_placeholder(url, version)
+                self._placeholder = self.placeholder_for(url, version)
             if self.options.check_model:
                 self.check_served(url, info)
             self._checked.add(url)
@@ -237,16 +236,17 @@ class SGLangRollout:
             if resp.status_code == 404:
                 continue
             check_response(resp, cfg)
-            try:
-                data = resp.json()
-            except ValueError:
-                raise TransientError(f"{cfg.name} at {url}: malformed JSON from {route}") from None
+            data = json_body(resp, f"{cfg.name} at {url}", route)
             return data if isinstance(data, dict) else {}
         return None
 
-    def _choose_placeholder(self, url: str, version: Version | None) -> None:
+    def placeholder_for(self, url: str, version: Version | None) -> str:
+        """InternVL's image placeholder for the server at `url` running SGLang `version`:
+        options.image_placeholder when set, else the version's; FatalError when the server
+        reports no version, or when it wants another placeholder than the servers checked
+        before (the first one checked decides)."""
         if self.options.image_placeholder:
-            return
+            return self.options.image_placeholder
         if version is None:
             raise FatalError(f"{self.config.name}: SGLang server at {url} does not report its "
                              "version (/server_info, /get_server_info), and InternVL's image "
@@ -258,7 +258,7 @@ class SGLangRollout:
                              f"placeholder ({url} runs SGLang {'.'.join(map(str, version))}, "
                              f"which wants {wanted}; another wants {self._placeholder}); run "
                              "one SGLang version or set options.image_placeholder")
-        self._placeholder = wanted
+        return wanted
 
     def check_served(self, url: str, info: dict[str, Any]) -> None:
         """The server's names (`model_path` is the launch path as typed, `served_model_name` is
@@ -348,10 +348,7 @@ class SGLangRollout:
             raise transport_error(e, cfg) from None
         check_response(resp, cfg)
         latency = time.perf_counter() - start
-        try:
-            data = resp.json()
-        except ValueError:
-            raise TransientError(f"{cfg.name} at {url}: malformed JSON from /generate") from None
+        data = json_body(resp, f"{cfg.name} at {url}", "/generate")
         items = data if isinstance(data, list) else [data]
         if len(items) != len(calls):
             raise TransientError(f"{cfg.name} at {url}: {len(items)} results for {len(calls)}")

@@ -24,7 +24,7 @@ import httpx
 import orjson
 
 from backends.base import BackendError, PermanentError, TransientError, gather
-from backends.http import check_response, transport_error
+from backends.http import check_response, json_body, transport_error
 from mics.config import ConfigError, ModelConfig
 
 if TYPE_CHECKING:
@@ -166,11 +166,7 @@ async def generate_each(model: SGLangRollout, router: Router, body: dict[str, An
             except httpx.HTTPError as e:
                 raise transport_error(e, cfg) from None
         check_response(resp, cfg)
-        try:
-            data = resp.json()
-        except ValueError:
-            raise TransientError(f"{cfg.name} at {router.url}: malformed JSON from /generate"
-                                 ) from None
+        data = json_body(resp, f"{cfg.name} at {router.url}", "/generate")
         return generate_reply(data, time.perf_counter() - start, cfg.name)
 
     return await gather([lambda item=item: one(item) for item in split_batch(body)])

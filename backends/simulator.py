@@ -21,6 +21,7 @@ import hashlib
 import random
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 from mics.steps import FINAL_MARKER, count_steps, normalize_answer
@@ -133,13 +134,49 @@ def judge_reply(text: str) -> str:
 
 
 ROLES = ("mentor", "intern", "judge")
-# The one role table: each role's simulator options and their defaults. The in-process backend
-# (backends.simulated) and the loopback server (bench.loopback) both read it; `seed` and
-# `latency_s` are accepted for every role as well.
+
+
+@dataclass(frozen=True)
+class SimulatedOptions:
+    """Options of every simulated role: the seed of its replies and a fixed latency per call
+    (reported in usage, never part of the memo key)."""
+
+    seed: int = 0
+    latency_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class MentorOptions(SimulatedOptions):
+    """quality: chance that a step carries a clue; malformed_rate: chance of a reply without
+    steps; leak_rate: chance that a clue states the answer (None: every clue does)."""
+
+    quality: float = 0.5
+    malformed_rate: float = 0.0
+    leak_rate: float | None = None
+
+
+@dataclass(frozen=True)
+class InternOptions(SimulatedOptions):
+    """skill: how often the intern turns the clues of a prefix into the right answer."""
+
+    skill: float = 0.8
+
+
+@dataclass(frozen=True)
+class JudgeOptions(SimulatedOptions):
+    """The judge compares normalised answers; it has no options of its own."""
+
+
+# The one role table: each role's options class. `ROLE_OPTIONS` (each role's own options and
+# their defaults, `seed` and `latency_s` left out: every role accepts them) is read by the
+# in-process backend (backends.simulated) and the loopback server (bench.loopback) alike.
+OPTION_TYPES: dict[str, type[SimulatedOptions]] = {
+    "mentor": MentorOptions, "intern": InternOptions, "judge": JudgeOptions,
+}
+_COMMON = tuple(f.name for f in fields(SimulatedOptions))
 ROLE_OPTIONS: dict[str, dict[str, float | None]] = {
-    "mentor": {"quality": 0.5, "malformed_rate": 0.0, "leak_rate": None},
-    "intern": {"skill": 0.8},
-    "judge": {},
+    role: {f.name: f.default for f in fields(cls) if f.name not in _COMMON}  # type: ignore[misc]
+    for role, cls in OPTION_TYPES.items()
 }
 
 

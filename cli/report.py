@@ -265,7 +265,7 @@ def viz(
         "--all", help="One page per question plus index.html.")] = False,
 ) -> None:
     """Draw a question's tree as one offline HTML page (or Graphviz DOT)."""
-    from mics.analysis import load_tree, question_graph
+    from mics.analysis import load_tree, load_trees
     from mics.viz import page_name, to_dot, tree_html, write_all
     from store import StoreError
 
@@ -279,8 +279,7 @@ def viz(
     with _open(run) as store:
         try:
             if all_questions:
-                trees = [question_graph(q, rec, store.get_nodes(q))
-                         for q, rec in store.iter_questions()]
+                trees = load_trees(store)
             else:
                 trees = [load_tree(store, resolve_qid(store, qid))]  # type: ignore[arg-type]
         except KeyError as e:

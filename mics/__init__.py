@@ -43,7 +43,7 @@ _EXPORTS = {
     "Question": "mics.types", "ImageRef": "mics.types", "RecordError": "mics.types",
     "Node": "mics.types", "Sample": "mics.types", "Outcome": "mics.types",
     "QuestionStatus": "mics.types", "StopReason": "mics.types", "Verdict": "mics.types",
-    "QuestionRecord": "mics.records", "RunStore": "mics.records",
+    "QuestionRecord": "mics.records", "StoredQuestion": "mics.records", "RunStore": "mics.records",
     # errors
     "MicsError": "mics.errors", "ConfigError": "mics.errors", "DataError": "mics.errors",
     "StoreError": "mics.errors", "RunError": "mics.errors", "Stopped": "mics.errors",

@@ -9,7 +9,7 @@ a model without a price gives a cost of None, shown as "—".
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -17,11 +17,13 @@ from typing import Any
 import networkx as nx
 
 from mics.config import read_toml
+from mics.records import RunStore, StoredQuestion, read_nodes, read_question, read_questions
 from mics.steps import normalize_answer
+from mics.types import Node, Outcome
 
 __all__ = [
-    "PRICE_KEYS", "ROLES", "chosen_path", "load_prices", "load_tree", "question_graph",
-    "run_summary", "stop_kind", "stop_label", "tree_json", "tree_summary",
+    "PRICE_KEYS", "ROLES", "chosen_path", "load_prices", "load_tree", "load_trees",
+    "question_graph", "run_summary", "stop_kind", "stop_label", "tree_json", "tree_summary",
 ]
 
 ROLES = ("mentor", "intern", "judge")
@@ -33,18 +35,20 @@ _TOKENS = ("prompt_tokens", "completion_tokens", "cached_tokens")
 # ---------------------------------------------------------------- one question
 
 
-def stop_kind(rec: dict[str, Any]) -> str:
+def stop_kind(sq: StoredQuestion) -> str:
     """full_score | max_depth | all_zero | error (no mentor, bad record) | pending."""
-    if rec.get("status") not in ("succeeded", "failed"):
+    if not sq.finished:
         return "pending"
-    reason = rec.get("stop_reason") or ""
+    reason = sq.stop_reason or ""
     return reason if reason in ("full_score", "max_depth", "all_zero") else "error"
 
 
-def stop_label(rec: dict[str, Any]) -> str:
+def stop_label(sq: StoredQuestion) -> str:
     """A short human-readable stop reason, e.g. ``full score at depth 2``."""
-    kind = stop_kind(rec)
-    depth = (rec.get("outcome") or {}).get("final_depth")
+    kind = stop_kind(sq)
+    o = sq.outcome
+    depth = o.final_depth if o is not None else None
+    error = o.error if o is not None else ""
     if kind == "full_score":
         return f"full score at depth {depth}"
     if kind == "max_depth":
@@ -52,20 +56,19 @@ def stop_label(rec: dict[str, Any]) -> str:
     if kind == "all_zero":
         return f"all zero at depth {depth}"
     if kind == "error":  # named by its stop reason, the word `mics status` uses too
-        outcome = rec.get("outcome") or {}
-        return f"{rec.get('stop_reason') or 'error'}: {outcome.get('error', '')}".rstrip(": ")
-    if rec.get("status") == "deferred":  # a call failed; `mics resume` decides it
-        return f"deferred: {(rec.get('outcome') or {}).get('error', '')}".rstrip(": ")
+        return f"{sq.stop_reason or 'error'}: {error}".rstrip(": ")
+    if sq.status == "deferred":  # a call failed; `mics resume` decides it
+        return f"deferred: {error}".rstrip(": ")
     return "not finished"
 
 
-def chosen_path(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def chosen_path(nodes: Sequence[Node]) -> list[Node]:
     """Root, then the chosen node of each depth, of the question's last attempt."""
     if not nodes:
         return []
-    last = max(n["attempt"] for n in nodes)
-    path = [n for n in nodes if n["attempt"] == last and n["chosen"]]
-    return sorted(path, key=lambda n: n["depth"])
+    last = max(n.attempt for n in nodes)
+    path = [n for n in nodes if n.attempt == last and n.chosen]
+    return sorted(path, key=lambda n: n.depth)
 
 
 def _sum_usage(items: Iterable[dict[str, Any] | None]) -> dict[str, int]:
@@ -76,45 +79,47 @@ def _sum_usage(items: Iterable[dict[str, Any] | None]) -> dict[str, int]:
     return out
 
 
-def question_graph(qid: str, rec: dict[str, Any] | None, nodes: list[dict[str, Any]]
-                   ) -> nx.DiGraph:
+_SAMPLE_KEYS = ("intern", "temperature", "answer", "correct", "verdict", "raw")
+
+
+def question_graph(qid: str, sq: StoredQuestion | None, nodes: Sequence[Node]) -> nx.DiGraph:
     """A question's search tree as a DiGraph; node keys are the stored node ids."""
-    rec = rec or {"status": "unknown"}
-    outcome = rec.get("outcome") or {}
-    question = rec.get("question") or {}
-    on_path = {n["node_id"] for n in chosen_path(nodes)}
+    o = sq.outcome if sq is not None else None
+    q = sq.question if sq is not None else None
+    on_path = {n.node_id for n in chosen_path(nodes)}
     g = nx.DiGraph(
-        qid=qid, status=rec.get("status", "unknown"), stop_reason=rec.get("stop_reason") or "",
-        stop_kind=stop_kind(rec), stop_label=stop_label(rec),
-        final_depth=outcome.get("final_depth"), question=question.get("question", ""),
-        gt_answer=question.get("gt_answer", ""), images=list(question.get("image_paths", [])),
-        error=outcome.get("error", ""), generated_by=list(outcome.get("generated_by", [])),
-        details=dict(outcome.get("details") or {}),
-        mentor_errors=mentor_errors(outcome),
+        qid=qid, status=sq.status if sq is not None else "unknown",
+        stop_reason=(sq.stop_reason if sq is not None else None) or "",
+        stop_kind=stop_kind(sq) if sq is not None else "pending",
+        stop_label=stop_label(sq) if sq is not None else "not finished",
+        final_depth=o.final_depth if o is not None else None,
+        question=q.question if q is not None else "",
+        gt_answer=q.gt_answer if q is not None else "",
+        images=list(q.image_paths) if q is not None else [],
+        error=o.error if o is not None else "",
+        generated_by=list(o.generated_by) if o is not None else [],
+        details=dict(o.details) if o is not None else {},
+        mentor_errors=mentor_errors(o),
     )
     for n in nodes:
-        samples = [{k: s.get(k) for k in ("intern", "temperature", "answer", "correct",
-                                           "verdict", "raw")} for s in n.get("samples", [])]
-        usage = {"mentor": _sum_usage([(n.get("usage") or {}).get("mentor")]),
-                 "interns": _sum_usage((s.get("usage") or {}).get("intern")
-                                       for s in n.get("samples", []))}
-        g.add_node(n["node_id"], depth=n["depth"] + 1, attempt=n["attempt"],
-                   mentor=n.get("mentor"), step=n.get("step", ""), score=n.get("score", 0.0),
-                   correct=n.get("correct", 0), total=n.get("total", 0),
-                   chosen=bool(n.get("chosen")), on_path=n["node_id"] in on_path,
-                   reused=bool(n.get("reused")), root=n["depth"] < 0, samples=samples,
-                   usage=usage, leaks_answer=bool(n.get("leaks_answer")))
+        samples = [{k: getattr(s, k) for k in _SAMPLE_KEYS} for s in n.samples]
+        usage = {"mentor": _sum_usage([n.usage.get("mentor")]),
+                 "interns": _sum_usage(s.usage.get("intern") for s in n.samples)}
+        g.add_node(n.node_id, depth=n.depth + 1, attempt=n.attempt, mentor=n.mentor,
+                   step=n.step, score=n.score, correct=n.correct, total=n.total,
+                   chosen=n.chosen, on_path=n.node_id in on_path, reused=n.reused,
+                   root=n.depth < 0, samples=samples, usage=usage, leaks_answer=n.leaks_answer)
     for n in nodes:
-        if n.get("parent_id") and n["parent_id"] in g:
-            g.add_edge(n["parent_id"], n["node_id"], on_path=n["node_id"] in on_path
-                       and n["parent_id"] in on_path)
+        if n.parent_id and n.parent_id in g:
+            g.add_edge(n.parent_id, n.node_id, on_path=n.node_id in on_path
+                       and n.parent_id in on_path)
     return g
 
 
-def mentor_errors(outcome: dict[str, Any]) -> list[dict[str, str]]:
+def mentor_errors(outcome: Outcome | None) -> list[dict[str, str]]:
     """Why mentors had no candidate (call failed, malformed, leaked under `reject`), by depth;
     for a deferred question, every call that still failed."""
-    details = outcome.get("details") or {}
+    details = outcome.details if outcome is not None else {}
     rows = [{"depth": str(d), "mentor": m, "error": e}
             for d, by_mentor in (details.get("mentor_errors_by_depth") or {}).items()
             for m, e in by_mentor.items()]
@@ -141,12 +146,17 @@ def leak_rates(trees: list[nx.DiGraph]) -> list[dict[str, Any]]:
             for m, n in sorted(steps.items())]
 
 
-def load_tree(store: Any, qid: str) -> nx.DiGraph:
+def load_tree(store: RunStore, qid: str) -> nx.DiGraph:
     """The tree of one stored question; KeyError if the run has no such question."""
-    rec = store.get_question(qid)
-    if rec is None:
+    sq = read_question(store, qid)
+    if sq is None:
         raise KeyError(qid)
-    return question_graph(qid, rec, store.get_nodes(qid))
+    return question_graph(qid, sq, read_nodes(store, qid))
+
+
+def load_trees(store: RunStore) -> list[nx.DiGraph]:
+    """The tree of every stored question (bad records included), in dataset order."""
+    return [question_graph(sq.qid, sq, read_nodes(store, sq.qid)) for sq in read_questions(store)]
 
 
 def tree_summary(g: nx.DiGraph) -> dict[str, Any]:
@@ -236,7 +246,7 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-def _usage_rows(store: Any, prices: dict[str, dict[str, float]], ids: dict[str, str]
+def _usage_rows(store: RunStore, prices: dict[str, dict[str, float]], ids: dict[str, str]
                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Calls, tokens, latency and cost per (role, model) and per role, from the call log."""
     per: dict[tuple[str, str], dict[str, Any]] = {}
@@ -349,10 +359,10 @@ def _by_depth(trees: list[nx.DiGraph]) -> tuple[list[dict[str, Any]], list[dict[
     return score_rows, mentor_rows
 
 
-def run_summary(store: Any, prices: dict[str, dict[str, float]] | None = None
+def run_summary(store: RunStore, prices: dict[str, dict[str, float]] | None = None
                 ) -> dict[str, Any]:
     """Every run-level table (see module docstring) as plain JSON-ready data."""
-    trees = [question_graph(qid, rec, store.get_nodes(qid)) for qid, rec in store.iter_questions()]
+    trees = load_trees(store)
     summaries = [tree_summary(g) for g in trees]
     status = Counter(s["status"] for s in summaries)
     stops: dict[str, Counter[int]] = defaultdict(Counter)

@@ -28,6 +28,7 @@ from mics.answers import answer_key
 from mics.config import RunConfig
 from mics.leaks import leaks_answer
 from mics.prompts import intern_prompt, judge_prompt, mentor_prompt, parse_verdict
+from mics.records import RunStore
 from mics.steps import ParsedChain, count_steps, extract_final_answer, parse_chain
 from mics.types import (
     ROOT_TEXT,
@@ -107,7 +108,7 @@ class Engine:
     def __init__(
         self,
         config: RunConfig,
-        store: Any,
+        store: RunStore,
         models: Models,
         gate: CallGate,
         on_done: Callable[[Outcome], None] | None = None,

@@ -22,7 +22,7 @@ was malformed) has ``null`` there in ``scores``, never 0.0. Filters select quest
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,9 @@ import orjson
 from mics.analysis import chosen_path, stop_kind
 from mics.dataset import image_groups
 from mics.leaks import leaks_answer
+from mics.records import RunStore, StoredQuestion, read_nodes, read_questions
 from mics.steps import FINAL_MARKER
+from mics.types import Node, Outcome, Question
 
 FORMATS = ("reference", "sft", "sharegpt", "step-values", "preferences", "prm")
 FILES = {"sft": "sft.jsonl", "sharegpt": "sharegpt.jsonl", "step-values": "step_values.jsonl",
@@ -49,28 +51,28 @@ TEXT_ONLY = "Please reason step-by-step to answer the above question."
 # ---------------------------------------------------------------- reference
 
 
-def reference_result(rec: dict[str, Any]) -> dict[str, Any]:
+def reference_result(sq: StoredQuestion) -> dict[str, Any]:
     """A success record exactly as the reference writes it (final_depth, search_id strings)."""
-    q, o = rec["question"], rec["outcome"]
+    q, o = sq.searched()
     return {
-        "rid": q["qid"],
-        "images": list(q["image_paths"]),
-        "question": q["question"],
-        "gt_answer": q["gt_answer"],
-        "reasoning": o["reasoning"],
+        "rid": q.qid,
+        "images": list(q.image_paths),
+        "question": q.question,
+        "gt_answer": q.gt_answer,
+        "reasoning": o.reasoning,
         "scores": mentor_scores(o),
-        "final_depth": str(o["final_depth"]),
-        "generated_by": o["generated_by"],
-        "search_id": o["search_id"],
-        "leaks_answer": question_leaks(rec),
+        "final_depth": str(o.final_depth),
+        "generated_by": o.generated_by,
+        "search_id": o.search_id,
+        "leaks_answer": question_leaks(sq),
     }
 
 
-def mentor_scores(outcome: dict[str, Any]) -> dict[str, list[float | None]]:
+def mentor_scores(outcome: Outcome) -> dict[str, list[float | None]]:
     """Scores per mentor and depth; ``None`` where the mentor had no candidate (also for runs
     stored before this rule, which wrote 0.0 there: their mentor errors say where)."""
-    scores = {m: list(v) for m, v in (outcome.get("scores") or {}).items()}
-    errors = (outcome.get("details") or {}).get("mentor_errors_by_depth") or {}
+    scores = {m: list(v) for m, v in (outcome.scores or {}).items()}
+    errors = (outcome.details or {}).get("mentor_errors_by_depth") or {}
     for depth, by_mentor in errors.items():
         for m in by_mentor:
             if m in scores and 0 < int(depth) <= len(scores[m]):
@@ -78,42 +80,44 @@ def mentor_scores(outcome: dict[str, Any]) -> dict[str, list[float | None]]:
     return scores
 
 
-def question_leaks(rec: dict[str, Any]) -> bool:
+def question_leaks(sq: StoredQuestion) -> bool:
     """Whether the exported reasoning states the correct answer before its final line."""
-    q, o = rec.get("question") or {}, rec.get("outcome") or {}
-    return bool(o.get("reasoning")) and leaks_answer(o["reasoning"], q.get("gt_answer", ""))
+    o, q = sq.outcome, sq.question
+    return (o is not None and bool(o.reasoning)
+            and leaks_answer(o.reasoning, q.gt_answer if q is not None else ""))
 
 
-def failure_record(qid: str, rec: dict[str, Any]) -> dict[str, Any]:
+def failure_record(sq: StoredQuestion) -> dict[str, Any]:
     """One shape for every failure (B23): {rid, stage, error, details}."""
-    o = rec["outcome"]
-    details = dict(o.get("details", {}))
-    if o.get("scores"):
+    o = sq.outcome
+    if o is None:
+        raise ValueError(f"question {sq.qid}: a failure without a stored outcome")
+    details = dict(o.details)
+    if o.scores:
         details["scores"] = mentor_scores(o)
-    return {"rid": o.get("qid", qid), "stage": o["stage"], "error": o["error"],
-            "details": details}
+    return {"rid": o.qid, "stage": o.stage, "error": o.error, "details": details}
 
 
-def export_reference(store: Any, out_dir: Path,
-                     keep: Callable[[str, dict[str, Any]], bool] | None = None
+def export_reference(store: RunStore, out_dir: Path,
+                     keep: Callable[[StoredQuestion], bool] | None = None
                      ) -> dict[str, int]:
     """Write results.jsonl and failed.jsonl in dataset order; returns the line counts.
 
-    ``keep(qid, record)`` selects the successes written (failures are always written).
+    ``keep(question)`` selects the successes written (failures are always written).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {"results": 0, "failed": 0, "pending": 0}
     results_tmp = out_dir / "results.jsonl.tmp"
     failed_tmp = out_dir / "failed.jsonl.tmp"
     with results_tmp.open("wb") as res, failed_tmp.open("wb") as bad:
-        for qid, rec in store.iter_questions():
-            if rec["status"] == "succeeded":
-                if keep is not None and not keep(qid, rec):
+        for sq in read_questions(store):
+            if sq.status == "succeeded":
+                if keep is not None and not keep(sq):
                     continue
-                res.write(orjson.dumps(reference_result(rec)) + b"\n")
+                res.write(orjson.dumps(reference_result(sq)) + b"\n")
                 counts["results"] += 1
-            elif rec["status"] == "failed":
-                bad.write(orjson.dumps(failure_record(qid, rec)) + b"\n")
+            elif sq.status == "failed":
+                bad.write(orjson.dumps(failure_record(sq)) + b"\n")
                 counts["failed"] += 1
             else:
                 counts["pending"] += 1
@@ -125,19 +129,18 @@ def export_reference(store: Any, out_dir: Path,
 # ---------------------------------------------------------------- difficulty and filters
 
 
-def difficulty(rec: dict[str, Any], nodes: list[dict[str, Any]]) -> dict[str, Any]:
+def difficulty(sq: StoredQuestion, nodes: Sequence[Node]) -> dict[str, Any]:
     """Curriculum signals of one question.
 
     ``level``: d for a full score at depth d, final depth + 1 for max depth without a full
     score, None for a failed question.
     """
-    outcome = rec.get("outcome") or {}
-    kind = stop_kind(rec)
-    final = int(outcome.get("final_depth") or 0)
+    kind = stop_kind(sq)
+    final = int(sq.outcome.final_depth or 0) if sq.outcome is not None else 0
     level = final if kind == "full_score" else final + 1 if kind == "max_depth" else None
     return {
-        "final_depth": final, "stop_reason": rec.get("stop_reason") or "", "stop_kind": kind,
-        "score_trajectory": [n["score"] for n in chosen_path(nodes) if n["depth"] >= 0],
+        "final_depth": final, "stop_reason": sq.stop_reason or "", "stop_kind": kind,
+        "score_trajectory": [n.score for n in chosen_path(nodes) if n.depth >= 0],
         "level": level,
     }
 
@@ -157,12 +160,12 @@ class Filters:
     max_depth: int | None = None
     exclude_leaks: bool = False
 
-    def keep(self, rec: dict[str, Any], nodes: list[dict[str, Any]]) -> bool:
+    def keep(self, sq: StoredQuestion, nodes: Sequence[Node]) -> bool:
         """Whether a question passes every filter."""
-        if self.exclude_leaks and (question_leaks(rec) or any(
-                n.get("leaks_answer") for n in chosen_path(nodes) if n["depth"] >= 0)):
+        if self.exclude_leaks and (question_leaks(sq) or any(
+                n.leaks_answer for n in chosen_path(nodes) if n.depth >= 0)):
             return False
-        diff = difficulty(rec, nodes)
+        diff = difficulty(sq, nodes)
         if self.only_full_score and diff["stop_kind"] != "full_score":
             return False
         if self.max_depth is not None and diff["final_depth"] > self.max_depth:
@@ -170,7 +173,7 @@ class Filters:
         if self.min_score is not None:
             trajectory = diff["score_trajectory"]
             # the last chosen step of a success; a failed search accepted no last step
-            final = trajectory[-1] if rec.get("status") == "succeeded" and trajectory else 0.0
+            final = trajectory[-1] if sq.status == "succeeded" and trajectory else 0.0
             if final < self.min_score:
                 return False
         return True
@@ -201,7 +204,7 @@ def absolute_images(images: list[str], image_root: Path | None) -> list[str]:
     return [str(image_root / p) for p in images]
 
 
-def run_image_root(store: Any) -> Path | None:
+def run_image_root(store: RunStore) -> Path | None:
     """The directory a run's image paths are relative to: ``--image-root``, else the
     dataset file's directory; None for a run without a recorded dataset."""
     dataset = store.get_meta("dataset") or {}
@@ -230,13 +233,13 @@ def ordered_images(image_paths: list[str]) -> tuple[list[str], list[int]]:
     return [image_paths[n - 1] for g in groups for n in g], [len(g) for g in groups]
 
 
-def sft_prompt(question: dict[str, Any]) -> tuple[str, list[str]]:
+def sft_prompt(question: Question) -> tuple[str, list[str]]:
     """The Chiron-o1 SFT user turn (one ``<image>`` per image) and its images in order."""
-    f = {k: escape_placeholders(v) for k, v in _case_fields(question.get("case_info", "")).items()}
-    text = (f"{escape_placeholders(question['question'])} "
+    f = {k: escape_placeholders(v) for k, v in _case_fields(question.case_info).items()}
+    text = (f"{escape_placeholders(question.question)} "
             f"(Supplementary information is as follows:\n"
             f"Gender: {f['Gender']}, Age: {f['Age']}, Chief complaint: {f['Chief complaint']})\n")
-    images, sizes = ordered_images(list(question.get("image_paths", [])))
+    images, sizes = ordered_images(list(question.image_paths))
     if not images:
         return text + TEXT_ONLY, []
     modalities = ",\n".join(f"Modality {i}: " + "\n".join(["<image>"] * n)
@@ -253,36 +256,35 @@ def split_answer(reasoning: str) -> tuple[str, str | None]:
     return reasoning[:idx].rstrip(), answer or None
 
 
-def _chain(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]], answer_in_target: bool
+def _chain(sq: StoredQuestion, nodes: Sequence[Node], answer_in_target: bool
            ) -> tuple[str, list[str], str, dict[str, Any]]:
-    q, o = rec["question"], rec["outcome"]
+    q, o = sq.searched()
     prompt, images = sft_prompt(q)
-    steps, answer = split_answer(o["reasoning"])
-    target = escape_placeholders(o["reasoning"].strip() if answer_in_target else steps)
-    meta = {"answer": answer if answer is not None else q["gt_answer"],
-            "gt_answer": q["gt_answer"], "generated_by": o["generated_by"],
-            "difficulty": difficulty(rec, nodes), "leaks_answer": question_leaks(rec)}
+    steps, answer = split_answer(o.reasoning)
+    target = escape_placeholders(o.reasoning.strip() if answer_in_target else steps)
+    meta = {"answer": answer if answer is not None else q.gt_answer,
+            "gt_answer": q.gt_answer, "generated_by": o.generated_by,
+            "difficulty": difficulty(sq, nodes), "leaks_answer": question_leaks(sq)}
     return prompt, images, target, meta
 
 
-def sft_record(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]],
-               answer_in_target: bool = False) -> dict[str, Any]:
+def sft_record(sq: StoredQuestion, nodes: Sequence[Node], answer_in_target: bool = False
+               ) -> dict[str, Any]:
     """One InternVL fine-tuning record (``image`` omitted for a text-only question)."""
-    prompt, images, target, meta = _chain(qid, rec, nodes, answer_in_target)
-    out: dict[str, Any] = {"id": qid}
+    prompt, images, target, meta = _chain(sq, nodes, answer_in_target)
+    out: dict[str, Any] = {"id": sq.qid}
     if images:
         out["image"] = images
     out["conversations"] = [{"from": "human", "value": prompt}, {"from": "gpt", "value": target}]
     return {**out, **meta}
 
 
-def sharegpt_record(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]],
-                    answer_in_target: bool = False, image_root: Path | None = None
-                    ) -> dict[str, Any]:
+def sharegpt_record(sq: StoredQuestion, nodes: Sequence[Node], answer_in_target: bool = False,
+                    image_root: Path | None = None) -> dict[str, Any]:
     """One LLaMA-Factory ShareGPT record (``messages`` with role/content, absolute
     ``images``: LLaMA-Factory joins relative ones to ``media_dir``, not the image root)."""
-    prompt, images, target, meta = _chain(qid, rec, nodes, answer_in_target)
-    return {"id": qid,
+    prompt, images, target, meta = _chain(sq, nodes, answer_in_target)
+    return {"id": sq.qid,
             "messages": [{"role": "user", "content": prompt},
                          {"role": "assistant", "content": target}],
             "images": absolute_images(images, image_root), **meta}
@@ -311,65 +313,65 @@ def internvl_meta(out_dir: Path, image_root: Path | None, length: int) -> dict[s
 # ---------------------------------------------------------------- step values
 
 
-def _base(qid: str, rec: dict[str, Any]) -> dict[str, Any]:
-    q = rec.get("question") or {}
-    return {"rid": qid, "question": q.get("question", ""), "gt_answer": q.get("gt_answer", ""),
-            "images": list(q.get("image_paths", []))}
+def _base(sq: StoredQuestion) -> dict[str, Any]:
+    q = sq.question
+    if q is None:
+        return {"rid": sq.qid, "question": "", "gt_answer": "", "images": []}
+    return {"rid": sq.qid, "question": q.question, "gt_answer": q.gt_answer,
+            "images": list(q.image_paths)}
 
 
-def step_value_records(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]]
-                       ) -> list[dict[str, Any]]:
+def step_value_records(sq: StoredQuestion, nodes: Sequence[Node]) -> list[dict[str, Any]]:
     """Every evaluated candidate (roots excluded) with its MICS-Score as the step value."""
-    base, diff = _base(qid, rec), difficulty(rec, nodes)
-    return [{**base, "node_id": n["node_id"], "parent_id": n["parent_id"],
-             "attempt": n["attempt"], "depth": n["depth"] + 1, "mentor": n["mentor"],
-             "prefix": n["prefix"], "step": n["step"], "value": n["score"],
-             "correct": n["correct"], "total": n["total"], "chosen": n["chosen"],
-             "reused": n["reused"], "leaks_answer": n.get("leaks_answer", False),
+    base, diff = _base(sq), difficulty(sq, nodes)
+    return [{**base, "node_id": n.node_id, "parent_id": n.parent_id,
+             "attempt": n.attempt, "depth": n.depth + 1, "mentor": n.mentor,
+             "prefix": n.prefix, "step": n.step, "value": n.score,
+             "correct": n.correct, "total": n.total, "chosen": n.chosen,
+             "reused": n.reused, "leaks_answer": n.leaks_answer,
              "difficulty": diff}
-            for n in nodes if n["depth"] >= 0]
+            for n in nodes if n.depth >= 0]
 
 
 # ---------------------------------------------------------------- writing
 
 
-def exportable_questions(store: Any, filters: Filters
-                         ) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
-    """(qid, record, nodes) of every finished question the filters keep."""
-    for qid, rec in store.iter_questions():
-        if rec.get("status") not in ("succeeded", "failed") or rec.get("question") is None:
+def exportable_questions(store: RunStore, filters: Filters
+                         ) -> Iterator[tuple[StoredQuestion, list[Node]]]:
+    """(question record, tree nodes) of every finished question the filters keep."""
+    for sq in read_questions(store):
+        if not sq.finished or sq.question is None:
             continue  # pending questions and unreadable records have no tree to export
-        nodes = store.get_nodes(qid)
-        if filters.keep(rec, nodes):
-            yield qid, rec, nodes
+        nodes = read_nodes(store, sq.qid)
+        if filters.keep(sq, nodes):
+            yield sq, nodes
 
 
-def is_partial(rec: dict[str, Any]) -> bool:
+def is_partial(sq: StoredQuestion) -> bool:
     """A success that stopped at max depth without a full score (left out of sft/sharegpt
     unless asked for: a trainer expects chains every intern sample confirmed)."""
-    return rec.get("status") == "succeeded" and stop_kind(rec) != "full_score"
+    return sq.status == "succeeded" and stop_kind(sq) != "full_score"
 
 
-def export_rows(fmt: str, qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]],
-                answer_in_target: bool, image_root: Path | None = None,
-                prm_label: str = "positive", include_partial: bool = True
-                ) -> list[dict[str, Any]]:
+def export_rows(fmt: str, sq: StoredQuestion, nodes: Sequence[Node], answer_in_target: bool,
+                image_root: Path | None = None, prm_label: str = "positive",
+                include_partial: bool = True) -> list[dict[str, Any]]:
     """One question's rows in export format `fmt` (sft, sharegpt, preferences, prm, ...)."""
     from mics import export_trainers as trainers  # it builds on this module
 
     if fmt in ("sft", "sharegpt"):
-        if rec["status"] != "succeeded" or (is_partial(rec) and not include_partial):
+        if sq.status != "succeeded" or (is_partial(sq) and not include_partial):
             return []
         if fmt == "sft":
-            return [sft_record(qid, rec, nodes, answer_in_target)]
-        return [sharegpt_record(qid, rec, nodes, answer_in_target, image_root)]
+            return [sft_record(sq, nodes, answer_in_target)]
+        return [sharegpt_record(sq, nodes, answer_in_target, image_root)]
     if fmt == "step-values":
-        return step_value_records(qid, rec, nodes)
+        return step_value_records(sq, nodes)
     if fmt == "preferences":
-        return trainers.preference_records(qid, rec, nodes, image_root)
+        return trainers.preference_records(sq, nodes, image_root)
     if fmt == "preferences-sharegpt":
-        return trainers.preference_sharegpt_records(qid, rec, nodes, image_root)
-    return trainers.prm_records(qid, rec, nodes, image_root, prm_label)
+        return trainers.preference_sharegpt_records(sq, nodes, image_root)
+    return trainers.prm_records(sq, nodes, image_root, prm_label)
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -379,7 +381,7 @@ def _write_json(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
-def export(store: Any, out_dir: Path, formats: list[str], filters: Filters | None = None,
+def export(store: RunStore, out_dir: Path, formats: list[str], filters: Filters | None = None,
            answer_in_target: bool = False, image_root: Path | None = None,
            prm_label: str = "positive", include_partial: bool = True) -> dict[str, int]:
     """Write each format's file(s) into ``out_dir``; returns record counts per file key and,
@@ -404,8 +406,8 @@ def export(store: Any, out_dir: Path, formats: list[str], filters: Filters | Non
     root = image_root.resolve() if image_root is not None else run_image_root(store)
     counts: dict[str, int] = {}
     if "reference" in formats:
-        def keep(qid: str, rec: dict[str, Any]) -> bool:
-            return filters.keep(rec, store.get_nodes(qid))
+        def keep(sq: StoredQuestion) -> bool:
+            return filters.keep(sq, read_nodes(store, sq.qid))
 
         counts.update(export_reference(store, out_dir, keep if filters.active else None))
     others = [k for f in FORMATS if f in formats and f != "reference"
@@ -418,11 +420,11 @@ def export(store: Any, out_dir: Path, formats: list[str], filters: Filters | Non
         for f in others:
             counts[f] = 0
         counts["partial"] = 0
-        for qid, rec, nodes in exportable_questions(store, filters):
-            counts["partial"] += is_partial(rec)
+        for sq, nodes in exportable_questions(store, filters):
+            counts["partial"] += is_partial(sq)
             for f in others:
-                for r in export_rows(f, qid, rec, nodes, answer_in_target, root, prm_label,
-                                  include_partial):
+                for r in export_rows(f, sq, nodes, answer_in_target, root, prm_label,
+                                     include_partial):
                     handles[f].write(orjson.dumps(r) + b"\n")
                     counts[f] += 1
     finally:

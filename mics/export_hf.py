@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from mics.export import (
     sft_record,
 )
 from mics.export_trainers import PRM_LABELS, prompt_blocks
+from mics.records import RunStore, StoredQuestion
+from mics.types import Node
 
 HF_SETS = ("sft", "preferences", "prm")
 
@@ -46,10 +49,10 @@ def _datasets() -> Any:
     return datasets
 
 
-def hf_sft_row(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]],
-               answer_in_target: bool) -> dict[str, Any]:
+def hf_sft_row(sq: StoredQuestion, nodes: Sequence[Node], answer_in_target: bool
+               ) -> dict[str, Any]:
     """An SFT row in TRL's vision conversational shape (images still as relative paths)."""
-    r = sft_record(qid, rec, nodes, answer_in_target)
+    r = sft_record(sq, nodes, answer_in_target)
     prompt, target = (t["value"] for t in r.pop("conversations"))
     images = r.pop("image", [])
     return {"id": r.pop("id"),
@@ -58,16 +61,16 @@ def hf_sft_row(qid: str, rec: dict[str, Any], nodes: list[dict[str, Any]],
             "images": images, **r}
 
 
-def _rows(store: Any, name: str, filters: Filters, answer_in_target: bool,
+def _rows(store: RunStore, name: str, filters: Filters, answer_in_target: bool,
           root: Path | None, prm_label: str, include_partial: bool = True
           ) -> list[dict[str, Any]]:
     rows = []
-    for qid, rec, nodes in exportable_questions(store, filters):
+    for sq, nodes in exportable_questions(store, filters):
         if name == "sft":
-            if rec["status"] == "succeeded" and (include_partial or not is_partial(rec)):
-                rows.append(hf_sft_row(qid, rec, nodes, answer_in_target))
+            if sq.status == "succeeded" and (include_partial or not is_partial(sq)):
+                rows.append(hf_sft_row(sq, nodes, answer_in_target))
         else:  # image paths relative to the root, like sft's, then embedded
-            rows += export_rows(name, qid, rec, nodes, answer_in_target, None, prm_label)
+            rows += export_rows(name, sq, nodes, answer_in_target, None, prm_label)
     return rows
 
 
@@ -99,7 +102,7 @@ def _dataset(rows: list[dict[str, Any]], root: Path | None) -> Any:
     return ds.cast_column("images", feature, new_fingerprint=fingerprint)
 
 
-def export_hf(store: Any, out_dir: Path, filters: Filters | None = None,
+def export_hf(store: RunStore, out_dir: Path, filters: Filters | None = None,
               answer_in_target: bool = False, image_root: Path | None = None,
               prm_label: str = "positive", include_partial: bool = True) -> dict[str, int]:
     """Write ``out_dir/hf`` (replacing it whole); returns the row count of each set (the sft

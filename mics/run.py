@@ -25,7 +25,7 @@ from backends.gate import CallGate, RunAborted
 from backends.images import CACHE_DIR_NAME as IMAGE_CACHE_DIR
 from backends.images import use_directory as use_image_directory
 from backends.registry import build_chat, build_rollout
-from mics import __version__
+from mics import __version__, records
 from mics.config import ConfigError, RunConfig
 from mics.dataset import Cursor, read_dataset
 from mics.engine import FINISHED, RETRYABLE, Engine, Models
@@ -143,7 +143,7 @@ def build_models(config: RunConfig) -> Models:
     )
 
 
-def load_run(store: RunStore) -> tuple[RunConfig, dict[str, Any]]:
+def load_run(store: records.RunStore) -> tuple[RunConfig, dict[str, Any]]:
     cfg = store.get_meta("config")
     dataset = store.get_meta("dataset")
     if cfg is None or dataset is None:
@@ -440,7 +440,7 @@ def _first(group: BaseExceptionGroup, kind: type[BaseException] | tuple[type[Bas
     return None
 
 
-def summarize(store: RunStore, *, from_records: bool = True) -> RunSummary:
+def summarize(store: records.RunStore, *, from_records: bool = True) -> RunSummary:
     """Counts by status and stop reason, computed from the store.
 
     `from_records`: count from every question record (each one is read, so a damaged record is

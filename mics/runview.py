@@ -16,10 +16,18 @@ import networkx as nx
 from mics.analysis import chosen_path, load_tree, run_summary
 from mics.config import RunConfig
 from mics.export import Filters, export
-from mics.records import QuestionRecord, record_outcome, record_question
+from mics.records import (
+    QuestionRecord,
+    RunStore,
+    StoredQuestion,
+    read_nodes,
+    read_questions,
+    record_outcome,
+    record_question,
+)
 from mics.run import RunSummary, load_run, summarize
 from mics.types import Node, Outcome, Question, StopReason
-from store import RunStore
+from store import RunStore as LMDBStore
 
 
 class Run:
@@ -33,7 +41,7 @@ class Run:
     @classmethod
     def open(cls, run_dir: str | Path) -> Run:
         """Open `run_dir` for reading; StoreError if it holds no run."""
-        store = RunStore.open(run_dir, write=False)
+        store = LMDBStore.open(run_dir, write=False)
         try:
             return cls(store)
         except BaseException:
@@ -71,6 +79,11 @@ class Run:
             raise KeyError(qid)
         return cast(QuestionRecord, rec)
 
+    def stored(self) -> Iterator[StoredQuestion]:
+        """Every stored question as a typed record (question, outcome, status), in dataset
+        order, bad records included."""
+        return read_questions(self._store)
+
     def question_ids(self) -> list[str]:
         """Every stored question id (a bad record's id ends with ``@line<n>``)."""
         return [qid for qid, _ in self.records()]
@@ -107,11 +120,11 @@ class Run:
 
     def nodes(self, qid: str) -> list[Node]:
         """Every node of a question's tree (all attempts; the root has depth -1)."""
-        return [Node.from_dict(n) for n in self._store.get_nodes(qid)]
+        return read_nodes(self._store, qid)
 
     def path(self, qid: str) -> list[Node]:
         """The root, then the chosen node of each depth of the last attempt."""
-        return [Node.from_dict(n) for n in chosen_path(self._store.get_nodes(qid))]
+        return chosen_path(self.nodes(qid))
 
     def graph(self, qid: str) -> nx.DiGraph:
         """A question's tree as a networkx DiGraph (see mics.analysis.question_graph)."""

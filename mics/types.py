@@ -181,6 +181,11 @@ class Sample:
     usage: dict[str, Any] = field(default_factory=dict)
     sample_index: int = 0  # the sample number at this temperature (its own call)
 
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Sample:
+        """A stored sample (one stored before `sample_index` existed is sample 0)."""
+        return Sample(**d)
+
 
 @dataclass
 class Node:
@@ -207,6 +212,11 @@ class Node:
     def score(self) -> float:
         return self.correct / self.total if self.total else 0.0
 
+    @property
+    def evaluated(self) -> bool:
+        """Interns answered from it (a root, or a node never evaluated, has no samples)."""
+        return self.total > 0
+
     def to_dict(self) -> dict[str, Any]:  # by hand: dataclasses.asdict is slow on a hot path
         d = {f: getattr(self, f) for f in _NODE_FIELDS}
         d["samples"] = [{f: getattr(s, f) for f in _SAMPLE_FIELDS} for s in self.samples]
@@ -217,7 +227,7 @@ class Node:
     def from_dict(d: dict[str, Any]) -> Node:
         d = dict(d)
         d.pop("score", None)
-        d["samples"] = [Sample(**s) for s in d.get("samples", [])]
+        d["samples"] = [Sample.from_dict(s) for s in d.get("samples", [])]
         return Node(**d)
 
 

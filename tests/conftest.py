@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import CHIRON, sim_config
 
 from mics.config import parse_config
+from store import RunStore
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -17,6 +19,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture
 def config():
     return parse_config(sim_config())
+
+
+@pytest.fixture
+def run_store(tmp_path: Path) -> Iterator[RunStore]:
+    """A real, writable LMDB run store in tmp_path (what the call gate stores into)."""
+    with RunStore.open(tmp_path / "run", create=True) as store:
+        yield store
 
 
 @pytest.fixture(scope="session")

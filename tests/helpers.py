@@ -4,6 +4,10 @@ Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,3 +72,43 @@ def ok(session: Session) -> Session:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The records of a JSONL file (blank lines skipped)."""
     return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+# A `mics` command run in a fresh interpreter that reports, on its last line, which heavy
+# modules it imported (the lean paths must import neither torch nor transformers).
+_IMPORTS_SCRIPT = """
+import json, sys
+from cli.app import main
+sys.argv = ["mics", *{args!r}]
+code = 0
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
+print("MICS-IMPORTS", json.dumps({{"heavy": heavy, "code": code,
+                                  "jinja": "jinja2" in sys.modules}}))
+"""
+
+
+@dataclass(frozen=True)
+class Imports:
+    """What one `mics` command imported: its torch/transformers modules, its exit code and
+    whether jinja2 was loaded."""
+
+    heavy: list[str]
+    code: int | str | None
+    jinja: bool
+
+
+def command_imports(*args: object, timeout: float = 300) -> Imports:
+    """Run `mics ARGS` in a fresh interpreter (from the repository) and report its imports."""
+    script = _IMPORTS_SCRIPT.format(args=[str(a) for a in args])
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    lines = proc.stdout.strip().splitlines()
+    assert lines and lines[-1].startswith("MICS-IMPORTS "), \
+        proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = Imports(**json.loads(lines[-1].removeprefix("MICS-IMPORTS ")))
+    assert report.code == 0, f"mics {args} exited {report.code}:\n{proc.stderr[-3000:]}"
+    return report

@@ -26,6 +26,7 @@ from mics.analysis import (
     tree_summary,
 )
 from mics.config import RunConfig, load_config
+from mics.records import StoredQuestion, read_nodes
 from mics.run import search_run, start_run
 from store import RunStore
 
@@ -57,7 +58,7 @@ def test_trees_match_the_store(run):
             assert nx.is_arborescence(g)
             s = tree_summary(g)
             assert s["node_count"] == len(nodes) and s["depth"] == rec["outcome"]["final_depth"]
-            assert s["stop_kind"] == stop_kind(rec)
+            assert s["stop_kind"] == stop_kind(StoredQuestion.from_record(qid, rec))
             if rec["status"] == "succeeded":
                 assert s["path_mentors"] == rec["outcome"]["generated_by"]
                 assert s["chosen_path"][-1] == rec["outcome"]["details"]["node"]
@@ -134,12 +135,12 @@ def test_prices_by_model_id_and_validation(tmp_path):
 def test_restarts_give_a_forest_and_the_last_attempt_path(tmp_path):
     run = build_fixed_run(tmp_path / "r", on_all_zero="restart:1")
     with RunStore.open(run, write=False) as store:
-        nodes = store.get_nodes("q1")
+        nodes = read_nodes(store, "q1")
         g = load_tree(store, "q1")
-    assert {n["attempt"] for n in nodes} == {0, 1}
+    assert {n.attempt for n in nodes} == {0, 1}
     assert tree_summary(g)["attempts"] == 2
     assert nx.number_weakly_connected_components(g) == 2
-    assert all(n["attempt"] == 1 for n in chosen_path(nodes))
+    assert all(n.attempt == 1 for n in chosen_path(nodes))
 
 
 def test_kappa():
@@ -216,35 +217,20 @@ def test_chiron_demo_inspect(chiron, tmp_path):
     assert len(data["nodes"]) == len(nodes)
 
 
-class FakeStore:
-    """Just enough of RunStore for the usage tables: one priced call under a model id."""
-
-    run_dir = "fake"
-
-    def iter_questions(self):
-        return []
-
-    def iter_calls(self):
-        return [{"key": "k1", "role": "mentor", "model": "big"},
-                {"key": "k2", "role": "judge", "model": "judge"}]
-
-    def memo_get(self, key):
-        usage = {"prompt_tokens": 1_000_000, "completion_tokens": 500_000,
-                 "cached_tokens": 400_000}
-        return {"text": "", "usage": usage}
-
-    def iter_failures(self):
-        return [{"kind": "call", "role": "judge", "model": "judge", "keys": ["a", "b"]}]
-
-    def get_meta(self, key):
-        return {"mentors": [{"name": "big", "model": "vendor/big-1"}], "interns": [],
-                "judge": {"name": "judge", "model": "j"}}
-
-
-def test_price_lookup_by_model_id_and_cached_tokens():
+def test_price_lookup_by_model_id_and_cached_tokens(run_store):
+    """One priced call under a model id (its configured name differs), one unpriced one, and a
+    failed judge call of two keys, in a real store."""
+    run_store.put_meta("config", {"mentors": [{"name": "big", "model": "vendor/big-1"}],
+                                  "interns": [], "judge": {"name": "judge", "model": "j"}})
+    usage = {"prompt_tokens": 1_000_000, "completion_tokens": 500_000, "cached_tokens": 400_000,
+             "latency_s": 0.0}
+    for key, role, model in (("k1", "mentor", "big"), ("k2", "judge", "judge")):
+        run_store.memo_put(key, {"text": "", "finish_reason": "stop", "usage": usage},
+                           {"role": role, "model": model})
+    run_store.add_failure({"kind": "call", "role": "judge", "model": "judge", "keys": ["a", "b"]})
     prices = {"vendor/big-1": {"input_per_mtok": 2.0, "output_per_mtok": 10.0,
                                "cached_input_per_mtok": 0.5}}
-    s = run_summary(FakeStore(), prices)
+    s = run_summary(run_store, prices)
     big, judge = s["usage_by_model"]
     assert big["cost"] == pytest.approx(0.6 * 2.0 + 0.4 * 0.5 + 0.5 * 10.0)
     assert judge["cost"] is None and judge["failed_calls"] == 2

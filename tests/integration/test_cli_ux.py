@@ -7,13 +7,13 @@ import json
 import re
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 import orjson
 import pytest
+from helpers import command_imports
 from PIL import Image
-from test_cli import EXAMPLE, ROOT, mics, read_jsonl
+from test_cli import EXAMPLE, mics, read_jsonl
 
 from bench.crash_store import KILL_AFTER_ENV
 from mics.demo_data import write_demo_dataset
@@ -302,36 +302,13 @@ def test_resume_with_a_moved_dataset(tmp_path, demo):
 # ---------------------------------------------------------------- lean imports
 
 
-LEAN = """
-import sys
-from cli.app import main
-sys.argv = ["mics", *{args!r}]
-try:
-    main()
-except SystemExit as e:
-    code = e.code
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
-print("HEAVY", heavy, "EXIT", code)
-"""
-
-
-def lean(*args: object) -> str:
-    import subprocess
-
-    proc = subprocess.run([sys.executable, "-c", LEAN.format(args=[str(a) for a in args])],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    tail = proc.stdout.strip().splitlines()[-1]
-    assert tail.endswith("EXIT 0"), proc.stdout[-2000:] + proc.stderr[-2000:]
-    return tail
-
-
 def test_demo_and_api_commands_never_import_torch_or_transformers(tmp_path, done_run):
-    assert lean("--help") == "HEAVY [] EXIT 0"
-    assert lean("demo", "--run", tmp_path / "demo") == "HEAVY [] EXIT 0"
+    assert command_imports("--help").heavy == []
+    assert command_imports("demo", "--run", tmp_path / "demo").heavy == []
     for args in (["status", done_run], ["inspect", done_run], ["inspect", done_run,
                  "synthetic-001"], ["viz", done_run, "--all", "-o", tmp_path / "viz"],
                  ["export", done_run, "-o", tmp_path / "E", "-f", "all"]):
-        assert lean(*args) == "HEAVY [] EXIT 0", args
+        assert command_imports(*args).heavy == [], args
 
 
 def test_search_with_api_backends_never_imports_torch(tmp_path, demo):
@@ -350,6 +327,6 @@ def test_search_with_api_backends_never_imports_torch(tmp_path, demo):
             f'base_url = "{srv.url}/v1"', "",
             "[judge]", 'name = "judge"', 'backend = "openai"', 'model = "judge"',
             f'base_url = "{srv.url}/v1"', ""]))
-        out = lean("search", data, "--image-root", images, "-c", cfg, "--run", tmp_path / "R",
-                   "--limit", "2")
-    assert out == "HEAVY [] EXIT 0"
+        out = command_imports("search", data, "--image-root", images, "-c", cfg,
+                              "--run", tmp_path / "R", "--limit", "2")
+    assert out.heavy == []

@@ -153,12 +153,12 @@ def test_retry_after_sources_in_order():
 
 @pytest.mark.parametrize(("target", "status"), [("openai", 429), ("deepseek", 402),
                                                 ("dashscope", 429)])
-def test_quota_errors_stop_the_run_naming_the_endpoint(target, status):
+def test_quota_errors_stop_the_run_naming_the_endpoint(target, status, run_store):
     with LoopbackServer(served(target), faults={"forced": {"m": "quota"}}) as srv:
         with pytest.raises(FatalError) as info:
             complete(chat(srv))
         model = chat(srv)
-        gate = CallGate(_MemoStore())
+        gate = CallGate(run_store)
 
         async def go() -> None:
             try:
@@ -172,7 +172,8 @@ def test_quota_errors_stop_the_run_naming_the_endpoint(target, status):
         sent = srv.counts()["items"]
     assert info.value.status == status and "ep (m at" in str(info.value)
     assert sent == 2  # one call each: a quota error is never retried
-    assert gate.store.failures and gate.store.failures[0]["attempts"] == 1
+    [failure] = run_store.iter_failures()
+    assert failure["attempts"] == 1 and failure["model"] == "ep"
 
 
 def test_server_requested_waits_are_capped_per_endpoint_not_by_max_backoff():
@@ -200,20 +201,3 @@ def test_deepseek_cache_hits_are_read():
     assert "prompt_tokens_details" not in raw["usage"]
     assert "prompt_cache_hit_tokens" in raw["usage"]
     assert second.usage.cached_tokens > 0
-
-
-class _MemoStore:
-    """The slice of the run store the call gate uses."""
-
-    def __init__(self) -> None:
-        self.memo: dict[str, Any] = {}
-        self.failures: list[dict[str, Any]] = []
-
-    def memo_get(self, key: str) -> Any:
-        return self.memo.get(key)
-
-    def memo_put(self, key: str, value: Any, log: Any) -> None:
-        self.memo[key] = value
-
-    def add_failure(self, record: dict[str, Any]) -> None:
-        self.failures.append(record)

@@ -164,9 +164,13 @@ def test_the_wrong_internvl_placeholder_is_what_the_strict_server_refuses(tokeni
 def test_internvl_refuses_to_guess_without_a_version(tokenizer_dir):
     model = intern("http://127.0.0.1:9", tokenizer_dir, family="internvl")
     with pytest.raises(FatalError, match="does not report its version"):
-        model._choose_placeholder("http://127.0.0.1:9", None)
+        model.placeholder_for("http://127.0.0.1:9", None)
     with pytest.raises(FatalError, match="image_placeholder"):
         model.placeholder()
+    assert model.placeholder_for("http://127.0.0.1:9", parse_version("0.5.6")) == "<IMG_CONTEXT>"
+    assert model.placeholder_for("http://127.0.0.1:9", parse_version("0.5.7")) == "<image>"
+    with pytest.raises(FatalError, match="image_placeholder"):
+        model.placeholder()  # asking does not choose: only a checked server does
 
 
 def test_internvl_servers_that_disagree_on_the_placeholder_are_refused(tokenizer_dir, image):

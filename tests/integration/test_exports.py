@@ -33,7 +33,7 @@ from mics.export import (
 )
 from mics.run import build_models
 from mics.steps import FINAL_MARKER
-from mics.types import ROOT_TEXT, ImageRef, Question
+from mics.types import ROOT_TEXT, ImageRef, Node, Question
 from store import RunStore
 
 GOLDEN = ROOT / "tests" / "golden" / "exports"
@@ -326,10 +326,10 @@ def test_filters(fixed_run, tmp_path):
 
 
 def test_sft_prompt_matches_chiron_eval_format():
-    q = {"question": "What is the most likely diagnosis?",
-         "case_info": "Chief complaint: Pain and palpable mass.\nAge: 15 years\nGender: Female\n"
-                      "Image analysis:\nModality 1: x",
-         "image_paths": ["197850/x-ray_group1/0.png", "197850/mri_group2/0.jpeg"]}
+    q = Question(qid="197850", index=0, question="What is the most likely diagnosis?",
+                 gt_answer="x", images=(), case_info="Chief complaint: Pain and palpable mass.\n"
+                 "Age: 15 years\nGender: Female\nImage analysis:\nModality 1: x",
+                 image_paths=("197850/x-ray_group1/0.png", "197850/mri_group2/0.jpeg"))
     prompt, images = sft_prompt(q)
     assert prompt == (
         "What is the most likely diagnosis? (Supplementary information is as follows:\n"
@@ -337,8 +337,8 @@ def test_sft_prompt_matches_chiron_eval_format():
         "Please base your response on the keyframes of the relevant medical imaging modality "
         "(Modality 1: <image>,\nModality 2: <image>) and reason step-by-step to answer the "
         "above question.")
-    assert images == q["image_paths"]
-    q["image_paths"] = ["1/ct_group2/0.png", "1/mri_group1/0.png", "1/mri_group1/1.png"]
+    assert images == list(q.image_paths)
+    q = replace(q, image_paths=("1/ct_group2/0.png", "1/mri_group1/0.png", "1/mri_group1/1.png"))
     prompt, images = sft_prompt(q)
     assert "(Modality 1: <image>\n<image>,\nModality 2: <image>)" in prompt
     assert images == ["1/mri_group1/0.png", "1/mri_group1/1.png", "1/ct_group2/0.png"]
@@ -398,18 +398,21 @@ def test_cli_image_root_override_and_hf_errors(fixed_run, tmp_path):
 
 
 def test_unscored_nodes_take_part_in_no_pair_and_no_path():
-    """A node without a score (a mentor that could not be asked) is neither a side of a
+    """A node never evaluated (no intern sample, so no score) is neither a side of a
     preference pair nor a step of a PRM path."""
     from mics.export_trainers import preference_pairs, search_paths
 
-    def node(nid: str, parent: str, depth: int, score, chosen=False, step=""):
-        return {"node_id": nid, "parent_id": parent, "depth": depth, "score": score,
-                "chosen": chosen, "step": step}
+    def node(nid: str, parent: str | None, depth: int, correct_total: tuple[int, int] | None,
+             chosen: bool = False) -> Node:
+        correct, total = correct_total or (0, 0)
+        return Node(node_id=nid, parent_id=parent, attempt=0, depth=depth, mentor=nid,
+                    step="", prefix=nid, chain="", correct=correct, total=total, chosen=chosen)
 
-    nodes = [node("r", "", -1, None, chosen=True),
-             node("a", "r", 0, 0.5, chosen=True), node("b", "r", 0, 0.0),
+    nodes = [node("r", None, -1, None, chosen=True),
+             node("a", "r", 0, (1, 2), chosen=True), node("b", "r", 0, (0, 2)),
              node("c", "r", 0, None),
-             node("d", "a", 1, 1.0, chosen=True), node("e", "a", 1, None)]
-    pairs = [(c["node_id"], r["node_id"]) for c, r in preference_pairs(nodes)]
+             node("d", "a", 1, (2, 2), chosen=True), node("e", "a", 1, None)]
+    assert [n.evaluated for n in nodes] == [False, True, True, False, True, False]
+    pairs = [(c.node_id, r.node_id) for c, r in preference_pairs(nodes)]
     assert pairs == [("a", "b")]
-    assert [[n["node_id"] for n in p] for p in search_paths(nodes)] == [["b"], ["a", "d"]]
+    assert [[n.node_id for n in p] for p in search_paths(nodes)] == [["b"], ["a", "d"]]

@@ -170,6 +170,11 @@ def test_a_bad_record_is_stored_as_failed_naming_its_field(tmp_path, config, dem
         [bad] = list(run.outcomes("bad_record"))
         assert bad.qid == broken["rid"] and "messages" in bad.details["field"]
         assert [q.qid for q in run.questions()] == [records[0]["rid"]]
+        good, unread = list(run.stored())  # typed records, bad ones included
+        assert isinstance(good, mics.StoredQuestion) and good.question is not None
+        assert good.finished and good.outcome == run.outcome(good.qid)
+        assert unread.qid.startswith(f"{broken['rid']}@line") and unread.question is None
+        assert unread.stop_reason == "bad_record" and unread.outcome == bad
 
 
 def test_a_config_mapping_or_path_is_accepted(tmp_path, demo) -> None:

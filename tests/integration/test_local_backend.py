@@ -106,13 +106,12 @@ def test_image_token_ids_follow_the_image(tiny_vl: Path, tmp_path: Path) -> None
     blue = png(tmp_path / "blue.png", (100, 80), (30, 30, 200))
     model = local(tiny_vl, **SMALL_PIXELS)
     runner = model.runner
-    m = runner.load()
-    enc = [runner._encode(m, [Call(Prompt("s", (Image(r), Text("q"))), GREEDY)],
-                          [runner._images(Prompt("s", (Image(r),)))]) for r in (red, blue)]
-    image_id = m.processor.image_token_id
-    assert int((enc[0]["input_ids"] == image_id).sum()) == 12
-    assert enc[0]["input_ids"].tolist() == enc[1]["input_ids"].tolist()
-    assert not enc[0]["pixel_values"].equal(enc[1]["pixel_values"])
+    enc = [runner.encode_batch([Prompt("s", (Image(r), Text("q")))]) for r in (red, blue)]
+    image_id = runner.load().processor.image_token_id
+    assert int((enc[0].input_ids == image_id).sum()) == 12
+    assert enc[0].input_ids.tolist() == enc[1].input_ids.tolist()
+    assert not enc[0].pixel_values.equal(enc[1].pixel_values)
+    assert enc[0].image_grid_thw.tolist() == [[1, 6, 8]]  # 100x80 -> 12 tokens after merging
 
 
 def test_sampling_is_explicit_and_seeded(tiny_lm: Path) -> None:

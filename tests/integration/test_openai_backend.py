@@ -294,30 +294,13 @@ def test_options_are_validated_and_registered():
                    "judge")
 
 
-class _MemoStore:
-    """The slice of the run store the call gate uses."""
-
-    def __init__(self) -> None:
-        self.memo: dict[str, Any] = {}
-        self.failures: list[dict[str, Any]] = []
-
-    def memo_get(self, key: str) -> Any:
-        return self.memo.get(key)
-
-    def memo_put(self, key: str, value: Any, log: Any) -> None:
-        self.memo[key] = value
-
-    def add_failure(self, record: dict[str, Any]) -> None:
-        self.failures.append(record)
-
-
-def test_gate_retries_injected_faults_to_success():
+def test_gate_retries_injected_faults_to_success(run_store):
     faults = Faults(rate=0.5, kinds=("429", "500", "503", "drop", "malformed"),
                     retry_after_s=0.01)
     with LoopbackServer(models=SERVED, faults=faults, seed=3) as srv:
         model = OpenAIChat(cfg(srv, "sim-judge", max_retries=12, backoff_s=0.001,
                                max_backoff_s=0.01))
-        gate = CallGate(_MemoStore())
+        gate = CallGate(run_store)
         prompts = [Prompt("s", (Text(f"Model answer: a{k}\n\nCorrect answer: a{k}"),))
                    for k in range(12)]
 

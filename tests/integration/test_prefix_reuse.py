@@ -157,12 +157,12 @@ def test_intern_prompts_share_a_tokenized_prefix(tiny_lm: Path, tiny_vl: Path,
                                                  picks: list[int], vl: bool) -> None:
     model = local(tiny_vl, **VL_PIXELS) if vl else local(tiny_lm)
     runner = model.runner
-    m = runner.load()
+    m = runner.load()  # for its tokenizer and processor
     refs = tuple(images[i] for i in picks) if vl else ()
     q = Question("q", 0, question, "x", refs, tuple(r.path for r in refs), "")
     selected = "\n\n".join([ROOT_TEXT, *path])
     prompts = [intern_prompt(q, f"{selected}\n\n{step}") for step in (a, b)]
-    rows = [runner._encode_row(m, p, runner._images(p)) for p in prompts]
+    rows = runner.encode_prompts(prompts)
     shared = next((i for i, (x, y) in enumerate(zip(rows[0].key, rows[1].key, strict=False))
                    if x != y), min(len(rows[0].key), len(rows[1].key)))
     [text] = (m.processor or m.tokenizer).apply_chat_template(
@@ -182,7 +182,7 @@ def test_intern_prompts_share_a_tokenized_prefix(tiny_lm: Path, tiny_vl: Path,
     if vl and refs:
         other = replace(q, images=tuple(images[(i + 1) % 3] for i in picks))
         p = intern_prompt(other, f"{selected}\n\n{a}")
-        moved = runner._encode_row(m, p, runner._images(p))
+        [moved] = runner.encode_prompts([p])
         first_image = rows[0].spans[0][0]
         assert moved.key[:first_image] == rows[0].key[:first_image]
         assert moved.key[first_image] != rows[0].key[first_image]

@@ -329,3 +329,32 @@ def test_question_counts_of_a_run_that_did_not_keep_them(run_dir: Path) -> None:
         s.put_question("q0", {"status": "running"})
         assert s.question_counts() == {("succeeded", "full_score"): 4, ("failed", None): 1,
                                        ("running", None): 1}
+
+
+def test_lmdb_store_satisfies_the_run_store_protocol(run_dir: Path) -> None:
+    """The engine, the call gate and the readers are typed against `mics.records.RunStore`:
+    the LMDB store has every member, with the same parameters (mypy checks the types)."""
+    import inspect
+
+    from mics.records import RunStore as RunStoreProtocol
+
+    members = [n for n, v in vars(RunStoreProtocol).items()
+               if callable(v) and not n.startswith("_")]
+    assert {"memo_get", "memo_put", "get_nodes", "iter_questions", "transaction"} <= set(members)
+    with RunStore.open(run_dir, create=True) as s:
+        typed: RunStoreProtocol = s
+        assert isinstance(typed, RunStoreProtocol)
+        assert isinstance(typed.run_dir, Path)
+    for name in members:
+        want = inspect.signature(getattr(RunStoreProtocol, name)).parameters
+        got = inspect.signature(getattr(RunStore, name)).parameters
+        assert [(p.name, p.kind) for p in got.values()] == \
+            [(p.name, p.kind) for p in want.values()], name
+
+    class Partial:  # a store without the read methods is not one
+        run_dir = run_dir
+
+        def memo_get(self, key: str) -> dict | None:
+            return None
+
+    assert not isinstance(Partial(), RunStoreProtocol)

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, Imports, command_imports
 from test_chat_templates import (
     INTERNVL,
     QWEN2_TEXT,
@@ -21,7 +19,8 @@ from test_chat_templates import (
     _prompts,
 )
 
-from backends.chat_templates import compile_template, messages, render_prompt
+from backends.chat_templates import compile_template, render_prompt
+from backends.messages import family_messages
 from backends.template_source import ChatTemplate, ChatTemplateError, load_chat_template
 from mics.errors import ConfigError, FatalError
 from mics.types import Prompt, Text
@@ -77,7 +76,7 @@ def _assert_same(ours: ChatTemplate, theirs, seed: int = 0) -> None:  # noqa: AN
     rendered = 0
     for family in FAMILIES:
         for prompt in _prompts(60, seed=seed):
-            chat = messages(prompt, family)
+            chat = family_messages(prompt, family)
             for gen in (True, False):
                 mine = _outcome(ours.apply_chat_template, chat, gen)
                 assert mine == _outcome(theirs.apply_chat_template, chat, gen), (family, prompt)
@@ -176,7 +175,7 @@ def test_compiled_fast_path_works_on_the_jinja2_template(tmp_path: Path, tokeniz
     assert compile_template(ours, family) is not None
     for prompt in _prompts(80, seed=11):
         assert render_prompt(ours, family, prompt) == theirs.apply_chat_template(
-            messages(prompt, family), tokenize=False, add_generation_prompt=True)
+            family_messages(prompt, family), tokenize=False, add_generation_prompt=True)
 
 
 def test_content_dependent_template_still_falls_back(tmp_path: Path, tokenizer_dir: Path) -> None:
@@ -228,19 +227,6 @@ def test_a_hub_id_is_found_in_the_local_hf_cache(tmp_path: Path, tokenizer_dir: 
         load_chat_template("org/other", "i0")
 
 
-LEAN = """
-import sys
-from cli.app import main
-sys.argv = ["mics", *{args!r}]
-try:
-    main()
-except SystemExit as e:
-    code = e.code
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
-print("HEAVY", heavy, "EXIT", code, "JINJA", "jinja2" in sys.modules)
-"""
-
-
 def test_search_with_sglang_interns_never_imports_torch_or_transformers(
         tmp_path: Path, tokenizer_dir: Path) -> None:
     from bench.loopback import LoopbackServer
@@ -263,11 +249,9 @@ def test_search_with_sglang_interns_never_imports_torch_or_transformers(
             f'base_url = "{srv.url}/v1"', ""]))
         args = ["search", data, "--image-root", images, "-c", cfg, "--run", tmp_path / "R",
                 "--limit", "2"]
-        proc = subprocess.run([sys.executable, "-c", LEAN.format(args=[str(a) for a in args])],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        report = command_imports(*args)
         generated = [body for path, body in srv.bodies if path.endswith("/generate")]
-    assert proc.stdout.strip().splitlines()[-1] == "HEAVY [] EXIT 0 JINJA True", \
-        proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert report == Imports(heavy=[], code=0, jinja=True)
     texts = [t for body in generated for t in
              (body["text"] if isinstance(body["text"], list) else [body["text"]])]
     assert texts, "no /generate request reached the server"
@@ -290,7 +274,7 @@ def test_internvl_fast_path_uses_the_servers_placeholder(tmp_path: Path, tokeniz
     for prompt in with_images:
         fast = render_prompt(ours, "internvl", prompt, lambda: f"{placeholder}\n")
         assert fast == theirs.apply_chat_template(
-            messages(prompt, "internvl", f"{placeholder}\n"), tokenize=False,
+            family_messages(prompt, "internvl", f"{placeholder}\n"), tokenize=False,
             add_generation_prompt=True)
     assert sum(render_prompt(ours, "internvl", p, lambda: f"{placeholder}\n").count(placeholder)
                for p in with_images) > 0

@@ -21,6 +21,7 @@ from PIL import Image
 
 from mics.export import escape_placeholders, sft_prompt
 from mics.export_trainers import prompt_blocks, step_sections
+from mics.types import Question
 
 datasets = pytest.importorskip("datasets")
 
@@ -90,8 +91,9 @@ def test_literal_image_tag_is_escaped_everywhere(demo):
     assert prompt.count("<image>") == len(rec["image"]) == 1
     assert escape_placeholders("a <IMAGE> b </img> <IMG_CONTEXT> <video>") == \
         "a [IMAGE] b [/img] [IMG_CONTEXT] [video]"
-    prompt, images = sft_prompt({"question": "Is <image> here?", "case_info": "",
-                                 "image_paths": ["1/ct_group1/0.png"]})
+    prompt, images = sft_prompt(Question(qid="1", index=0, question="Is <image> here?",
+                                         gt_answer="no", images=(), case_info="",
+                                         image_paths=("1/ct_group1/0.png",)))
     assert prompt.startswith("Is [image] here?") and prompt.count("<image>") == len(images)
 
 

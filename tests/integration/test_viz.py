@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 
 from cli.app import app
 from mics.analysis import load_tree, question_graph
+from mics.records import StoredQuestion
+from mics.types import Node, Outcome, Question, QuestionStatus, Sample, StopReason
 from mics.viz import page_name, to_dot, tree_html, write_all
 from store import RunStore
 
@@ -53,16 +55,33 @@ def test_html_is_self_contained(run):
     assert data["qid"] == "q0" and len(data["nodes"]) == stored_counts(run)["q0"]
 
 
+def node(node_id: str, parent: str | None, attempt: int, depth: int, mentor: str | None,
+         step: str, correct: int = 0, total: int = 0, chosen: bool = False,
+         leaks_answer: bool = False, samples: int = 0) -> Node:
+    """A tree node as the engine stores it (prefix and chain do not show on the page)."""
+    return Node(node_id=node_id, parent_id=parent, attempt=attempt, depth=depth, mentor=mentor,
+                step=step, prefix=step, chain=step, correct=correct, total=total, chosen=chosen,
+                leaks_answer=leaks_answer,
+                samples=[Sample(intern="i0", temperature=1.2, answer="x", raw="x", correct=True,
+                                verdict="yes")] * samples)
+
+
+def stored(qid: str, status: QuestionStatus, stop_reason: StopReason, question: str,
+           gt_answer: str, final_depth: int, error: str = "",
+           details: dict | None = None) -> StoredQuestion:
+    """A finished question's stored record, typed."""
+    q = Question(qid=qid, index=0, question=question, gt_answer=gt_answer, images=(),
+                 image_paths=(), case_info="")
+    o = Outcome(qid=qid, status=status, stop_reason=stop_reason,  # type: ignore[arg-type]
+                final_depth=final_depth, error=error, details=details or {})
+    return StoredQuestion(qid=qid, status=status, stop_reason=stop_reason, question=q, outcome=o)
+
+
 def test_html_escapes_hostile_text():
-    nodes = [{"node_id": "a0.root", "parent_id": None, "attempt": 0, "depth": -1,
-              "mentor": None, "step": "root", "score": 0.0, "correct": 0, "total": 0,
-              "chosen": True, "samples": []},
-             {"node_id": "a0.d0.<m>", "parent_id": "a0.root", "attempt": 0, "depth": 0,
-              "mentor": "<m>", "step": "</script><script>alert(1)</script> & \u2028",
-              "score": 0.5, "correct": 1, "total": 2, "chosen": False, "samples": []}]
-    rec = {"status": "failed", "stop_reason": "all_zero",
-           "question": {"question": "<b>q</b>", "gt_answer": "a & b", "image_paths": []},
-           "outcome": {"final_depth": 1, "error": "x"}}
+    nodes = [node("a0.root", None, 0, -1, None, "root", chosen=True),
+             node("a0.d0.<m>", "a0.root", 0, 0, "<m>",
+                  "</script><script>alert(1)</script> & \u2028", correct=1, total=2)]
+    rec = stored("q<1>", "failed", "all_zero", "<b>q</b>", "a & b", 1, error="x")
     page = tree_html(question_graph("q<1>", rec, nodes))
     assert "<script>alert" not in page and "<b>q</b>" not in page
     assert embedded_data(page)["nodes"][1]["step"].startswith("</script>")
@@ -198,41 +217,36 @@ MENTORS = ("mentor-a", "mentor-b", "mentor-c")
 def deep_tree(failed: bool = False) -> nx.DiGraph:
     """Depth 5 after a restart (attempt 0 was all zero), mentor-c's call failed at depth 3,
     mentor-a's depth-2 step leaks the answer; `failed`: stops at depth 4, no mentor left."""
-    nodes = [{"node_id": "a0.root", "parent_id": None, "attempt": 0, "depth": -1, "mentor": None,
-              "step": "root", "score": 0.0, "correct": 0, "total": 0, "chosen": True,
-              "samples": []}]
+    nodes = [node("a0.root", None, 0, -1, None, "root", chosen=True)]
     for m in MENTORS:
-        nodes.append({"node_id": f"a0.d0.{m}", "parent_id": "a0.root", "attempt": 0, "depth": 0,
-                      "mentor": m, "step": f"### Step 1\n{m} first try", "score": 0.0,
-                      "correct": 0, "total": 6, "chosen": False, "samples": []})
-    nodes.append({**nodes[0], "node_id": "a1.root", "attempt": 1})
+        nodes.append(node(f"a0.d0.{m}", "a0.root", 0, 0, m, f"### Step 1\n{m} first try",
+                          total=6))
+    nodes.append(node("a1.root", None, 1, -1, None, "root", chosen=True))
     parent, last = "a1.root", 4 if failed else 5
     for d in range(last if not failed else last - 1):
         for k, m in enumerate(MENTORS):
             if d == 2 and m == "mentor-c":
                 continue  # its call failed: no node
-            score = [0.5, 0.33, 0.17][k] if d < 4 else [1.0, 0.83, 0.5][k]
-            nodes.append({
-                "node_id": f"a1.d{d}.{m}", "parent_id": parent, "attempt": 1, "depth": d,
-                "mentor": m, "score": score, "correct": round(score * 6), "total": 6,
-                "step": f"### Step {d + 1}\nThe {m} step at depth {d + 1}: findings, "
-                        "reasoning and a differential. " * 3,
-                "chosen": k == 0, "leaks_answer": d == 1 and m == "mentor-a",
-                "samples": [{"intern": "i0", "temperature": 1.2, "answer": "x",
-                             "correct": True, "verdict": "yes"}]})
+            correct = [3, 2, 1][k] if d < 4 else [6, 5, 3][k]  # of 6 samples
+            nodes.append(node(
+                f"a1.d{d}.{m}", parent, 1, d, m,
+                f"### Step {d + 1}\nThe {m} step at depth {d + 1}: findings, "
+                "reasoning and a differential. " * 3,
+                correct=correct, total=6, chosen=k == 0,
+                leaks_answer=d == 1 and m == "mentor-a", samples=1))
         parent = f"a1.d{d}.mentor-a"
     errors = {"3": {"mentor-c": "call failed after 7 attempt(s): HTTP 503 from m-c"}}
+    qid = "deep-failed" if failed else "deep"
     if failed:
         errors["4"] = {m: "call failed after 7 attempt(s): connection refused" for m in MENTORS}
-        rec = {"status": "failed", "stop_reason": "no_mentor",
-               "outcome": {"final_depth": 4, "error": "no mentor produced a valid step at "
-                           "depth 4", "details": {"depth": 3, "mentor_errors": errors["4"],
-                                                  "mentor_errors_by_depth": errors}}}
+        rec = stored(qid, "failed", "no_mentor", "A deep case?", "answer", 4,
+                     error="no mentor produced a valid step at depth 4",
+                     details={"depth": 3, "mentor_errors": errors["4"],
+                              "mentor_errors_by_depth": errors})
     else:
-        rec = {"status": "succeeded", "stop_reason": "full_score",
-               "outcome": {"final_depth": 5, "details": {"mentor_errors_by_depth": errors}}}
-    rec["question"] = {"question": "A deep case?", "gt_answer": "answer", "image_paths": []}
-    return question_graph("deep-failed" if failed else "deep", rec, nodes)
+        rec = stored(qid, "succeeded", "full_score", "A deep case?", "answer", 5,
+                     details={"mentor_errors_by_depth": errors})
+    return question_graph(qid, rec, nodes)
 
 
 def test_ink_is_readable_on_every_score_colour():

@@ -24,6 +24,7 @@ from mics.config import ModelConfig, load_config
 from mics.demo_data import write_demo_dataset
 from mics.export import FORMATS, export
 from mics.run import infra_failed, search_run, start_run
+from mics.types import Outcome
 from store import RunStore
 
 LINE = "{n} questions deferred: endpoint {name} unreachable; run `mics resume {run}` when it is " \
@@ -207,8 +208,10 @@ def test_export_writes_null_for_a_mentor_without_a_candidate(tmp_path: Path) -> 
     """Also for runs stored before this change, whose outcome says 0.0 next to the error."""
     from mics.export import mentor_scores
 
-    outcome = {"scores": {"m0": [0.5, 1.0], "m1": [0.0, 0.0]},
-               "details": {"mentor_errors_by_depth": {"2": {"m1": "call failed: HTTP 503"}}}}
+    outcome = Outcome.from_dict({
+        "qid": "q0", "status": "succeeded", "stop_reason": "max_depth",
+        "scores": {"m0": [0.5, 1.0], "m1": [0.0, 0.0]},
+        "details": {"mentor_errors_by_depth": {"2": {"m1": "call failed: HTTP 503"}}}})
     assert mentor_scores(outcome) == {"m0": [0.5, 1.0], "m1": [0.0, None]}
     with RunStore.open(tmp_path / "r", create=True) as store:
         assert export(store, tmp_path / "o", list(FORMATS))["results"] == 0

@@ -131,3 +131,37 @@ def test_on_all_zero_is_parsed_in_one_place() -> None:
              "judge": {"name": "j", "backend": "simulated", "model": "j"}}
     with pytest.raises(ConfigError, match="on_all_zero"):
         parse_config(table)
+
+
+def test_family_messages_are_the_one_source_of_an_images_text() -> None:
+    """The sglang backend's messages per family, and the Jinja-free compiled template, which
+    renders the same user content (an InternVL image is written in one place)."""
+    from backends.chat_templates import Compiled
+    from backends.messages import family_messages
+
+    assert family_messages(PROMPT, "internvl")[1]["content"] == "Look: <image>\nwhat is it?"
+    asked = family_messages(PROMPT, "internvl", lambda: "<IMG_CONTEXT>\n")[1]["content"]
+    assert asked == "Look: <IMG_CONTEXT>\nwhat is it?"
+    assert family_messages(PROMPT, "text")[1]["content"] == "Look: what is it?"
+    assert family_messages(PROMPT, "qwen2-vl")[1]["content"] == [
+        {"type": "text", "text": "Look: "}, {"type": "image"},
+        {"type": "text", "text": "what is it?"}]
+    internvl = Compiled("internvl", "<h>", "<m>", "<t>")
+    assert internvl.render(PROMPT) == "<h>sys<m>Look: <image>\nwhat is it?<t>"
+    assert internvl.content(PROMPT, lambda: "<IMG_CONTEXT>\n") == asked
+    qwen = Compiled("qwen2-vl", "", "|", "", image="<|vision_start|><|image_pad|><|vision_end|>")
+    assert qwen.content(PROMPT) == "Look: <|vision_start|><|image_pad|><|vision_end|>what is it?"
+    assert Compiled("text", "", "", "").content(PROMPT) == "Look: what is it?"
+
+
+def test_a_reply_that_is_not_json_is_one_transient_error() -> None:
+    """The sglang server, its info routes and the router read JSON through one helper."""
+    import httpx
+
+    from backends.base import TransientError
+    from backends.http import json_body
+
+    assert json_body(httpx.Response(200, json={"text": "a"}), "i0 at u", "/generate") == {
+        "text": "a"}
+    with pytest.raises(TransientError, match=r"^i0 at http://h:1: malformed JSON from /generate$"):
+        json_body(httpx.Response(200, content=b"<html>"), "i0 at http://h:1", "/generate")
