@@ -393,7 +393,8 @@ def measure_render(folder: Path, family: str, prompts: list[Prompt], repeats: in
     """Jinja (the model folder's template) vs `render_prompt`, per prompt; strings checked
     equal, or a RuntimeError. `transformers`: also the folder's transformers tokenizer (the
     path before issue 15, which it measured)."""
-    from backends.chat_templates import messages, render_prompt
+    from backends.chat_templates import render_prompt
+    from backends.messages import family_messages as messages
     from backends.template_source import load_chat_template
 
     tok = load_chat_template(str(folder), f"bench {family}")

@@ -233,16 +233,18 @@ def fresh_exports_identical(run_dir: Path, fresh_rids: list[str]) -> bool:
 def _export_rows(store: Any, qids: list[str]) -> dict[str, Any]:
     """Every export format's rows of `qids`, with the stored trees (finished questions only)."""
     from mics.export import FORMATS, export_rows, run_image_root
+    from mics.records import read_nodes, read_question
 
     root = run_image_root(store)
     rows: dict[str, Any] = {}
     for qid in qids:
-        rec = store.get_question(qid)
-        if rec is None or rec.get("status") not in ("succeeded", "failed"):
+        sq = read_question(store, qid)
+        if sq is None or sq.status not in ("succeeded", "failed"):
             continue
-        nodes = store.get_nodes(qid)
-        rows[qid] = {"outcome": rec.get("outcome"), "nodes": nodes, **{
-            f: export_rows(f, qid, rec, nodes, False, root) for f in FORMATS if f != "reference"}}
+        nodes = read_nodes(store, qid)
+        rows[qid] = {"outcome": store.get_question(qid).get("outcome"),
+                     "nodes": store.get_nodes(qid), **{
+            f: export_rows(f, sq, nodes, False, root) for f in FORMATS if f != "reference"}}
     return rows
 
 

@@ -77,7 +77,7 @@ def test_renderings_are_equal_and_a_mismatch_stops_the_bench(workload, tmp_path)
     pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
-    from backends.chat_templates import messages
+    from backends.messages import family_messages as messages
     from backends.template_source import load_chat_template
 
     folders = template_folders(tmp_path)
