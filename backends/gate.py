@@ -15,7 +15,8 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -62,6 +63,16 @@ class CallGate:
         self.breakers_opened: list[str] = []  # endpoint names, in the order they opened
         self.on_breaker: Callable[[str, str], None] = _announce_breaker
         self.stopping = False
+
+    @property
+    def memo_commits(self) -> int:
+        """Write transactions that stored this gate's replies (several replies can share one)."""
+        return self._memo.commits
+
+    @property
+    def in_flight(self) -> Mapping[str, anyio.Event | None]:
+        """Call keys being sent now; the Event is made only once another caller joins."""
+        return MappingProxyType(self._inflight)
 
     def stop(self) -> None:
         """Send no new calls from now on; calls in flight finish and are stored."""

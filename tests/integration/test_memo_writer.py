@@ -91,7 +91,7 @@ def test_gate_groups_concurrent_replies_and_stores_each(tmp_path: Path) -> None:
         commits = commits_in_process() - before
         assert all(isinstance(r, Reply) for r in out)
         assert store.call_count() == 60 == store.memo_count()
-        assert gate._memo.commits == commits < 60  # some replies shared a commit
+        assert gate.memo_commits == commits < 60  # some replies shared a commit
         assert gate.counts["sent"] == 60
 
 
@@ -115,11 +115,11 @@ def test_inflight_events_are_made_only_for_joined_calls(tmp_path: Path, joiners:
                 for _ in range(1 + joiners):
                     tg.start_soon(one)
                 await anyio.sleep(0.02)
-                events.extend(gate._inflight.values())
+                events.extend(gate.in_flight.values())
             await model.aclose()
 
         anyio.run(go)
         assert gate.counts["sent"] == 1 and gate.counts["joined"] == joiners
         assert len(results) == 1 + joiners and len({r.text for r in results}) == 1
         assert (events[0] is None) == (joiners == 0)
-        assert not gate._inflight
+        assert not gate.in_flight
