@@ -123,12 +123,11 @@ class TimedLoopback(LoopbackServer):
         super().__init__(*args, **kwargs)
         self.served: list[Served] = []
 
-    def _model_call(self, path: str, headers: Any, raw: bytes, model: str) -> Any:
+    def _model_reply(self, path: str, headers: Any, body: dict[str, Any], model: str) -> Any:
         arrival = time.time()
-        resp = super()._model_call(path, headers, raw, model)
+        resp = super()._model_reply(path, headers, body, model)
         if resp.status != 200:
             return resp
-        body = json.loads(raw)
         if path == "/generate":  # one batch: one delay for every item
             texts = body["text"] if isinstance(body["text"], list) else [body["text"]]
             params = body.get("sampling_params") or {}

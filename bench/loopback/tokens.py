@@ -1,5 +1,9 @@
 """The loopback server's token and prefix-cache model: deterministic, lossless tokens (images
-as runs of IMAGE_TOKENS tokens naming the image's hash) and a longest-common-prefix cache."""
+as runs of IMAGE_TOKENS tokens naming the image's hash) and a longest-common-prefix cache.
+
+Text without images is tokenized once per distinct string (a small LRU memo: a prompt is sent
+once per sample and temperature, a reply's tokens are counted several times), and so are a
+prompt's prefix hashes (`prompt_chain`); results are those of the plain computation."""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ import base64
 import binascii
 import hashlib
 import re
-from collections.abc import Sequence
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from pathlib import Path
 
 _TOKEN_RE = re.compile(r"\s*\w+|\s*[^\w\s]|\s+")
@@ -43,6 +49,17 @@ def tokenize(text: str, images: Sequence[str] = ()) -> list[str]:
     `<|image_pad|>` or Qwen's vision_start/pad/end triple) becomes IMAGE_TOKENS tokens naming the
     k-th image's hash; images without a placeholder are put first. `"".join(tokenize(t)) == t`.
     """
+    if not images:
+        return list(_text_tokens(text))
+    return _tokenize(text, images)
+
+
+@lru_cache(maxsize=512)
+def _text_tokens(text: str) -> tuple[str, ...]:
+    return tuple(_tokenize(text, ()))
+
+
+def _tokenize(text: str, images: Sequence[str]) -> list[str]:
     hashes = [image_hash(i) for i in images]
     pieces = PLACEHOLDER_RE.split(text)
     spots = PLACEHOLDER_RE.findall(text)
@@ -58,11 +75,33 @@ def tokenize(text: str, images: Sequence[str] = ()) -> list[str]:
     return out
 
 
+def chain(tokens: Iterable[str], h: int = 0) -> list[int]:
+    """The prefix hashes a PrefixCache keeps for `tokens`, continuing from prefix hash `h`."""
+    out = []
+    for tok in tokens:
+        h = hash((h, tok))
+        out.append(h)
+    return out
+
+
+def prompt_chain(text: str, images: Sequence[str] = ()) -> tuple[int, ...]:
+    """`chain(tokenize(text, images))`; its length is the prompt's token count."""
+    if not images:
+        return _text_chain(text)
+    return tuple(chain(_tokenize(text, images)))
+
+
+@lru_cache(maxsize=512)
+def _text_chain(text: str) -> tuple[int, ...]:
+    return tuple(chain(_text_tokens(text)))
+
+
 class PrefixCache:
     """Every prefix of every inserted sequence, kept as chained hashes (a trie without nodes).
 
     `match` is the longest common prefix with anything inserted, capped at len - 1 like SGLang
-    (one prompt token is always recomputed).
+    (one prompt token is always recomputed). `match_chain` and `insert_chain` do the same from
+    a prompt's precomputed prefix hashes (`prompt_chain`).
     """
 
     def __init__(self) -> None:
@@ -82,6 +121,24 @@ class PrefixCache:
         for tok in tokens:
             h = hash((h, tok))
             self._seen.add(h)
+
+    def match_chain(self, hashes: Sequence[int]) -> int:
+        """`match` of the tokens whose prefix hashes are `hashes`, by bisection: the cache holds
+        every prefix of what it holds, so the prefixes found form a run from the start."""
+        seen = self._seen
+        return bisect_left(range(max(0, len(hashes) - 1)), True,
+                           key=lambda i: hashes[i] not in seen)
+
+    def insert_chain(self, hashes: Sequence[int], more: Sequence[str], known: int = 0) -> None:
+        """`insert` of the tokens whose prefix hashes are `hashes`, followed by tokens `more`;
+        the first `known` prefixes are already in the cache (a match just found them)."""
+        seen = self._seen
+        seen.update(hashes[known:])
+        h = hashes[-1] if hashes else 0
+        add = seen.add
+        for tok in more:
+            h = hash((h, tok))
+            add(h)
 
     def clear(self) -> None:
         self._seen.clear()
