@@ -60,6 +60,7 @@ from bench.reference_engine import ReferenceEngine
 from mics.config import RunConfig, parse_config
 from mics.dataset import read_dataset
 from mics.export import export_reference
+from mics.gc_quiet import quiet_gc
 from mics.prompts import intern_prompt, judge_prompt, mentor_prompt
 from mics.run import build_models, search_run, start_run
 from mics.steps import normalize_answer
@@ -148,17 +149,20 @@ class TimedLoopback(LoopbackServer):
 
 
 def serve(spec: dict[str, Any]) -> None:
-    """Server process: print the URL, then answer `served` / `stop` lines on stdin."""
+    """Server process: print the URL, then answer `served` / `stop` lines on stdin. The
+    garbage collector skips what exists before serving (as `search_run` does for the engine):
+    the server's CPU competes with the engine it times."""
     latency = {role: tuple(v) for role, v in spec["latency"].items()}
     srv = TimedLoopback(spec["models"], latency=latency, seed=spec["seed"]).start()
     print(srv.url, flush=True)
     try:
-        for line in sys.stdin:
-            if line.strip() != "served":
-                break
-            with srv._lock:
-                served = list(srv.served)
-            print(json.dumps(served), flush=True)
+        with quiet_gc():
+            for line in sys.stdin:
+                if line.strip() != "served":
+                    break
+                with srv._lock:
+                    served = list(srv.served)
+                print(json.dumps(served), flush=True)
     finally:
         srv.stop()
 

@@ -1,9 +1,10 @@
 """The loopback server's token and prefix-cache model: deterministic, lossless tokens (images
 as runs of IMAGE_TOKENS tokens naming the image's hash) and a longest-common-prefix cache.
 
-Text without images is tokenized once per distinct string (a small LRU memo: a prompt is sent
-once per sample and temperature, a reply's tokens are counted several times), and so are a
-prompt's prefix hashes (`prompt_chain`); results are those of the plain computation."""
+Text without images is tokenized once per distinct string (a small memo: a prompt is sent once
+per sample and temperature, a reply's tokens are counted several times), from the remembered
+text it shares the longest prefix with; a prompt's prefix hashes (`prompt_chain`) likewise.
+Results are those of the plain computation."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import base64
 import binascii
 import hashlib
 import re
+import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
-from functools import lru_cache
+from itertools import accumulate
 from pathlib import Path
 
 _TOKEN_RE = re.compile(r"\s*\w+|\s*[^\w\s]|\s+")
@@ -50,13 +52,8 @@ def tokenize(text: str, images: Sequence[str] = ()) -> list[str]:
     k-th image's hash; images without a placeholder are put first. `"".join(tokenize(t)) == t`.
     """
     if not images:
-        return list(_text_tokens(text))
+        return list(_RECENT.get(text).tokens)
     return _tokenize(text, images)
-
-
-@lru_cache(maxsize=512)
-def _text_tokens(text: str) -> tuple[str, ...]:
-    return tuple(_tokenize(text, ()))
 
 
 def _tokenize(text: str, images: Sequence[str]) -> list[str]:
@@ -77,23 +74,106 @@ def _tokenize(text: str, images: Sequence[str]) -> list[str]:
 
 def chain(tokens: Iterable[str], h: int = 0) -> list[int]:
     """The prefix hashes a PrefixCache keeps for `tokens`, continuing from prefix hash `h`."""
-    out = []
-    for tok in tokens:
-        h = hash((h, tok))
-        out.append(h)
-    return out
+    return [h := hash((h, tok)) for tok in tokens]
 
 
 def prompt_chain(text: str, images: Sequence[str] = ()) -> tuple[int, ...]:
     """`chain(tokenize(text, images))`; its length is the prompt's token count."""
     if not images:
-        return _text_chain(text)
+        return _RECENT.get(text).prefix_hashes()
     return tuple(chain(_tokenize(text, images)))
 
 
-@lru_cache(maxsize=512)
-def _text_chain(text: str) -> tuple[int, ...]:
-    return tuple(chain(_text_tokens(text)))
+class _Text:
+    """A remembered text's tokens, where each ends, and (once asked for) its prefix hashes."""
+
+    __slots__ = ("base", "ends", "hashes", "shared", "tokens")
+
+    def __init__(self, tokens: tuple[str, ...], base: _Text | None = None, shared: int = 0
+                 ) -> None:
+        self.tokens = tokens
+        self.ends = list(accumulate(map(len, tokens)))
+        self.hashes: tuple[int, ...] | None = None
+        self.base, self.shared = base, shared  # tokens[:shared] are base's first tokens
+
+    def prefix_hashes(self) -> tuple[int, ...]:
+        if self.hashes is None:
+            base, k = self.base, self.shared
+            if base is not None and base.hashes is not None and k:  # base's chain, then ours
+                self.hashes = base.hashes[:k] + tuple(chain(self.tokens[k:], base.hashes[k - 1]))
+            else:
+                self.hashes = tuple(chain(self.tokens))
+            self.base = None
+        return self.hashes
+
+
+class _Recent:
+    """Tokens (and prefix hashes) of the last `size` distinct texts tokenized without images.
+
+    Prompts grow from earlier prompts, so a new text without placeholders starts from the
+    remembered one sharing the longest prefix with it (a neighbour in sorted order): it keeps
+    that text's tokens that end before the two texts differ (the token pattern looks one
+    character past a token, no further back than its start) and tokenizes only the rest.
+    The result is `_tokenize(text, ())` exactly."""
+
+    def __init__(self, size: int = 512) -> None:
+        self.size = size
+        self.texts: dict[str, _Text] = {}  # least recently used first
+        self.sorted: list[str] = []  # the remembered texts without placeholders
+        self._lock = threading.Lock()  # several servers (threads) in one process share it
+
+    def get(self, text: str) -> _Text:
+        with self._lock:
+            got = self.texts.pop(text, None)
+            if got is None:
+                got = self._tokenize(text)
+                if len(self.texts) >= self.size:
+                    old = next(iter(self.texts))
+                    del self.texts[old]
+                    i = bisect_left(self.sorted, old)
+                    if i < len(self.sorted) and self.sorted[i] == old:
+                        del self.sorted[i]
+            self.texts[text] = got
+            return got
+
+    def _tokenize(self, text: str) -> _Text:
+        if PLACEHOLDER_RE.search(text) is not None:
+            return _Text(tuple(_tokenize(text, ())))
+        srt = self.sorted
+        i = bisect_left(srt, text)
+        best, near = 0, None
+        for j in (i - 1, i):
+            if 0 <= j < len(srt):
+                n = _common_prefix(text, srt[j])
+                if n > best:
+                    best, near = n, self.texts[srt[j]]
+        srt.insert(i, text)
+        if near is None or best < 16:
+            return _Text(tuple(_TOKEN_RE.findall(text)))
+        k = bisect_left(near.ends, best)  # near's tokens ending before the texts differ
+        start = near.ends[k - 1] if k else 0
+        tokens = near.tokens[:k] + tuple(_TOKEN_RE.findall(text, start))
+        if near.hashes is None:  # nothing to share but tokens (keeps no chain of texts alive)
+            return _Text(tokens)
+        return _Text(tokens, near, k)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix of `a` and `b`."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+_RECENT = _Recent()
 
 
 class PrefixCache:
@@ -132,13 +212,9 @@ class PrefixCache:
     def insert_chain(self, hashes: Sequence[int], more: Sequence[str], known: int = 0) -> None:
         """`insert` of the tokens whose prefix hashes are `hashes`, followed by tokens `more`;
         the first `known` prefixes are already in the cache (a match just found them)."""
-        seen = self._seen
-        seen.update(hashes[known:])
-        h = hashes[-1] if hashes else 0
-        add = seen.add
-        for tok in more:
-            h = hash((h, tok))
-            add(h)
+        self._seen.update(hashes[known:])
+        if more:
+            self._seen.update(chain(more, hashes[-1] if hashes else 0))
 
     def clear(self) -> None:
         self._seen.clear()

@@ -90,6 +90,26 @@ def test_memoised_tokens_and_prefix_hashes_equal_the_plain_computation():
     assert chain(tail, chain(head)[-1]) == chain(head + tail)[len(head):]
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(
+    ["a", "b", "Z", "_", "7", "\u00e9", "\u0663", " ", "  ", "\n", "\t", "\u00a0", ".", "#",
+     ":", "<image>", "<|image_pad|>", "<", ">", "|"]), max_size=40).map("".join),
+    min_size=1, max_size=12))
+def test_tokens_from_a_remembered_neighbour_equal_a_fresh_tokenization(suffixes):
+    """Texts that grow from one another (as prompts do) are tokenized from the remembered text
+    sharing the longest prefix: tokens and prefix hashes must equal a fresh computation."""
+    from bench.loopback import tokens
+
+    memo = tokens._Recent(size=4)  # small: evictions happen too
+    texts = ["".join(suffixes[:i + 1]) for i in range(len(suffixes))] + suffixes
+    for text in texts + texts[::-1]:
+        got = memo.get(text)
+        assert list(got.tokens) == tokens._tokenize(text, ())
+        assert got.prefix_hashes() == tuple(chain(tokens._tokenize(text, ())))
+        assert got.ends == [len("".join(got.tokens[:i + 1])) for i in range(len(got.tokens))]
+    assert len(memo.texts) <= 4 and set(memo.sorted) <= set(memo.texts)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.lists(st.sampled_from(["a", " b", "c", "\n", "<img:0>"]),
                                    max_size=12),
