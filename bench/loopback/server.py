@@ -150,6 +150,7 @@ class LoopbackServer:
         self._port = port
         self._lock = threading.Lock()
         self._log: list[LogEntry] = []
+        self._unlogged: list[tuple[float, str, str, str | tuple[Any, ...], dict[str, Any]]] = []
         self._seen: Counter[str] = Counter()
         self._caches = {name: PrefixCache() for name in self.models}
         self._http: HttpServer | None = None
@@ -208,11 +209,14 @@ class LoopbackServer:
     @property
     def log(self) -> list[LogEntry]:
         with self._lock:
+            self._log += [self._entry(*raw) for raw in self._unlogged]
+            self._unlogged.clear()
             return list(self._log)
 
     def clear_log(self) -> None:
         with self._lock:
             self._log.clear()
+            self._unlogged.clear()
             self.bodies.clear()
 
     def counts(self) -> dict[str, Any]:
@@ -354,17 +358,25 @@ class LoopbackServer:
         return faultlib.response(kind, model=model, target=target, faults=self.faults, chat=chat)
 
     def _refuse(self, path: str, model: str, status: int, body: Any) -> Response:
-        self._record(path, model, digest(path, model, status), {"status": status, "ok": False})
+        self._record(path, model, (path, model, status), {"status": status, "ok": False})
         if isinstance(body, str):  # e.g. the router's plain-text deserialisation error
             return Response(status, body.encode(), {"Content-Type": "text/plain; charset=utf-8"})
         return json_response(status, body)
 
-    def _record(self, path: str, model: str, key: str, fields: dict[str, Any]) -> None:
-        role = self.models[model].role if model in self.models else ""
-        entry = LogEntry(t=time.time(), path=path, model=model, role=role, key=key,
-                         fault=fields.pop("fault", None), **fields)
+    def _record(self, path: str, model: str, key: str | tuple[Any, ...], fields: dict[str, Any]
+                ) -> None:
+        """Log one served item; `key` is its key, or the parts whose `digest` it is. The entry
+        is built when the log is read (the bench's server is timed, its log seldom read)."""
+        raw = (time.time(), path, model, key, fields)
         with self._lock:
-            self._log.append(entry)
+            self._unlogged.append(raw)
+
+    def _entry(self, t: float, path: str, model: str, key: str | tuple[Any, ...],
+               fields: dict[str, Any]) -> LogEntry:
+        role = self.models[model].role if model in self.models else ""
+        return LogEntry(t=t, path=path, model=model, role=role,
+                        key=key if isinstance(key, str) else digest(*key),
+                        fault=fields.pop("fault", None), **fields)
 
     # -- simulated replies
 
@@ -467,7 +479,7 @@ class LoopbackServer:
                 meta["image_tokens"] = IMAGE_TOKENS * len(imgs)
             results.append({"text": out, "output_ids": [zlib.crc32(x.encode()) % 151_000
                                                         for x in out_toks], "meta_info": meta})
-            self._record("/generate", model, digest(t, imgs, sp, sample), {
+            self._record("/generate", model, (t, imgs, sp, sample), {
                 "status": 200, "ok": True, "fault": fault, "prompt_tokens": len(prompt),
                 "cached_tokens": cached,
                 "completion_tokens": len(out_toks), "sample_index": sample,

@@ -85,16 +85,22 @@ def prompt_chain(text: str, images: Sequence[str] = ()) -> tuple[int, ...]:
 
 
 class _Text:
-    """A remembered text's tokens, where each ends, and (once asked for) its prefix hashes."""
+    """A remembered text's tokens and, once asked for, where each ends and its prefix hashes."""
 
-    __slots__ = ("base", "ends", "hashes", "shared", "tokens")
+    __slots__ = ("_ends", "base", "hashes", "shared", "tokens")
 
     def __init__(self, tokens: tuple[str, ...], base: _Text | None = None, shared: int = 0
                  ) -> None:
         self.tokens = tokens
-        self.ends = list(accumulate(map(len, tokens)))
+        self._ends: list[int] | None = None
         self.hashes: tuple[int, ...] | None = None
         self.base, self.shared = base, shared  # tokens[:shared] are base's first tokens
+
+    @property
+    def ends(self) -> list[int]:
+        if self._ends is None:
+            self._ends = list(accumulate(map(len, self.tokens)))
+        return self._ends
 
     def prefix_hashes(self) -> tuple[int, ...]:
         if self.hashes is None:
@@ -150,8 +156,9 @@ class _Recent:
         srt.insert(i, text)
         if near is None or best < 16:
             return _Text(tuple(_TOKEN_RE.findall(text)))
-        k = bisect_left(near.ends, best)  # near's tokens ending before the texts differ
-        start = near.ends[k - 1] if k else 0
+        ends = near.ends
+        k = bisect_left(ends, best)  # near's tokens ending before the texts differ
+        start = ends[k - 1] if k else 0
         tokens = near.tokens[:k] + tuple(_TOKEN_RE.findall(text, start))
         if near.hashes is None:  # nothing to share but tokens (keeps no chain of texts alive)
             return _Text(tokens)

@@ -151,6 +151,40 @@ class _Close(Exception):
     """The connection closes without a reply (a blank request line, end of input)."""
 
 
+def _request_line(raw: str) -> tuple[str, str, str, bool]:
+    """(method, path, version, keep-alive) of a request line, or the error http.server sends."""
+    line = raw.rstrip("\r\n")
+    words = line.split()
+    if not words:
+        raise _Close
+    version = _V09
+    keep = False
+    if len(words) >= 3:
+        version = words[-1]
+        try:
+            if not version.startswith("HTTP/"):
+                raise ValueError
+            parts = version.split("/", 1)[1].split(".")
+            if len(parts) != 2 or any(not p.isdigit() or len(p) > 10 for p in parts):
+                raise ValueError
+            number = int(parts[0]), int(parts[1])
+        except (ValueError, IndexError):
+            raise _Error(400, f"Bad request version ({version!r})") from None
+        keep = number >= (1, 1)
+        if number >= (2, 0):
+            raise _Error(505, f"Invalid HTTP version ({version.split('/', 1)[1]})")
+    if not 2 <= len(words) <= 3:
+        raise _Error(400, f"Bad request syntax ({line!r})", version=version)
+    method, path = words[:2]
+    if len(words) == 2:
+        keep = False
+        if method != "GET":
+            raise _Error(400, f"Bad HTTP/0.9 request type ({method!r})")
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")
+    return method, path, version, keep
+
+
 class _Connection(asyncio.Protocol):
     """One client connection: reads requests, answers them one at a time, in order."""
 
@@ -288,6 +322,11 @@ class _Connection(asyncio.Protocol):
     def _head(self) -> _Request | None:
         """Parse the request line and headers (http.server's parse_request, strictly)."""
         buf = self.buf
+        stop = buf.find(b"\r\n\r\n", 0, _MAXLINE - 4)
+        if stop > 0 and buf.count(b"\n", 0, stop) == buf.count(b"\r\n", 0, stop):
+            req = self._crlf_head(stop)  # the usual case, in one piece
+            if req is not None:
+                return req
         end = self._line_end(0)
         if end is None:
             return None
@@ -295,36 +334,7 @@ class _Connection(asyncio.Protocol):
             raise _Error(414, version="", command="")
         if end == 0:
             raise _Close
-        line = str(buf[:end], "iso-8859-1").rstrip("\r\n")
-        words = line.split()
-        if not words:
-            raise _Close
-        version = _V09
-        keep = False
-        if len(words) >= 3:
-            version = words[-1]
-            try:
-                if not version.startswith("HTTP/"):
-                    raise ValueError
-                parts = version.split("/", 1)[1].split(".")
-                if len(parts) != 2 or any(not p.isdigit() or len(p) > 10 for p in parts):
-                    raise ValueError
-                number = int(parts[0]), int(parts[1])
-            except (ValueError, IndexError):
-                raise _Error(400, f"Bad request version ({version!r})") from None
-            keep = number >= (1, 1)
-            if number >= (2, 0):
-                raise _Error(505, f"Invalid HTTP version ({version.split('/', 1)[1]})")
-        if not 2 <= len(words) <= 3:
-            raise _Error(400, f"Bad request syntax ({line!r})", version=version)
-        method, path = words[:2]
-        if len(words) == 2:
-            keep = False
-            if method != "GET":
-                raise _Error(400, f"Bad HTTP/0.9 request type ({method!r})")
-        if path.startswith("//"):
-            path = "/" + path.lstrip("/")
-
+        method, path, version, keep = _request_line(str(buf[:end], "iso-8859-1"))
         items: list[tuple[str, str]] = []
         pos, count = end, 0
         while True:
@@ -357,14 +367,35 @@ class _Connection(asyncio.Protocol):
                              command=method)
             items.append((name, text[colon + 1:].lstrip(" \t")))
         del buf[:pos]
-        headers = Headers([(n, v.rstrip("\r\n")) for n, v in items])
+        return self._request(method, path, version, keep, items)
 
+    def _crlf_head(self, stop: int) -> _Request | None:
+        """`_head` of a head ending at `stop` whose lines all end in CRLF, none too long; None
+        (for `_head`'s line-by-line reading to judge) if a line is folded or malformed."""
+        lines = str(self.buf[:stop], "iso-8859-1").split("\r\n")
+        if len(lines) > _MAXHEADERS:  # the header lines and the blank line after them
+            return None
+        method, path, version, keep = _request_line(lines[0])
+        items = []
+        for line in lines[1:]:
+            colon = line.find(":")
+            name = line[:colon]
+            if colon <= 0 or not _FIELD_NAME_BAD.isdisjoint(name):
+                return None
+            items.append((name, line[colon + 1:].lstrip(" \t")))
+        del self.buf[:stop + 4]
+        return self._request(method, path, version, keep, items)
+
+    def _request(self, method: str, path: str, version: str, keep: bool,
+                 items: list[tuple[str, str]]) -> _Request:
+        """The request, once its head is read: keep-alive, 100-continue, method, length."""
+        headers = Headers([(n, v.rstrip("\r\n")) for n, v in items])
         conntype = (headers.get("Connection") or "").lower()
         if conntype == "close":
             keep = False
         elif conntype == "keep-alive":
             keep = True
-        if ((headers.get("Expect") or "").lower() == "100-continue" and version >= "HTTP/1.1"):
+        if (headers.get("Expect") or "").lower() == "100-continue" and version >= "HTTP/1.1":
             self._write(f"{_VERSION} 100 Continue\r\n\r\n".encode("latin-1"))
         if method not in ("GET", "POST"):
             raise _Error(501, f"Unsupported method ({method!r})", version=version,
