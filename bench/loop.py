@@ -122,7 +122,17 @@ class TimedLoopback(LoopbackServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.served: list[Served] = []
+        # model, (model, text, temperature, sample) per item, delay, arrival: hashed into
+        # served keys when read, outside the timed run (the server's CPU competes with it)
+        self._served: list[tuple[str, list[tuple[str, str, float, int]], float, float]] = []
+
+    @property
+    def served(self) -> list[Served]:
+        """(model, served_key per item, delay, arrival) of every answered model call."""
+        with self._lock:
+            raw = list(self._served)
+        return [(model, [served_key(*item) for item in items], delay, arrival)
+                for model, items, delay, arrival in raw]
 
     def _model_reply(self, path: str, headers: Any, body: dict[str, Any], model: str) -> Any:
         arrival = time.time()
@@ -133,18 +143,17 @@ class TimedLoopback(LoopbackServer):
             texts = body["text"] if isinstance(body["text"], list) else [body["text"]]
             params = body.get("sampling_params") or {}
             params = params if isinstance(params, list) else [params] * len(texts)
-            keys = [served_key(model, sim_text_from_generate(t),
-                               sp.get("temperature", 1.0),
-                               (sp.get("custom_params") or {}).get("sample_index", 0))
-                    for t, sp in zip(texts, params, strict=True)]
+            items = [(model, sim_text_from_generate(t), float(sp.get("temperature", 1.0)),
+                      int((sp.get("custom_params") or {}).get("sample_index", 0)))
+                     for t, sp in zip(texts, params, strict=True)]
         else:
             model = body.get("model", model)
             system = "".join(m["content"] for m in body["messages"] if m["role"] == "system")
             rest = "".join(m["content"] for m in body["messages"] if m["role"] != "system")
             sample = int(headers.get("X-Mics-Sample") or 0)
-            keys = [served_key(model, f"{system}\n{rest}", body.get("temperature", 1.0), sample)]
+            items = [(model, f"{system}\n{rest}", float(body.get("temperature", 1.0)), sample)]
         with self._lock:
-            self.served.append((model, keys, resp.delay_s, arrival))
+            self._served.append((model, items, resp.delay_s, arrival))
         return resp
 
 
@@ -160,9 +169,7 @@ def serve(spec: dict[str, Any]) -> None:
             for line in sys.stdin:
                 if line.strip() != "served":
                     break
-                with srv._lock:
-                    served = list(srv.served)
-                print(json.dumps(served), flush=True)
+                print(json.dumps(srv.served), flush=True)
     finally:
         srv.stop()
 

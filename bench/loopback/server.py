@@ -477,14 +477,29 @@ class LoopbackServer:
                 meta["cached_tokens_details"] = {"device": cached, "host": 0}
             if imgs:
                 meta["image_tokens"] = IMAGE_TOKENS * len(imgs)
-            results.append({"text": out, "output_ids": [zlib.crc32(x.encode()) % 151_000
-                                                        for x in out_toks], "meta_info": meta})
+            results.append({"text": out, "output_ids": _output_ids(out_toks), "meta_info": meta})
             self._record("/generate", model, (t, imgs, sp, sample), {
                 "status": 200, "ok": True, "fault": fault, "prompt_tokens": len(prompt),
                 "cached_tokens": cached,
                 "completion_tokens": len(out_toks), "sample_index": sample,
                 "temperature": temperature, "batch_size": n})
         return json_response(200, results[0] if single else results)
+
+
+_IDS: dict[str, int] = {}  # token -> its output id, for the tokens seen lately
+
+
+def _output_ids(tokens: list[str]) -> list[int]:
+    """A reply's `output_ids`: crc32 of each token, modulo a vocabulary of 151,000."""
+    ids = _IDS
+    try:
+        return [ids[x] for x in tokens]
+    except KeyError:
+        if len(ids) > 100_000:
+            ids.clear()
+        out = [zlib.crc32(x.encode()) % 151_000 for x in tokens]
+        ids.update(zip(tokens, out, strict=True))
+        return out
 
 
 def _error_body(chat: bool) -> Any:

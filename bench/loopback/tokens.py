@@ -143,8 +143,8 @@ class _Recent:
             return got
 
     def _tokenize(self, text: str) -> _Text:
-        if PLACEHOLDER_RE.search(text) is not None:
-            return _Text(tuple(_tokenize(text, ())))
+        if "<image>" in text or "<|image_pad|>" in text or "<IMG_CONTEXT>" in text:
+            return _Text(tuple(_tokenize(text, ())))  # a placeholder (PLACEHOLDER_RE) is in it
         srt = self.sorted
         i = bisect_left(srt, text)
         best, near = 0, None
@@ -159,10 +159,11 @@ class _Recent:
         ends = near.ends
         k = bisect_left(ends, best)  # near's tokens ending before the texts differ
         start = ends[k - 1] if k else 0
-        tokens = near.tokens[:k] + tuple(_TOKEN_RE.findall(text, start))
-        if near.hashes is None:  # nothing to share but tokens (keeps no chain of texts alive)
-            return _Text(tokens)
-        return _Text(tokens, near, k)
+        new = _TOKEN_RE.findall(text, start)
+        # keeps no chain of texts alive: a base only when there are hashes to share
+        got = _Text(near.tokens[:k] + tuple(new), near if near.hashes is not None else None, k)
+        got._ends = ends[:k] + list(accumulate(map(len, new), initial=start))[1:]
+        return got
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -212,9 +213,12 @@ class PrefixCache:
     def match_chain(self, hashes: Sequence[int]) -> int:
         """`match` of the tokens whose prefix hashes are `hashes`, by bisection: the cache holds
         every prefix of what it holds, so the prefixes found form a run from the start."""
-        seen = self._seen
-        return bisect_left(range(max(0, len(hashes) - 1)), True,
-                           key=lambda i: hashes[i] not in seen)
+        n, seen = len(hashes) - 1, self._seen
+        if n <= 0:
+            return 0
+        if hashes[n - 1] in seen:  # all of it (a prompt sent again: one sample per call)
+            return n
+        return bisect_left(range(n), True, key=lambda i: hashes[i] not in seen)
 
     def insert_chain(self, hashes: Sequence[int], more: Sequence[str], known: int = 0) -> None:
         """`insert` of the tokens whose prefix hashes are `hashes`, followed by tokens `more`;

@@ -93,7 +93,8 @@ def test_memoised_tokens_and_prefix_hashes_equal_the_plain_computation():
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.lists(st.sampled_from(
     ["a", "b", "Z", "_", "7", "\u00e9", "\u0663", " ", "  ", "\n", "\t", "\u00a0", ".", "#",
-     ":", "<image>", "<|image_pad|>", "<", ">", "|"]), max_size=40).map("".join),
+     ":", "<image>", "<|image_pad|>", "<IMG_CONTEXT>", "<", ">", "|", "image"]),
+    max_size=40).map("".join),
     min_size=1, max_size=12))
 def test_tokens_from_a_remembered_neighbour_equal_a_fresh_tokenization(suffixes):
     """Texts that grow from one another (as prompts do) are tokenized from the remembered text
