@@ -110,6 +110,8 @@ class LogEntry:
 
 # ---------------------------------------------------------------- the server
 
+_UNLOGGED_MAX = 20_000  # items recorded before their log entries are built anyway
+
 
 class LoopbackServer:
     """SIMULATOR models over HTTP on 127.0.0.1 (see the module docstring).
@@ -209,8 +211,7 @@ class LoopbackServer:
     @property
     def log(self) -> list[LogEntry]:
         with self._lock:
-            self._log += [self._entry(*raw) for raw in self._unlogged]
-            self._unlogged.clear()
+            self._build_log()
             return list(self._log)
 
     def clear_log(self) -> None:
@@ -370,6 +371,13 @@ class LoopbackServer:
         raw = (time.time(), path, model, key, fields)
         with self._lock:
             self._unlogged.append(raw)
+            if len(self._unlogged) >= _UNLOGGED_MAX:  # they hold the prompts their keys hash
+                self._build_log()
+
+    def _build_log(self) -> None:
+        """Turn the recorded items into log entries (holding the lock)."""
+        self._log += [self._entry(*raw) for raw in self._unlogged]
+        self._unlogged.clear()
 
     def _entry(self, t: float, path: str, model: str, key: str | tuple[Any, ...],
                fields: dict[str, Any]) -> LogEntry:
