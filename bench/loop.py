@@ -60,6 +60,7 @@ from bench.reference_engine import ReferenceEngine
 from mics.config import RunConfig, parse_config
 from mics.dataset import read_dataset
 from mics.export import export_reference
+from mics.gc_quiet import quiet_gc
 from mics.prompts import intern_prompt, judge_prompt, mentor_prompt
 from mics.run import build_models, search_run, start_run
 from mics.steps import normalize_answer
@@ -121,45 +122,54 @@ class TimedLoopback(LoopbackServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.served: list[Served] = []
+        # model, (model, text, temperature, sample) per item, delay, arrival: hashed into
+        # served keys when read, outside the timed run (the server's CPU competes with it)
+        self._served: list[tuple[str, list[tuple[str, str, float, int]], float, float]] = []
 
-    def _model_call(self, path: str, headers: Any, raw: bytes, model: str) -> Any:
+    @property
+    def served(self) -> list[Served]:
+        """(model, served_key per item, delay, arrival) of every answered model call."""
+        with self._lock:
+            raw = list(self._served)
+        return [(model, [served_key(*item) for item in items], delay, arrival)
+                for model, items, delay, arrival in raw]
+
+    def _model_reply(self, path: str, headers: Any, body: dict[str, Any], model: str) -> Any:
         arrival = time.time()
-        resp = super()._model_call(path, headers, raw, model)
+        resp = super()._model_reply(path, headers, body, model)
         if resp.status != 200:
             return resp
-        body = json.loads(raw)
         if path == "/generate":  # one batch: one delay for every item
             texts = body["text"] if isinstance(body["text"], list) else [body["text"]]
             params = body.get("sampling_params") or {}
             params = params if isinstance(params, list) else [params] * len(texts)
-            keys = [served_key(model, sim_text_from_generate(t),
-                               sp.get("temperature", 1.0),
-                               (sp.get("custom_params") or {}).get("sample_index", 0))
-                    for t, sp in zip(texts, params, strict=True)]
+            items = [(model, sim_text_from_generate(t), float(sp.get("temperature", 1.0)),
+                      int((sp.get("custom_params") or {}).get("sample_index", 0)))
+                     for t, sp in zip(texts, params, strict=True)]
         else:
             model = body.get("model", model)
             system = "".join(m["content"] for m in body["messages"] if m["role"] == "system")
             rest = "".join(m["content"] for m in body["messages"] if m["role"] != "system")
             sample = int(headers.get("X-Mics-Sample") or 0)
-            keys = [served_key(model, f"{system}\n{rest}", body.get("temperature", 1.0), sample)]
+            items = [(model, f"{system}\n{rest}", float(body.get("temperature", 1.0)), sample)]
         with self._lock:
-            self.served.append((model, keys, resp.delay_s, arrival))
+            self._served.append((model, items, resp.delay_s, arrival))
         return resp
 
 
 def serve(spec: dict[str, Any]) -> None:
-    """Server process: print the URL, then answer `served` / `stop` lines on stdin."""
+    """Server process: print the URL, then answer `served` / `stop` lines on stdin. The
+    garbage collector skips what exists before serving (as `search_run` does for the engine):
+    the server's CPU competes with the engine it times."""
     latency = {role: tuple(v) for role, v in spec["latency"].items()}
     srv = TimedLoopback(spec["models"], latency=latency, seed=spec["seed"]).start()
     print(srv.url, flush=True)
     try:
-        for line in sys.stdin:
-            if line.strip() != "served":
-                break
-            with srv._lock:
-                served = list(srv.served)
-            print(json.dumps(served), flush=True)
+        with quiet_gc():
+            for line in sys.stdin:
+                if line.strip() != "served":
+                    break
+                print(json.dumps(srv.served), flush=True)
     finally:
         srv.stop()
 

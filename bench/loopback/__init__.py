@@ -17,13 +17,16 @@ Strict modes: a served model may name a real `target` ("sglang" with a `version`
 "openai", "openai-reasoning", "gemini", "dashscope", "deepseek"); it then refuses and reports
 what that server does (bench/targets.py, docs/endpoints.md). Without one it is lenient.
 
-Modules: `server` (served models, routing, the request log, replies), `wire` (the OpenAI chat
-and SGLang /generate formats), `faults` (what can go wrong and how it looks on the wire),
-`tokens` (the token and prefix-cache model); `bench/targets.py` holds the strict modes.
+Modules: `server` (served models, routing, the request log, replies), `transport` (HTTP/1.1 on
+an event loop), `wire` (the OpenAI chat and SGLang /generate formats), `faults` (what can go wrong
+and how it looks on the wire), `tokens` (the token and prefix-cache model); `bench/targets.py`
+holds the strict modes.
 
-Stdlib only: a ThreadingHTTPServer with TCP_NODELAY and a listen backlog of 1024 (both needed
-for honest timings on loopback: without the first, Nagle's algorithm and delayed ACKs stall
-small replies ~40 ms each; with the default backlog of 5, 16+ connections at once stall 1 s).
+Stdlib only: `transport` is a small HTTP/1.1 server on an asyncio event loop in a background
+thread (bytes on the wire as http.server's, a fraction of its CPU: the bench's server runs beside
+the engine it times), with TCP_NODELAY and a listen backlog of 1024 (both needed for honest
+timings on loopback: without the first, Nagle's algorithm and delayed ACKs stall small replies
+~40 ms each; with a backlog of 5, 16+ connections at once stall 1 s).
 """
 
 from __future__ import annotations

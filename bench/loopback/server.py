@@ -4,28 +4,25 @@ replies over the OpenAI chat and SGLang `/generate` wire formats (see `bench.loo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
 import re
-import socket
 import threading
 import time
 import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from socketserver import TCPServer
 from typing import Any
 
 from backends import simulator
 from bench import targets
 from bench.loopback import faults as faultlib
 from bench.loopback.faults import Faults, as_faults
-from bench.loopback.tokens import IMAGE_TOKENS, PrefixCache, tokenize
+from bench.loopback.tokens import IMAGE_TOKENS, PrefixCache, prompt_chain, tokenize
+from bench.loopback.transport import Headers, HttpServer
 from bench.loopback.wire import (
     BadRequest,
     Response,
@@ -113,46 +110,7 @@ class LogEntry:
 
 # ---------------------------------------------------------------- the server
 
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 1024
-    allow_reuse_address = True
-    app: LoopbackServer
-
-    def server_bind(self) -> None:  # skip HTTPServer's getfqdn (slow without DNS)
-        TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, addr = super().get_request()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock, addr
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _HTTPServer
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.app._track(self.connection, add=True)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.app._track(self.connection, add=False)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        return None
-
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
-        self.server.app._serve(self, "GET")
-
-    def do_POST(self) -> None:  # noqa: N802 - stdlib name
-        self.server.app._serve(self, "POST")
+_UNLOGGED_MAX = 20_000  # items recorded before their log entries are built anyway
 
 
 class LoopbackServer:
@@ -194,38 +152,24 @@ class LoopbackServer:
         self._port = port
         self._lock = threading.Lock()
         self._log: list[LogEntry] = []
+        self._unlogged: list[tuple[float, str, str, str | tuple[Any, ...], dict[str, Any]]] = []
         self._seen: Counter[str] = Counter()
         self._caches = {name: PrefixCache() for name in self.models}
-        self._conns: set[socket.socket] = set()
-        self._stop = threading.Event()
-        self._httpd: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._http: HttpServer | None = None
 
     # -- lifecycle
 
     def start(self) -> LoopbackServer:
-        httpd = _HTTPServer(("127.0.0.1", self._port), _Handler)
-        httpd.app = self
-        self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="loopback-server", daemon=True)
-        self._thread.start()
+        http = HttpServer(self._answer, port=self._port)
+        http.start()
+        self._http = http
         return self
 
     def stop(self) -> None:
-        """Stop serving, wake sleeping handlers and close open connections."""
-        self._stop.set()
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-        with self._lock:
-            conns, self._conns = list(self._conns), set()
-        for c in conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._httpd = self._thread = None
+        """Stop serving and shut down open connections (a reply still waiting is dropped)."""
+        if self._http is not None:
+            self._http.stop()
+        self._http = None
 
     def __enter__(self) -> LoopbackServer:
         return self.start()
@@ -234,14 +178,14 @@ class LoopbackServer:
         self.stop()
 
     def __repr__(self) -> str:
-        url = self.url if self._httpd else None
+        url = self.url if self._http else None
         return f"LoopbackServer(url={url!r}, models={list(self.models)})"
 
     @property
     def port(self) -> int:
-        if self._httpd is None:
+        if self._http is None:
             raise RuntimeError("the server is not running")
-        return int(self._httpd.server_address[1])
+        return self._http.port
 
     @property
     def url(self) -> str:
@@ -267,11 +211,13 @@ class LoopbackServer:
     @property
     def log(self) -> list[LogEntry]:
         with self._lock:
+            self._build_log()
             return list(self._log)
 
     def clear_log(self) -> None:
         with self._lock:
             self._log.clear()
+            self._unlogged.clear()
             self.bodies.clear()
 
     def counts(self) -> dict[str, Any]:
@@ -293,36 +239,18 @@ class LoopbackServer:
                 if model is None or name == model:
                     cache.clear()
 
-    # -- connection bookkeeping (called from handler threads)
+    @property
+    def _conns(self) -> set[Any]:
+        """The open client connections."""
+        return set(self._http.conns) if self._http is not None else set()
 
-    def _track(self, conn: socket.socket, *, add: bool) -> None:
-        with self._lock:
-            (self._conns.add if add else self._conns.discard)(conn)
-
-    def _serve(self, h: _Handler, method: str) -> None:
-        length = int(h.headers.get("Content-Length") or 0)
-        raw = h.rfile.read(length) if length > 0 else b""
+    def _answer(self, method: str, path: str, headers: Headers, raw: bytes) -> Response:
+        """One request's reply (called on the transport's event loop thread)."""
         try:
-            resp = self._dispatch(method, h.path, h.headers, raw)
+            return self._dispatch(method, path, headers, raw)
         except Exception as e:  # a server bug must still answer
-            resp = json_response(
+            return json_response(
                 500, {"error": {"message": f"loopback bug: {type(e).__name__}: {e}"}})
-        if resp.delay_s > 0 and self._stop.wait(resp.delay_s):
-            resp.drop = True
-        if resp.drop:
-            h.close_connection = True
-            with contextlib.suppress(OSError):
-                h.connection.shutdown(socket.SHUT_RDWR)
-            return
-        try:
-            h.send_response(resp.status)
-            for k, v in resp.headers.items():
-                h.send_header(k, v)
-            h.send_header("Content-Length", str(len(resp.body)))
-            h.end_headers()
-            h.wfile.write(resp.body)
-        except OSError:  # the client went away (e.g. it timed out on a slow reply)
-            h.close_connection = True
 
     # -- routing
 
@@ -358,14 +286,21 @@ class LoopbackServer:
         return json_response(404, {"error": {"message": f"no route for {method} {path}"}})
 
     def _model_call(self, path: str, headers: Any, raw: bytes, model: str) -> Response:
-        chat = path != "/generate"
-        err = (lambda msg: {"error": {"message": msg}}) if chat else (lambda msg: {"error": msg})
+        """A chat or /generate request: its JSON body parsed, then `_model_reply`."""
+        err = _error_body(path != "/generate")
         try:
             body = json.loads(raw or b"null")
         except ValueError as e:
             return self._refuse(path, model, 400, err(f"invalid JSON body: {e}"))
         if not isinstance(body, dict):
             return self._refuse(path, model, 400, err("the request body must be a JSON object"))
+        return self._model_reply(path, headers, body, model)
+
+    def _model_reply(self, path: str, headers: Any, body: dict[str, Any], model: str
+                     ) -> Response:
+        """The reply to a chat or /generate request whose body is a JSON object."""
+        chat = path != "/generate"
+        err = _error_body(chat)
         if self._api_key is not None:
             auth = headers.get("Authorization") or ""
             if auth != f"Bearer {self._api_key}":
@@ -424,17 +359,32 @@ class LoopbackServer:
         return faultlib.response(kind, model=model, target=target, faults=self.faults, chat=chat)
 
     def _refuse(self, path: str, model: str, status: int, body: Any) -> Response:
-        self._record(path, model, digest(path, model, status), {"status": status, "ok": False})
+        self._record(path, model, (path, model, status), {"status": status, "ok": False})
         if isinstance(body, str):  # e.g. the router's plain-text deserialisation error
             return Response(status, body.encode(), {"Content-Type": "text/plain; charset=utf-8"})
         return json_response(status, body)
 
-    def _record(self, path: str, model: str, key: str, fields: dict[str, Any]) -> None:
-        role = self.models[model].role if model in self.models else ""
-        entry = LogEntry(t=time.time(), path=path, model=model, role=role, key=key,
-                         fault=fields.pop("fault", None), **fields)
+    def _record(self, path: str, model: str, key: str | tuple[Any, ...], fields: dict[str, Any]
+                ) -> None:
+        """Log one served item; `key` is its key, or the parts whose `digest` it is. The entry
+        is built when the log is read (the bench's server is timed, its log seldom read)."""
+        raw = (time.time(), path, model, key, fields)
         with self._lock:
-            self._log.append(entry)
+            self._unlogged.append(raw)
+            if len(self._unlogged) >= _UNLOGGED_MAX:  # they hold the prompts their keys hash
+                self._build_log()
+
+    def _build_log(self) -> None:
+        """Turn the recorded items into log entries (holding the lock)."""
+        self._log += [self._entry(*raw) for raw in self._unlogged]
+        self._unlogged.clear()
+
+    def _entry(self, t: float, path: str, model: str, key: str | tuple[Any, ...],
+               fields: dict[str, Any]) -> LogEntry:
+        role = self.models[model].role if model in self.models else ""
+        return LogEntry(t=t, path=path, model=model, role=role,
+                        key=key if isinstance(key, str) else digest(*key),
+                        fault=fields.pop("fault", None), **fields)
 
     # -- simulated replies
 
@@ -443,14 +393,18 @@ class LoopbackServer:
         return simulator.reply(spec.role, text, spec.options, seed=int(spec.options["seed"] or 0),
                                model=model, temperature=temperature, sample_index=sample)
 
-    def _cache(self, model: str, prompts: list[list[str]], outputs: list[str]) -> list[int]:
-        """Match every prompt against the cache as it was before this request, then insert
-        prompt + output tokens (items of one request do not share with each other)."""
+    def _cache(self, model: str, prompts: list[tuple[int, ...]], outputs: list[list[str]]
+               ) -> list[int]:
+        """Match every prompt (its `prompt_chain`) against the cache as it was before this
+        request, then insert prompt + output tokens (items of one request do not share with
+        each other)."""
         with self._lock:
             cache = self._caches[model]
-            hits = [cache.match(p) for p in prompts]
-            for p, out in zip(prompts, outputs, strict=True):
-                cache.insert(p + tokenize(out))
+            hits = [cache.match_chain(p) for p in prompts]
+            inserted: set[int] = set()  # prompts (the same object for the same text) in the cache
+            for p, hit, out in zip(prompts, hits, outputs, strict=True):
+                cache.insert_chain(p, out, len(p) if id(p) in inserted else hit)
+                inserted.add(id(p))
         return hits
 
     def _chat(self, path: str, body: dict[str, Any], model: str, sample: int, key: str,
@@ -466,9 +420,10 @@ class LoopbackServer:
                 finish = {"type": "length"}
         else:
             text, finish = clip(text, max_tokens, body.get("stop"))
-        prompt = tokenize(prompt_text, images)
-        [cached] = self._cache(model, [prompt], [text])
-        completion = len(tokenize(text)) + (min(thinking, max_tokens or thinking))
+        prompt = prompt_chain(prompt_text, images)
+        out_toks = tokenize(text)
+        [cached] = self._cache(model, [prompt], [out_toks])
+        completion = len(out_toks) + (min(thinking, max_tokens or thinking))
         message: dict[str, Any] = {"role": "assistant", "content": text}
         if target == "gemini" and not text:
             del message["content"]  # an all-thinking reply carries no content at all
@@ -516,13 +471,13 @@ class LoopbackServer:
             if max_new == 0:  # a prefill-only warm-up
                 finish = {"type": "length", "length": 0}
             items.append((t, sp, imgs, temperature, sample, out, finish))
-        prompts = [tokenize(t, imgs) for t, _, imgs, *_ in items]
-        hits = self._cache(model, prompts, [it[5] for it in items])
+        prompts = [prompt_chain(t, imgs) for t, _, imgs, *_ in items]
+        outs = [tokenize(it[5]) for it in items]
+        hits = self._cache(model, prompts, outs)
         latency = round(time.perf_counter() - start, 6)
         results = []
-        for (t, sp, imgs, temperature, sample, out, finish), rid, prompt, cached in zip(
-                items, rids, prompts, hits, strict=True):
-            out_toks = tokenize(out)
+        for (t, sp, imgs, temperature, sample, out, finish), rid, prompt, cached, out_toks in zip(
+                items, rids, prompts, hits, outs, strict=True):
             meta = {"id": rid, "finish_reason": finish, "prompt_tokens": len(prompt),
                     "completion_tokens": len(out_toks), "cached_tokens": cached,
                     "weight_version": "default", "e2e_latency": latency}
@@ -530,14 +485,36 @@ class LoopbackServer:
                 meta["cached_tokens_details"] = {"device": cached, "host": 0}
             if imgs:
                 meta["image_tokens"] = IMAGE_TOKENS * len(imgs)
-            results.append({"text": out, "output_ids": [zlib.crc32(x.encode()) % 151_000
-                                                        for x in out_toks], "meta_info": meta})
-            self._record("/generate", model, digest(t, imgs, sp, sample), {
+            results.append({"text": out, "output_ids": _output_ids(out_toks), "meta_info": meta})
+            self._record("/generate", model, (t, imgs, sp, sample), {
                 "status": 200, "ok": True, "fault": fault, "prompt_tokens": len(prompt),
                 "cached_tokens": cached,
                 "completion_tokens": len(out_toks), "sample_index": sample,
                 "temperature": temperature, "batch_size": n})
         return json_response(200, results[0] if single else results)
+
+
+_IDS: dict[str, int] = {}  # token -> its output id, for the tokens seen lately
+
+
+def _output_ids(tokens: list[str]) -> list[int]:
+    """A reply's `output_ids`: crc32 of each token, modulo a vocabulary of 151,000."""
+    ids = _IDS
+    try:
+        return [ids[x] for x in tokens]
+    except KeyError:
+        if len(ids) > 100_000:
+            ids.clear()
+        out = [zlib.crc32(x.encode()) % 151_000 for x in tokens]
+        ids.update(zip(tokens, out, strict=True))
+        return out
+
+
+def _error_body(chat: bool) -> Any:
+    """The error body of a refused request: OpenAI's shape on chat, SGLang's on /generate."""
+    if chat:
+        return lambda msg: {"error": {"message": msg}}
+    return lambda msg: {"error": msg}
 
 
 # ---------------------------------------------------------------- command line

@@ -12,6 +12,8 @@ import anyio
 import httpx
 import pytest
 from helpers import ROOT, make_questions
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image as PILImage
 
 from backends import simulator
@@ -21,10 +23,13 @@ from bench.loopback import (
     IMAGE_TOKENS,
     Faults,
     LoopbackServer,
+    PrefixCache,
     models_from_config,
     sim_text_from_generate,
     tokenize,
 )
+from bench.loopback.tokens import chain, prompt_chain
+from bench.loopback.wire import digest, generate_rids
 from mics.config import ModelConfig
 from mics.prompts import intern_prompt
 from mics.types import Image, Sampling, Text
@@ -70,6 +75,76 @@ def test_tokenize_is_lossless_and_images_have_their_own_tokens():
     qwen = "<|vision_start|><|image_pad|><|vision_end|>Q"
     assert tokenize(qwen, [a]) == tokenize("<image>Q", [a])
     assert tokenize("Q", [a])[:IMAGE_TOKENS] == ta[2:2 + IMAGE_TOKENS]  # no placeholder: first
+
+
+def test_memoised_tokens_and_prefix_hashes_equal_the_plain_computation():
+    text = "<|im_start|>user\nWhy? <image> Look.<|im_end|>\n"
+    first = tokenize(text)
+    first.append("changed")  # a caller's list is its own: the memo is not touched
+    assert tokenize(text) == first[:-1] and "".join(tokenize(text)) == text
+    assert prompt_chain(text) == tuple(chain(tokenize(text)))
+    img = _png("red")
+    assert prompt_chain(text, [img]) == tuple(chain(tokenize(text, [img])))
+    assert prompt_chain(text, [img]) != prompt_chain(text)
+    head, tail = tokenize("a b"), tokenize(" c d")
+    assert chain(tail, chain(head)[-1]) == chain(head + tail)[len(head):]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(
+    ["a", "b", "Z", "_", "7", "\u00e9", "\u0663", " ", "  ", "\n", "\t", "\u00a0", ".", "#",
+     ":", "<image>", "<|image_pad|>", "<IMG_CONTEXT>", "<", ">", "|", "image"]),
+    max_size=40).map("".join),
+    min_size=1, max_size=12))
+def test_tokens_from_a_remembered_neighbour_equal_a_fresh_tokenization(suffixes):
+    """Texts that grow from one another (as prompts do) are tokenized from the remembered text
+    sharing the longest prefix: tokens and prefix hashes must equal a fresh computation."""
+    from bench.loopback import tokens
+
+    memo = tokens._Recent(size=4)  # small: evictions happen too
+    texts = ["".join(suffixes[:i + 1]) for i in range(len(suffixes))] + suffixes
+    for text in texts + texts[::-1]:
+        got = memo.get(text)
+        assert list(got.tokens) == tokens._tokenize(text, ())
+        assert got.prefix_hashes() == tuple(chain(tokens._tokenize(text, ())))
+        assert got.ends == [len("".join(got.tokens[:i + 1])) for i in range(len(got.tokens))]
+    assert len(memo.texts) <= 4 and set(memo.sorted) <= set(memo.texts)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.sampled_from(["a", " b", "c", "\n", "<img:0>"]),
+                                   max_size=12),
+                          st.lists(st.sampled_from(["x", " y", "a"]), max_size=4)),
+                min_size=1, max_size=8),
+       st.integers(1, 3))
+def test_prefix_cache_by_prefix_hashes_equals_by_tokens(items, batch):
+    """match_chain / insert_chain (what the server uses) give what match / insert give, for
+    requests of `batch` items matched before any of them is inserted."""
+    plain, hashed = PrefixCache(), PrefixCache()
+    for start in range(0, len(items), batch):
+        group = items[start:start + batch]
+        want = [plain.match(p) for p, _ in group]
+        chains = [tuple(chain(p)) for p, _ in group]
+        got = [hashed.match_chain(c) for c in chains]
+        assert got == want
+        for (p, out), c, hit in zip(group, chains, got, strict=True):
+            plain.insert(p + out)
+            hashed.insert_chain(c, out, hit)
+        assert hashed._seen == plain._seen
+
+
+def test_digest_and_fresh_rids_keep_their_format():
+    import hashlib
+    import json
+    import uuid
+
+    parts = ("/generate", "m", {"text": ["\u00e9 x" * 300, "y"], "b": [1.5, None, True]}, 2)
+    assert digest(*parts) == hashlib.sha256(
+        json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    rids = generate_rids(None, 50)
+    assert len(set(rids)) == 50
+    assert all(uuid.UUID(hex=r).hex == r and uuid.UUID(hex=r).version == 4
+               and uuid.UUID(hex=r).variant == uuid.RFC_4122 for r in rids)
 
 
 def test_admin_endpoints_and_models_list():
