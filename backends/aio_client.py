@@ -102,6 +102,21 @@ class AioClient:
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    @property
+    def ssl_setting(self) -> ssl.SSLContext | bool:
+        """The SSL context of an https:// endpoint (one per process); False for http://."""
+        return self._ssl
+
+    @property
+    def proxy(self) -> str | None:
+        """The proxy the environment names for this endpoint, read once."""
+        return self._proxy
+
+    @property
+    def session(self) -> aiohttp.ClientSession | None:
+        """The aiohttp session of the current event loop's calls (None before the first)."""
+        return self._session
+
     def _open(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         if self._session is None or self._loop is not loop or self._session.closed:

@@ -240,9 +240,9 @@ class LoopbackServer:
                     cache.clear()
 
     @property
-    def _conns(self) -> set[Any]:
-        """The open client connections."""
-        return set(self._http.conns) if self._http is not None else set()
+    def open_connections(self) -> int:
+        """Client connections open now."""
+        return len(self._http.conns) if self._http is not None else 0
 
     def _answer(self, method: str, path: str, headers: Headers, raw: bytes) -> Response:
         """One request's reply (called on the transport's event loop thread)."""
