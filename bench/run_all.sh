@@ -2,7 +2,8 @@
 # Re-measure every figure in BENCHMARKS.md, one JSON per bench under ${OUT:-bench-results}/.
 # Run on a quiet machine: wall-clock figures (efficiency, speedups) depend on other load; every
 # JSON carries the machine stamp, including the 1-minute load average when it was written.
-# `make bench` runs this; QUICK=1 skips the slow ones (0.5B-shaped prefix model, overhead).
+# `make bench` runs this; QUICK=1 skips the slow ones (0.5B-shaped prefix model; overhead at
+# 2,000 questions instead of 10,000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -20,6 +21,7 @@ mics bench images --images 2000 --concurrency 64 --json "$OUT/images.json"
 if [[ "${QUICK:-0}" == 1 ]]; then
     mics bench prefix --models tiny --json "$OUT/prefix.json"
     mics bench prefix --models tiny --temperatures 1.2 --json "$OUT/prefix-1t.json"
+    mics bench overhead --questions 2000 --json "$OUT/overhead.json"
 else
     mics bench prefix --json "$OUT/prefix.json"
     mics bench prefix --temperatures 1.2 --json "$OUT/prefix-1t.json"
