@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from backends.messages import family_messages
+from backends.messages import family_image, family_messages
 from mics.types import Image, Prompt, Text
 
 _SYS, _USR, _A, _B = "\x01S\x01", "\x01U\x01", "\x01A\x01", "\x01B\x01"
@@ -43,10 +43,14 @@ class Compiled:
         """The user turn's text: the content of `family_messages`, with each qwen2-vl image
         slot as the template's image piece (an InternVL image is `internvl_image()`, the
         server's placeholder and a newline)."""
-        content = family_messages(prompt, self.family, internvl_image)[-1]["content"]
-        if isinstance(content, str):
-            return content
-        return "".join(p["text"] if p["type"] == "text" else self.image for p in content)
+        image = family_image(self.family, internvl_image)  # what family_messages puts there
+        out = []
+        for part in prompt.parts:
+            if isinstance(part, Text):
+                out.append(part.text)
+            elif (slot := image(part)) is not None:
+                out.append(slot["text"] if slot["type"] == "text" else self.image)
+        return "".join(out)
 
     def render(self, prompt: Prompt, internvl_image: Callable[[], str] | None = None) -> str:
         return (self.head + prompt.system + self.middle + self.content(prompt, internvl_image)
