@@ -86,7 +86,6 @@ INTERNVL_TEMPLATE = (
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-INTERNVL_IMAGE = "<image>\n"  # SGLang >= 0.5.7's placeholder and its newline
 
 
 @dataclass(frozen=True)
@@ -394,6 +393,7 @@ def measure_render(folder: Path, family: str, prompts: list[Prompt], repeats: in
     equal, or a RuntimeError. `transformers`: also the folder's transformers tokenizer (the
     path before issue 15, which it measured)."""
     from backends.chat_templates import render_prompt
+    from backends.messages import INTERNVL_IMAGE
     from backends.messages import family_messages as messages
     from backends.template_source import load_chat_template
 
