@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -55,7 +54,7 @@ class MemoWriter:
         if self._open is rnd:
             self._open = None
         try:
-            self._commit(rnd.entries)
+            self.store.memo_put_many(rnd.entries)  # one write for the round
         except Exception as e:  # every caller of the round gets the error
             for done in rnd.waiters:
                 if not done.done():
@@ -65,13 +64,3 @@ class MemoWriter:
         for done in rnd.waiters:
             if not done.done():
                 done.set_result(None)
-
-    def _commit(self, entries: list[Entry]) -> None:
-        put_many = getattr(self.store, "memo_put_many", None)
-        if put_many is not None:  # one write for the round
-            put_many(entries)
-            return
-        grouped = getattr(self.store, "transaction", None)
-        with grouped() if grouped is not None else nullcontext():
-            for key, reply, log in entries:
-                self.store.memo_put(key, reply, log)

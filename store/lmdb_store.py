@@ -505,15 +505,7 @@ class RunStore:
         Every call appends a log entry (with ``key`` and ``seq`` added), even for a key already
         in the memo, so the log counts calls actually sent. Sequence numbers start at 1.
         """
-        k, value = _key(key), _enc(reply)
-        seq, entry = self._append("calls", {**log, "key": key})
-        entry_raw, seq_raw, dbs = _enc(entry), _seq_key(seq), self._shared().dbs
-
-        def op(txn: lmdb.Transaction) -> None:
-            txn.put(k, value, db=dbs["memo"])
-            txn.put(seq_raw, entry_raw, db=dbs["calls"])
-
-        self._write(op)
+        [seq] = self.memo_put_many([(key, reply, log)])
         return seq
 
     def memo_put_many(self, entries: Sequence[tuple[str, dict, dict]]) -> list[int]:
