@@ -125,9 +125,8 @@ class CallGate:
         results: list[Reply | CallFailure | None] = [None] * len(calls)
         mine: list[int] = []
         waits: list[tuple[int, anyio.Event]] = []
-        found = (self.store.memo_get_many(keys) if len(keys) > 1
-                 else [self.store.memo_get(keys[0])])
-        for i, (key, stored) in enumerate(zip(keys, found, strict=True)):
+        for i, (key, stored) in enumerate(zip(keys, self.store.memo_get_many(keys),
+                                              strict=True)):
             if stored is not None:
                 results[i] = Reply.from_dict(stored)
                 self.counts["memo_hits"] += 1
