@@ -11,8 +11,9 @@ from typing import Any
 
 import httpx
 
-from backends.aio_client import AioClient
+from backends.aio_client import AioClient, env_proxy
 from backends.base import BackendError, FatalError, PermanentError, TransientError
+from backends.plain_http import PlainClient
 from mics.config import ModelConfig
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -37,10 +38,21 @@ def redact(text: str, cfg: ModelConfig) -> str:
     return text.replace(key, "***") if key else text
 
 
-def make_client(cfg: ModelConfig) -> AioClient:
-    """An async client for one endpoint, sized to its concurrency limit: aiohttp underneath
-    (a third of httpx's CPU per request), httpx's exceptions on failure (backends/aio_client.py)."""
-    return AioClient(cfg.base_url, timeout_s=cfg.timeout_s, max_connections=cfg.max_concurrency)
+def client_kind(base_url: str) -> str:
+    """"plain_http" for an `http://` endpoint no proxy covers, else "aiohttp" (see make_client)."""
+    plain = (base_url.startswith("http://") and env_proxy(base_url) is None
+             and os.environ.get("MICS_HTTP_CLIENT", "").lower() != "aiohttp")
+    return "plain_http" if plain else "aiohttp"
+
+
+def make_client(cfg: ModelConfig) -> AioClient | PlainClient:
+    """An async client for one endpoint, sized to its concurrency limit, raising httpx's
+    exceptions on failure. A plain `http://` endpoint no proxy covers (a local SGLang or vLLM
+    server, a router) gets the lean HTTP/1.1 client (backends/plain_http.py); `https://` and
+    proxied endpoints get aiohttp (backends/aio_client.py). `MICS_HTTP_CLIENT=aiohttp` gives
+    every endpoint aiohttp (to compare, or to step around a server the lean client refuses)."""
+    kind = PlainClient if client_kind(cfg.base_url) == "plain_http" else AioClient
+    return kind(cfg.base_url, timeout_s=cfg.timeout_s, max_connections=cfg.max_concurrency)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")

@@ -4,8 +4,9 @@ The choice behind `backends/http.py`: each client sends the same judge chat requ
 loopback server (its own process, zero latency) `requests` times at concurrency 16 and 64; the
 figure is this process's CPU time (user + system) per request, after an untimed warm-up.
 Clients: httpx 0.28 as the backends used it, httpx with the `httpx-aiohttp` transport (the
-OpenAI SDK's option; skipped if that package is not installed), and `backends.aio_client`
-(aiohttp underneath, what `make_client` returns).
+OpenAI SDK's option; skipped if that package is not installed), `backends.aio_client` (aiohttp
+underneath: what `make_client` returns for https:// and proxied endpoints) and
+`backends.plain_http` (what it returns for plain http:// endpoints).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import httpx
 import orjson
 
 from backends.aio_client import AioClient
+from backends.plain_http import PlainClient
 from bench.common import report, sim_models, write_json
 
 BODY = {"model": "judge", "temperature": 0.0, "max_tokens": 16,
@@ -46,6 +48,8 @@ def _client(kind: str, url: str, conc: int) -> Any:
 
         return httpx.AsyncClient(base_url=url, timeout=60.0,
                                  transport=AiohttpTransport(client=session))
+    if kind == "plain_http":
+        return PlainClient(url, timeout_s=60.0, max_connections=conc)
     return AioClient(url, timeout_s=60.0, max_connections=conc)
 
 
@@ -69,7 +73,7 @@ def run_http_clients(requests: int = 2000, concurrency: tuple[int, ...] = (16, 6
     """{client: {concurrency: ms CPU per request}} plus what was skipped."""
     from bench.loop import ServerProcess
 
-    kinds = ["httpx", "httpx+aiohttp", "aio_client"]
+    kinds = ["httpx", "httpx+aiohttp", "aio_client", "plain_http"]
     skipped = []
     try:
         import httpx_aiohttp  # noqa: F401

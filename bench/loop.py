@@ -53,6 +53,7 @@ from typing import Any
 import anyio
 
 from backends.gate import CallGate
+from backends.http import client_kind
 from backends.simulated import render_text
 from bench.common import sim_models, write_questions
 from bench.loopback import LoopbackServer, sim_text_from_generate
@@ -487,6 +488,7 @@ def _run_loop(st: LoopSettings, work: Path, say: Any) -> dict[str, Any]:
     importlib.import_module("backends.sglang")
     say(f"engine: {n} questions, {concurrency} at a time, cap {st.cap} per endpoint")
     with ServerProcess(models, st.latency(), st.seed) as srv:
+        srv_url = srv.url
         config = loop_config(srv.url, st.cap, concurrency, st.seed, tok)
         start_run(work / "engine", config, data, None, None)
         cpu0, srv_cpu0, wall0 = _cpu_self(), srv.cpu_s(), time.time()
@@ -587,6 +589,7 @@ def _run_loop(st: LoopSettings, work: Path, say: Any) -> dict[str, Any]:
                                                      wall0 + engine_s) if bottleneck else [],
         "engine_cpu_s": round(engine_cpu, 2),
         "engine_cpu_ms_per_request": round(engine_cpu / max(1, len(eng_served)) * 1000, 2),
+        "http_client": client_kind(srv_url),  # what make_client gave the endpoints
         "server_cpu_s": round(server_cpu, 2),
         "engine_calls": len(eng_served),
         "engine_latency_sum_s": round(eng_latency, 3),

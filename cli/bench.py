@@ -134,7 +134,8 @@ def loop(
         ("reference q/h, full-run estimate", r["reference_qph_full_estimate"],
          "all questions' work, modelled from the engine's trees"),
         ("engine CPU per HTTP request (ms)", r["engine_cpu_ms_per_request"],
-         f"engine {fmt(r['engine_cpu_s'])} s, server {fmt(r['server_cpu_s'])} s of CPU"),
+         f"engine {fmt(r['engine_cpu_s'])} s, server {fmt(r['server_cpu_s'])} s of CPU; "
+         f"client {r.get('http_client', 'aiohttp')}"),
         (f"{r['bottleneck']} in flight, by tenth of the run",
          " ".join(fmt(x) for x in r["bottleneck_in_flight_by_tenth"]),
          f"busiest endpoint; cap {r['settings']['cap']}"),
