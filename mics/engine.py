@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from backends.base import Call, ChatModel, RolloutModel
+from backends.base import Call, ChatModel, RolloutModel, fan_out
 from backends.gate import CallGate, StopRequested
 from mics import policy
 from mics.answers import answer_key
@@ -326,9 +326,7 @@ class Engine:
         async def one(i: int, mentor: ChatModel) -> None:
             results[i] = await self._propose_one(q, tree, depth, mentor)
 
-        async with anyio.create_task_group() as tg:
-            for i, mentor in enumerate(self.models.mentors):
-                tg.start_soon(one, i, mentor)
+        await fan_out([one(i, mentor) for i, mentor in enumerate(self.models.mentors)])
         proposals = [r for r in results if isinstance(r, _Proposal)]
         errors = {m.config.name: r for m, r in zip(self.models.mentors, results, strict=True)
                   if isinstance(r, str)}
@@ -425,9 +423,7 @@ class Engine:
             got = await self.gate.rollouts(intern, calls, qid=q.qid) if calls else []
             replies.update(zip(slots, got, strict=True))
 
-        async with anyio.create_task_group() as tg:
-            for j, intern in enumerate(self.models.interns):
-                tg.start_soon(intern_batch, j, intern)
+        await fan_out([intern_batch(j, intern) for j, intern in enumerate(self.models.interns)])
 
         answers = await self._judge_all(q, replies, tree)
         for n_i, node in enumerate(nodes):
@@ -483,13 +479,7 @@ class Engine:
                 tree.call_failures.append({"role": "judge", "model": self.models.judge.config.name,
                                            "error": error})
 
-        if len(answers) == 1:  # the common case: no task group for one call (issue 15)
-            [(norm, ans)] = answers.items()
-            await judge_one(norm, ans)
-        elif answers:
-            async with anyio.create_task_group() as tg:
-                for norm in sorted(answers):
-                    tg.start_soon(judge_one, norm, answers[norm])
+        await fan_out([judge_one(norm, answers[norm]) for norm in sorted(answers)])
         return parsed
 
     async def _judge(self, q: Question, answer: str) -> tuple[str, str | None]:
