@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from mics.config import ModelConfig
@@ -30,6 +30,10 @@ class Call:
     prompt: Prompt
     sampling: Sampling
     sample_index: int = 0
+    # (identity JSON, key) of this call's latest `backends.keys.call_key`: the gate hashes a
+    # call, then an SGLang intern hashes the same call object again for its sampling seed
+    _key_memo: tuple[bytes | None, str] | None = field(default=None, init=False, repr=False,
+                                                        compare=False)
 
 
 @runtime_checkable

@@ -25,8 +25,14 @@ def call_key(identity: dict[str, Any] | None, call: Call) -> str:
     The hashed bytes are `orjson.dumps({"model": identity, "prompt": prompt.key_material(),
     "sample": index, "sampling": sampling.to_dict()}, OPT_SORT_KEYS)` (the keys sort in that
     order). The hash of the part up to the prompt is kept per (identity, prompt), so the
-    samples and temperatures of one prompt hash it once."""
+    samples and temperatures of one prompt hash it once; the key is kept on the call with its
+    identity's JSON, so hashing the same call object again (the gate, then an SGLang intern's
+    sampling seed) returns it as it is. Equal but distinct calls are hashed afresh: equal
+    values can serialize apart (0.0 and -0.0, 1 and 1.0), so a key is never shared by value."""
     ident = _identity_json(identity) if identity is not None else None
+    memo = call._key_memo
+    if memo is not None and memo[0] == ident:
+        return memo[1]
     slot = (ident, call.prompt)
     head = _PREFIXES.get(slot)
     if head is None:
@@ -39,7 +45,9 @@ def call_key(identity: dict[str, Any] | None, call: Call) -> str:
     h = head.copy()
     h.update(b',"sample":' + orjson.dumps(call.sample_index) + b',"sampling":'
              + orjson.dumps(call.sampling.to_dict(), option=_SORT) + b"}")
-    return h.hexdigest()
+    key = h.hexdigest()
+    object.__setattr__(call, "_key_memo", (ident, key))  # a frozen dataclass's own cache
+    return key
 
 
 def _identity_json(identity: dict[str, Any]) -> bytes:
