@@ -120,6 +120,14 @@ class Engine:
         self.gate = gate
         self.on_done = on_done or (lambda _o: None)
         self.retry_qids: set[str] = set()  # finished questions to search again (--retry-failed)
+        # one Sampling object per setting, shared by all its calls: a call key serializes each
+        # object once (backends.keys)
+        s = self.search
+        self._mentor_sampling = Sampling(temperature=s.mentor_temperature, top_p=s.mentor_top_p,
+                                         max_tokens=s.mentor_max_tokens)
+        self._judge_sampling = Sampling(temperature=s.judge_temperature,
+                                        max_tokens=s.judge_max_tokens)
+        self._intern_samplings = tuple(self._intern_sampling(t) for t, _ in s.sample_plan())
 
     # ---- run level -------------------------------------------------------------------------
 
@@ -349,9 +357,7 @@ class Engine:
             if steps is not None and (leak_rule == "flag" or not self._leaks(q, steps)):
                 return _Proposal(name, steps, cached.chain, cached.parsed, first, reused=True)
         prompt = mentor_prompt(q, tree.prefix, self.cfg.prompts)
-        sampling = Sampling(temperature=self.search.mentor_temperature,
-                            top_p=self.search.mentor_top_p,
-                            max_tokens=self.search.mentor_max_tokens)
+        sampling = self._mentor_sampling
         tries = self.search.mentor_malformed_retries + 1
         error = ""
         for k in range(tries):
@@ -417,8 +423,8 @@ class Engine:
             calls, slots = [], []
             for n_i, node in enumerate(nodes):
                 prompt = intern_prompt(q, node.prefix, self.cfg.prompts)  # per call (B9)
-                for t_i, (temp, number) in enumerate(plan):
-                    calls.append(Call(prompt, self._intern_sampling(temp), number))
+                for t_i, (_temp, number) in enumerate(plan):
+                    calls.append(Call(prompt, self._intern_samplings[t_i], number))
                     slots.append((n_i, j, t_i))
             got = await self.gate.rollouts(intern, calls, qid=q.qid) if calls else []
             replies.update(zip(slots, got, strict=True))
@@ -484,8 +490,7 @@ class Engine:
 
     async def _judge(self, q: Question, answer: str) -> tuple[str, str | None]:
         """Yes/no from the first word (B11); judge usage is accounted from the call log."""
-        sampling = Sampling(temperature=self.search.judge_temperature,
-                            max_tokens=self.search.judge_max_tokens)
+        sampling = self._judge_sampling
         prompt = judge_prompt(q, answer, self.cfg.prompts)
         for index in range(2):  # an unparsable verdict is asked once more
             reply = await self.gate.chat(self.models.judge, Call(prompt, sampling, index),
