@@ -6,11 +6,11 @@ Mentors and the judge are `ChatModel`s (one prompt in, one reply out); interns a
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
-
-import anyio
 
 from mics.config import ModelConfig
 from mics.errors import (  # noqa: F401 - the error kinds backends raise, re-exported
@@ -30,6 +30,10 @@ class Call:
     prompt: Prompt
     sampling: Sampling
     sample_index: int = 0
+    # (identity JSON, key) of this call's latest `backends.keys.call_key`: the gate hashes a
+    # call, then an SGLang intern hashes the same call object again for its sampling seed
+    _key_memo: tuple[bytes | None, str] | None = field(default=None, init=False, repr=False,
+                                                        compare=False)
 
 
 @runtime_checkable
@@ -64,16 +68,43 @@ class RolloutModel(Protocol):
 
 
 T = TypeVar("T")
+_LATE_UNCANCEL = sys.version_info < (3, 13)  # see fan_out
+
+
+async def fan_out(coros: Sequence[Coroutine[Any, Any, None]]) -> None:
+    """Await `coros` concurrently, each in its own task; return when all have finished.
+
+    The per-call fan-outs (mentors, interns, judge answers, a backend's sub-requests) use an
+    `asyncio.TaskGroup`, a third of the CPU of an anyio task group (issue 15); so anyio must run
+    on its asyncio backend, as it does everywhere in mics (`MemoWriter` uses asyncio directly
+    too). The semantics are a task group's: if one raises, the others are cancelled and the
+    errors come out in a BaseExceptionGroup; when the caller is cancelled (by an anyio cancel
+    scope too) every task is cancelled and waited for. One coroutine is simply awaited (no
+    task; an error comes out as itself), and none costs nothing.
+
+    The tasks are asyncio's own, so an anyio shield inside one (`anyio.to_thread.run_sync`)
+    does not hold off the group's cancellation: the thread runs on, its result unread."""
+    if len(coros) <= 1:
+        if coros:
+            await coros[0]
+        return
+    tg = asyncio.TaskGroup()
+    try:
+        async with tg:
+            for coro in coros:
+                tg.create_task(coro)
+    except BaseExceptionGroup:
+        if _LATE_UNCANCEL and getattr(tg, "_parent_cancel_requested", False):
+            # a task failed while the group waited: before 3.13 the group cancels its parent
+            # for it and never withdraws that request (gh-116720); withdraw it as 3.13 does
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        raise
 
 
 async def gather(funcs: Sequence[Callable[[], Awaitable[T]]]) -> list[T | BackendError]:
-    """Run concurrently, results in order; a call that raised a BackendError leaves that error
-    in its slot (never an ExceptionGroup), so one failure does not cost the others."""
-    if len(funcs) == 1:  # nothing to run beside it: no task group (issue 15)
-        try:
-            return [await funcs[0]()]
-        except BackendError as e:
-            return [e]
+    """Run concurrently (`fan_out`), results in order; a call that raised a BackendError leaves
+    that error in its slot (never an ExceptionGroup), so one failure does not cost the others.
+    Any other error cancels the rest and comes out as `fan_out` raises it."""
     results: list[Any] = [None] * len(funcs)
 
     async def one(i: int, fn: Callable[[], Awaitable[T]]) -> None:
@@ -82,7 +113,5 @@ async def gather(funcs: Sequence[Callable[[], Awaitable[T]]]) -> list[T | Backen
         except BackendError as e:
             results[i] = e
 
-    async with anyio.create_task_group() as tg:
-        for i, fn in enumerate(funcs):
-            tg.start_soon(one, i, fn)
+    await fan_out([one(i, fn) for i, fn in enumerate(funcs)])
     return results

@@ -11,6 +11,7 @@ A call that still fails is recorded in the store and returned as a CallFailure, 
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sys
 import time
@@ -54,7 +55,7 @@ class CallGate:
         self.session = session
         self.counts: Counter[str] = Counter()  # sent / memo_hits / joined / failed / retries
         self.tokens = 0  # prompt + completion tokens of the replies stored by this session
-        self._inflight: dict[str, anyio.Event | None] = {}  # an Event once someone joins
+        self._inflight: dict[str, asyncio.Event | None] = {}  # an Event once someone joins
         self._memo = MemoWriter(store)  # replies arriving together: one commit
         self._failures: dict[str, CallFailure] = {}
         self._identities: dict[int, dict[str, Any]] = {}  # id(model) -> model.identity()
@@ -70,7 +71,7 @@ class CallGate:
         return self._memo.commits
 
     @property
-    def in_flight(self) -> Mapping[str, anyio.Event | None]:
+    def in_flight(self) -> Mapping[str, asyncio.Event | None]:
         """Call keys being sent now; the Event is made only once another caller joins."""
         return MappingProxyType(self._inflight)
 
@@ -124,7 +125,7 @@ class CallGate:
         keys = [call_key(identity, c) for c in calls]
         results: list[Reply | CallFailure | None] = [None] * len(calls)
         mine: list[int] = []
-        waits: list[tuple[int, anyio.Event]] = []
+        waits: list[tuple[int, asyncio.Event]] = []
         for i, (key, stored) in enumerate(zip(keys, self.store.memo_get_many(keys),
                                               strict=True)):
             if stored is not None:
@@ -133,7 +134,7 @@ class CallGate:
             elif key in self._inflight:
                 event = self._inflight[key]
                 if event is None:
-                    event = self._inflight[key] = anyio.Event()
+                    event = self._inflight[key] = asyncio.Event()  # anyio runs on asyncio
                 waits.append((i, event))
                 self.counts["joined"] += 1
             elif self.stopping:

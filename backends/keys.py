@@ -9,10 +9,11 @@ import orjson
 
 if TYPE_CHECKING:
     from backends.base import Call
-    from mics.types import Prompt
+    from mics.types import Prompt, Sampling
 
 _SORT = orjson.OPT_SORT_KEYS
 _IDENTITIES: dict[int, tuple[dict[str, Any], bytes]] = {}  # id -> (the dict, its JSON)
+_SAMPLINGS: dict[int, tuple[Sampling, bytes]] = {}  # id -> (the Sampling, its JSON)
 _PREFIXES: dict[tuple[bytes | None, Prompt], Any] = {}  # -> sha256 state after the prompt
 _MAX_PREFIXES = 4096
 
@@ -25,8 +26,16 @@ def call_key(identity: dict[str, Any] | None, call: Call) -> str:
     The hashed bytes are `orjson.dumps({"model": identity, "prompt": prompt.key_material(),
     "sample": index, "sampling": sampling.to_dict()}, OPT_SORT_KEYS)` (the keys sort in that
     order). The hash of the part up to the prompt is kept per (identity, prompt), so the
-    samples and temperatures of one prompt hash it once."""
+    samples and temperatures of one prompt hash it once; the sampling's JSON is kept per
+    Sampling object (the engine shares one per setting among its calls); the key is kept on
+    the call with its identity's JSON, so hashing the same call object again (the gate, then
+    an SGLang intern's sampling seed) returns it as it is. Equal but distinct calls and
+    Samplings are serialized afresh: equal values can serialize apart (0.0 and -0.0, 1 and
+    1.0), so nothing is shared by value."""
     ident = _identity_json(identity) if identity is not None else None
+    memo = call._key_memo
+    if memo is not None and memo[0] == ident:
+        return memo[1]
     slot = (ident, call.prompt)
     head = _PREFIXES.get(slot)
     if head is None:
@@ -38,8 +47,10 @@ def call_key(identity: dict[str, Any] | None, call: Call) -> str:
             del _PREFIXES[next(iter(_PREFIXES))]  # the oldest
     h = head.copy()
     h.update(b',"sample":' + orjson.dumps(call.sample_index) + b',"sampling":'
-             + orjson.dumps(call.sampling.to_dict(), option=_SORT) + b"}")
-    return h.hexdigest()
+             + _sampling_json(call.sampling) + b"}")
+    key = h.hexdigest()
+    object.__setattr__(call, "_key_memo", (ident, key))  # a frozen dataclass's own cache
+    return key
 
 
 def _identity_json(identity: dict[str, Any]) -> bytes:
@@ -52,4 +63,17 @@ def _identity_json(identity: dict[str, Any]) -> bytes:
     if len(_IDENTITIES) >= 256:
         _IDENTITIES.clear()
     _IDENTITIES[id(identity)] = (identity, raw)
+    return raw
+
+
+def _sampling_json(sampling: Sampling) -> bytes:
+    """A Sampling's JSON, kept per object as identities are (keyed by the object, not its
+    value: 0.0 == -0.0 and 1 == 1.0, but their JSON differs)."""
+    hit = _SAMPLINGS.get(id(sampling))
+    if hit is not None and hit[0] is sampling:
+        return hit[1]
+    raw = orjson.dumps(sampling.to_dict(), option=_SORT)
+    if len(_SAMPLINGS) >= 256:
+        _SAMPLINGS.clear()
+    _SAMPLINGS[id(sampling)] = (sampling, raw)
     return raw

@@ -15,9 +15,10 @@ Three items, each measured before and after issue 15 in the same process, interl
    nothing) is measured and subtracted. The two stores must hold the same memo and call log.
 2. **Gate primitives.** T tasks, N calls each, per call: *old*, an `anyio.CapacityLimiter`
    acquire/release and one `anyio.Event` made and set (the gate before issue 15); *new*, the
-   `EndpointLimiter` slots (`anyio.Semaphore(fast_acquire=True)`) and the lazy in-flight entry
-   (an Event only when a second caller joins). Both wait their turn (`wait_turn`). The call is
-   `await anyio.lowlevel.checkpoint()`, measured alone and subtracted.
+   `EndpointLimiter` slots (an `asyncio.Semaphore`; anyio's `Semaphore(fast_acquire=True)`
+   when measured for BENCHMARKS.md) and the lazy in-flight entry (an Event only when a second
+   caller joins). Both wait their turn (`wait_turn`). The call is `await
+   anyio.lowlevel.checkpoint()`, measured alone and subtracted.
 3. **Prompt rendering.** The intern prompts of that search, per prompt: *old*, the model
    folder's Jinja chat template (`backends.template_source`, what `apply_chat_template`
    renders); *new*, `backends.chat_templates.render_prompt`; every pair of strings is checked

@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from backends.base import Call, ChatModel, RolloutModel
+from backends.base import Call, ChatModel, RolloutModel, fan_out
 from backends.gate import CallGate, StopRequested
 from mics import policy
 from mics.answers import answer_key
@@ -120,6 +120,14 @@ class Engine:
         self.gate = gate
         self.on_done = on_done or (lambda _o: None)
         self.retry_qids: set[str] = set()  # finished questions to search again (--retry-failed)
+        # one Sampling object per setting, shared by all its calls: a call key serializes each
+        # object once (backends.keys)
+        s = self.search
+        self._mentor_sampling = Sampling(temperature=s.mentor_temperature, top_p=s.mentor_top_p,
+                                         max_tokens=s.mentor_max_tokens)
+        self._judge_sampling = Sampling(temperature=s.judge_temperature,
+                                        max_tokens=s.judge_max_tokens)
+        self._intern_samplings = tuple(self._intern_sampling(t) for t, _ in s.sample_plan())
 
     # ---- run level -------------------------------------------------------------------------
 
@@ -326,9 +334,7 @@ class Engine:
         async def one(i: int, mentor: ChatModel) -> None:
             results[i] = await self._propose_one(q, tree, depth, mentor)
 
-        async with anyio.create_task_group() as tg:
-            for i, mentor in enumerate(self.models.mentors):
-                tg.start_soon(one, i, mentor)
+        await fan_out([one(i, mentor) for i, mentor in enumerate(self.models.mentors)])
         proposals = [r for r in results if isinstance(r, _Proposal)]
         errors = {m.config.name: r for m, r in zip(self.models.mentors, results, strict=True)
                   if isinstance(r, str)}
@@ -351,9 +357,7 @@ class Engine:
             if steps is not None and (leak_rule == "flag" or not self._leaks(q, steps)):
                 return _Proposal(name, steps, cached.chain, cached.parsed, first, reused=True)
         prompt = mentor_prompt(q, tree.prefix, self.cfg.prompts)
-        sampling = Sampling(temperature=self.search.mentor_temperature,
-                            top_p=self.search.mentor_top_p,
-                            max_tokens=self.search.mentor_max_tokens)
+        sampling = self._mentor_sampling
         tries = self.search.mentor_malformed_retries + 1
         error = ""
         for k in range(tries):
@@ -419,15 +423,13 @@ class Engine:
             calls, slots = [], []
             for n_i, node in enumerate(nodes):
                 prompt = intern_prompt(q, node.prefix, self.cfg.prompts)  # per call (B9)
-                for t_i, (temp, number) in enumerate(plan):
-                    calls.append(Call(prompt, self._intern_sampling(temp), number))
+                for t_i, (_temp, number) in enumerate(plan):
+                    calls.append(Call(prompt, self._intern_samplings[t_i], number))
                     slots.append((n_i, j, t_i))
             got = await self.gate.rollouts(intern, calls, qid=q.qid) if calls else []
             replies.update(zip(slots, got, strict=True))
 
-        async with anyio.create_task_group() as tg:
-            for j, intern in enumerate(self.models.interns):
-                tg.start_soon(intern_batch, j, intern)
+        await fan_out([intern_batch(j, intern) for j, intern in enumerate(self.models.interns)])
 
         answers = await self._judge_all(q, replies, tree)
         for n_i, node in enumerate(nodes):
@@ -483,19 +485,12 @@ class Engine:
                 tree.call_failures.append({"role": "judge", "model": self.models.judge.config.name,
                                            "error": error})
 
-        if len(answers) == 1:  # the common case: no task group for one call (issue 15)
-            [(norm, ans)] = answers.items()
-            await judge_one(norm, ans)
-        elif answers:
-            async with anyio.create_task_group() as tg:
-                for norm in sorted(answers):
-                    tg.start_soon(judge_one, norm, answers[norm])
+        await fan_out([judge_one(norm, answers[norm]) for norm in sorted(answers)])
         return parsed
 
     async def _judge(self, q: Question, answer: str) -> tuple[str, str | None]:
         """Yes/no from the first word (B11); judge usage is accounted from the call log."""
-        sampling = Sampling(temperature=self.search.judge_temperature,
-                            max_tokens=self.search.judge_max_tokens)
+        sampling = self._judge_sampling
         prompt = judge_prompt(q, answer, self.cfg.prompts)
         for index in range(2):  # an unparsable verdict is asked once more
             reply = await self.gate.chat(self.models.judge, Call(prompt, sampling, index),

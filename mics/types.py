@@ -90,6 +90,20 @@ class Prompt:
 
     system: str
     parts: tuple[Part, ...]
+    _hash: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __hash__(self) -> int:
+        """The generated dataclass hash, `hash((system, parts))`, worked out once: a prompt is
+        hashed for every call key (issue 15), and hashing recurses through every part."""
+        h = self._hash
+        if h is None:
+            h = hash((self.system, self.parts))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the kept hash: string hashes differ between processes."""
+        return {"system": self.system, "parts": self.parts}
 
     def user_text(self) -> str:
         return "".join(p.text for p in self.parts if isinstance(p, Text))

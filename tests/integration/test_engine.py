@@ -16,7 +16,7 @@ from bench.reference_engine import ReferenceEngine
 from mics.config import parse_config
 from mics.engine import Engine, Models
 from mics.run import build_models
-from mics.types import ImageRef
+from mics.types import ImageRef, Sampling
 from store import RunStore
 
 
@@ -159,6 +159,28 @@ def test_b8_b9_explicit_sampling_and_per_intern_prompts(tmp_path):
     for c in models.judge.calls:  # the judge gets the clean question, no image tags
         assert q.question in c.prompt.user_text() and "<image>" not in c.prompt.user_text()
         assert c.sampling.temperature == 0.0
+
+
+def test_calls_of_one_setting_share_one_sampling_object(tmp_path, config):
+    """Issue 15: a call key serializes each Sampling object once, so the engine makes one per
+    setting (mentor, judge, each planned intern sample) for all its calls; equal to before."""
+    models = recording_models(config)
+    with RunStore.open(tmp_path / "r", create=True) as store:
+        run_engine(store, config, make_questions(2), models)
+    s = config.search
+
+    def shared(calls):
+        [sampling] = {id(c.sampling): c.sampling for c in calls}.values()
+        return sampling
+
+    assert shared([c for m in models.mentors for c in m.calls]) == Sampling(
+        temperature=s.mentor_temperature, top_p=s.mentor_top_p, max_tokens=s.mentor_max_tokens)
+    assert shared(models.judge.calls) == Sampling(temperature=s.judge_temperature,
+                                                  max_tokens=s.judge_max_tokens)
+    for t_i, (temp, _number) in enumerate(s.sample_plan()):
+        calls = [c for i in models.interns for c in i.calls[t_i::len(s.sample_plan())]]
+        assert shared(calls) == Sampling(temperature=temp, top_p=s.intern_top_p,
+                                         top_k=s.intern_top_k, max_tokens=s.intern_max_tokens)
 
 
 def test_b3_reused_step_is_a_real_step(tmp_path):

@@ -16,7 +16,7 @@ from backends.keys import call_key
 from backends.local_prefix import PrefixLRU, PrefixMatch
 from backends.messages import chat_messages, image_slot
 from backends.openai_chat import OpenAIChat, OpenAIOptions
-from backends.sglang import SGLangOptions
+from backends.sglang import SGLangOptions, SGLangRollout
 from backends.stops import clip_at_stop
 from mics.config import ConfigError, ModelConfig, SearchConfig, parse_config, parse_on_all_zero
 from mics.types import Image, ImageRef, Prompt, Sampling, Text
@@ -62,6 +62,42 @@ def test_call_key_equals_the_plain_sorted_json_hash(system, texts, temp, top_k, 
     other = Call(call.prompt, Sampling(temperature=temp / 2 + 0.1), sample_index=index + 1)
     material.update(sampling=other.sampling.to_dict(), sample=index + 1)
     assert call_key(identity, other) == _sha(material)  # the same prompt's cached head
+
+
+def _material(identity: dict | None, call: Call) -> dict:
+    material = {"prompt": call.prompt.key_material(), "sampling": call.sampling.to_dict(),
+                "sample": call.sample_index}
+    return material if identity is None else {**material, "model": identity}
+
+
+def test_a_call_hashed_again_gets_its_kept_key_for_an_equal_identity_only() -> None:
+    """Issue 15: the gate hashes a call, then an SGLang intern hashes the same call object for
+    its sampling seed; the second is the kept key, and a different identity is hashed afresh."""
+    call = Call(PROMPT, Sampling(temperature=0.7, max_tokens=32, stop=("\n\n",)), 2)
+    model = SGLangRollout(ModelConfig(name="i", backend="sglang", model="m",
+                                      base_url="http://127.0.0.1:9"))
+    first = call_key(model.identity(), call)  # as the gate does
+    assert first == _sha(_material(model.identity(), call))
+    assert call_key(model.identity(), call) is first  # an equal identity (another dict): kept
+    assert model.seed(call) == int(first[:8], 16) & 0x7FFF_FFFF
+    other = {"backend": "sglang", "model": "n"}
+    for identity in (other, None, model.identity(), None, {}, other):
+        assert call_key(identity, call) == _sha(_material(identity, call))
+    fresh = Call(call.prompt, call.sampling, 2)  # equal, not the same object: hashed afresh
+    assert call_key(model.identity(), fresh) == first and model.seed(fresh) == model.seed(call)
+
+
+def test_calls_that_are_equal_but_serialize_apart_never_share_a_key() -> None:
+    """0.0 == -0.0, 1 == 1.0 == True: equal values (equal hashes) whose JSON differs."""
+    calls = [Call(PROMPT, Sampling(temperature=t, top_k=k), sample_index=i)
+             for t in (0.0, -0.0, 1, 1.0) for k in (1, True) for i in (0, 1, True)]
+    identity = {"backend": "openai", "model": "m"}
+    for _ in range(2):  # a second round hashes each call object again
+        keys = [call_key(identity, c) for c in calls]
+        assert keys == [_sha(_material(identity, c)) for c in calls]
+        assert len(set(keys)) == len(calls)
+    again = [Call(c.prompt, c.sampling, c.sample_index) for c in calls]  # equal objects
+    assert [call_key(identity, c) for c in reversed(again)] == keys[::-1]
 
 
 @pytest.mark.parametrize(("text", "stop", "want"), [

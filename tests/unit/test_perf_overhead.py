@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import gc
+import pickle
+from dataclasses import replace
 
+import orjson
+
+from backends.keys import _sampling_json
 from mics.answers import answer_key
 from mics.gc_quiet import GEN0_THRESHOLD, quiet_gc
+from mics.types import Image, ImageRef, Prompt, Sampling, Text
+
+IMG = ImageRef(path="x.png", sha256="ab" * 32, mime="image/png", width=4, height=4)
 
 
 def _slow_key(answer: str) -> str:
@@ -75,3 +83,33 @@ def test_quiet_gc_on_two_threads_restores_the_settings_from_before_both() -> Non
         assert gc.get_threshold()[0] == max(before[0], GEN0_THRESHOLD)  # still quiet
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+def test_a_prompt_keeps_its_hash_and_is_otherwise_the_dataclass_it_was() -> None:
+    """Issue 15: a prompt's hash is worked out once (call keys hash it for every call)."""
+    parts = (Text("Look: "), Image(IMG), Text("what is it?"))
+    p = Prompt("sys", parts)
+    assert p._hash is None
+    assert hash(p) == hash(("sys", parts))  # the generated dataclass hash
+    assert p._hash == hash(p)  # kept
+    fresh = Prompt("sys", parts)
+    assert fresh == p and fresh._hash is None and {p: 1}[fresh] == 1  # not part of equality
+    assert repr(fresh) == repr(p) == f"Prompt(system='sys', parts={parts!r})"
+    assert Prompt("sys", parts[:2]) != p and Prompt("other", parts) != p
+    moved = replace(p, system="other")
+    assert moved._hash is None and hash(moved) == hash(("other", parts))
+    back = pickle.loads(pickle.dumps(p))  # another process hashes strings differently
+    assert back == p and back._hash is None and hash(back) == hash(p)
+
+
+def test_a_sampling_is_serialized_once_per_object_never_shared_by_value() -> None:
+    s = Sampling(temperature=0.7, max_tokens=32, stop=("\n\n",))
+    raw = _sampling_json(s)
+    assert raw == orjson.dumps(s.to_dict(), option=orjson.OPT_SORT_KEYS)
+    assert _sampling_json(s) is raw  # kept
+    for a, b in ((0.0, -0.0), (1, 1.0)):  # equal values, equal hashes, JSON apart
+        first, second = Sampling(temperature=a), Sampling(temperature=b)
+        assert first == second
+        assert _sampling_json(first) != _sampling_json(second)
+        assert _sampling_json(second) == orjson.dumps(second.to_dict(), option=orjson.OPT_SORT_KEYS)
+
