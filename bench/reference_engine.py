@@ -12,7 +12,7 @@ from typing import Any
 
 from backends.base import Call
 from mics.engine import Engine
-from mics.prompts import intern_prompt
+from mics.prompts import intern_prompt, mentor_prompt
 from mics.types import Node, Question
 
 
@@ -25,7 +25,8 @@ class ReferenceEngine(Engine):
         nodes: list[Node] = []
         errors: dict[str, str] = {}
         for mentor in self.models.mentors:
-            proposal = await self._propose_one(q, tree, depth, mentor)
+            prompt = mentor_prompt(q, tree.prefix, self.cfg.prompts)
+            proposal = await self._propose_one(q, tree, depth, mentor, prompt)
             if isinstance(proposal, str):
                 errors[mentor.config.name] = proposal
                 continue

@@ -331,8 +331,10 @@ class Engine:
         """Every mentor proposes the next step(s) concurrently; results in mentor order."""
         results: list[_Proposal | str | None] = [None] * len(self.models.mentors)
 
+        prompt = mentor_prompt(q, tree.prefix, self.cfg.prompts)  # the same for every mentor
+
         async def one(i: int, mentor: ChatModel) -> None:
-            results[i] = await self._propose_one(q, tree, depth, mentor)
+            results[i] = await self._propose_one(q, tree, depth, mentor, prompt)
 
         await fan_out([one(i, mentor) for i, mentor in enumerate(self.models.mentors)])
         proposals = [r for r in results if isinstance(r, _Proposal)]
@@ -342,8 +344,8 @@ class Engine:
             tree.chains[p.mentor] = p
         return proposals, errors
 
-    async def _propose_one(self, q: Question, tree: _Tree, depth: int, mentor: ChatModel
-                           ) -> _Proposal | str:
+    async def _propose_one(self, q: Question, tree: _Tree, depth: int, mentor: ChatModel,
+                           prompt: Prompt) -> _Proposal | str:
         name = mentor.config.name
         first = count_steps(tree.prefix) + 1
         need = policy.root_step_count(depth, self.search.root_steps)
@@ -356,7 +358,6 @@ class Engine:
             # afresh unless leaks are only flagged
             if steps is not None and (leak_rule == "flag" or not self._leaks(q, steps)):
                 return _Proposal(name, steps, cached.chain, cached.parsed, first, reused=True)
-        prompt = mentor_prompt(q, tree.prefix, self.cfg.prompts)
         sampling = self._mentor_sampling
         tries = self.search.mentor_malformed_retries + 1
         error = ""
@@ -419,10 +420,13 @@ class Engine:
         plan = self.search.sample_plan()
         replies: dict[tuple[int, int, int], Reply | CallFailure] = {}
 
+        # one immutable prompt per candidate, the same for every intern (B9: nothing is
+        # spliced into a shared question)
+        prompts = [intern_prompt(q, node.prefix, self.cfg.prompts) for node in nodes]
+
         async def intern_batch(j: int, intern: RolloutModel) -> None:
             calls, slots = [], []
-            for n_i, node in enumerate(nodes):
-                prompt = intern_prompt(q, node.prefix, self.cfg.prompts)  # per call (B9)
+            for n_i, prompt in enumerate(prompts):
                 for t_i, (_temp, number) in enumerate(plan):
                     calls.append(Call(prompt, self._intern_samplings[t_i], number))
                     slots.append((n_i, j, t_i))
