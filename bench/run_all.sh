@@ -15,6 +15,11 @@ mics bench loop --questions 200 --cap 16 --json "$OUT/loop.json"
 mics bench loop --questions 200 --cap 16 --preset fast --json "$OUT/loop-fast.json"
 mics bench loop --questions 200 --cap 64 --preset fast --sharded-questions 64 \
     --json "$OUT/loop-fast-cap64.json"
+# The same two with aiohttp for every endpoint (what https:// endpoints get), to compare clients.
+MICS_HTTP_CLIENT=aiohttp mics bench loop --questions 200 --cap 16 --preset fast \
+    --json "$OUT/loop-fast-aiohttp.json"
+MICS_HTTP_CLIENT=aiohttp mics bench loop --questions 200 --cap 64 --preset fast \
+    --sharded-questions 64 --json "$OUT/loop-fast-cap64-aiohttp.json"
 "$PY" -m bench.http_clients --json "$OUT/http-clients.json"
 mics bench parts --json "$OUT/parts.json"
 mics bench images --images 2000 --concurrency 64 --json "$OUT/images.json"
