@@ -138,11 +138,15 @@ class _Connection(asyncio.Protocol):
         """Write one request; `waiter` gets (status, headers, body, reusable)."""
         self.waiter, self._no_body, self._head = waiter, no_body, None
         self.last_data = self.client.loop_time()
-        self.timer = self.client.loop.call_later(self.client.timeout_s, self._check_timeout)
+        if self.timer is None:  # else the running timer re-arms from `last_data` when it fires
+            self.timer = self.client.loop.call_later(self.client.timeout_s, self._check_timeout)
         self.transport.write(data)  # type: ignore[union-attr]
 
     def _check_timeout(self) -> None:
-        """No data for `timeout_s`: fail the request (data since the timer was set re-arms it)."""
+        """No data for `timeout_s`: fail the request. One timer per connection, not per request:
+        it stays armed across the requests it outlives and re-arms from the latest data (or
+        request start); it lapses on an idle connection."""
+        self.timer = None
         waiter = self.waiter
         if waiter is None or waiter.done():
             return
@@ -151,7 +155,6 @@ class _Connection(asyncio.Protocol):
             self.timer = self.client.loop.call_later(self.client.timeout_s - waited,
                                                      self._check_timeout)
             return
-        self.timer = None
         waiter.set_exception(httpx.ReadTimeout(
             f"{self.client.base_url}: no data for {self.client.timeout_s:g} s"))
         self.abort()
@@ -203,7 +206,6 @@ class _Connection(asyncio.Protocol):
         reusable = keep and not self.buf and not (
             "transfer-encoding" in headers and "content-length" in headers)
         self.buf.clear()
-        self._disarm()
         return status, headers, self._decoded(headers, body), reusable
 
     def _dechunk(self) -> bool:

@@ -296,6 +296,31 @@ def test_timeouts_bound_each_wait_for_data_not_the_whole_reply() -> None:
     assert isinstance(timed_out, httpx.ReadTimeout)
     assert steady.content == b"0123456789"
 
+    def pause_then_ok(conn: socket.socket, _req: bytes) -> bool:
+        time.sleep(0.3)  # under the timeout, but past the first request's timer
+        conn.sendall(ok(b"late but in time"))
+        return True
+
+    # one timer per connection: it outlives quick requests, re-arms from the latest request's
+    # start, and still fails a request on the same connection that stalls
+    with scripted([ok(b"quick"), pause_then_ok, stall]) as srv:
+        c = client(srv.url, timeout_s=0.4)
+
+        async def go() -> list[Any]:
+            out: list[Any] = [(await c.post("/a")).content]
+            await anyio.sleep(0.2)
+            out.append((await c.post("/b")).content)
+            try:
+                await c.post("/c")
+            except httpx.HTTPError as e:
+                out.append(e)
+            await c.aclose()
+            return out
+
+        quick, late, stalled = anyio.run(go)
+    assert (quick, late) == (b"quick", b"late but in time") and srv.connections == 1
+    assert isinstance(stalled, httpx.ReadTimeout)
+
 
 def test_refused_connection_and_a_full_pool() -> None:
     dead = socket.socket()
