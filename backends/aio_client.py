@@ -87,8 +87,31 @@ class Response:
         return orjson.loads(self.content)
 
 
-class AioClient:
-    """One endpoint's client: `get`/`post` relative to `base_url`, and `aclose`."""
+KEEPALIVE_S = 15.0  # an idle keep-alive connection older than this is closed, not reused
+
+
+class EndpointClient:
+    """`get`/`post` relative to an endpoint's `base_url`, both clients' one surface; a client
+    supplies `_request(method, path, body, headers)`."""
+
+    async def _request(self, method: str, path: str, body: bytes | None,
+                       headers: dict[str, str] | None) -> Response:
+        raise NotImplementedError
+
+    async def get(self, path: str, *, headers: dict[str, str] | None = None) -> Response:
+        return await self._request("GET", path, None, headers)
+
+    async def post(self, path: str, *, json: Any = None, content: bytes | None = None,
+                   headers: dict[str, str] | None = None) -> Response:
+        """POST `content` as is, or `json` serialized with orjson (content-type JSON)."""
+        if json is not None:
+            content = orjson.dumps(json)
+            headers = {**_JSON, **(headers or {})}
+        return await self._request("POST", path, content, headers)
+
+
+class AioClient(EndpointClient):
+    """One endpoint's client on aiohttp: `get`/`post` relative to `base_url`, and `aclose`."""
 
     def __init__(self, base_url: str, *, timeout_s: float, max_connections: int) -> None:
         self.base_url = base_url.rstrip("/")
@@ -123,22 +146,11 @@ class AioClient:
             if self._session is not None and self._loop is not None and self._loop.is_closed():
                 _abandon(self._session)
             connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=0, ssl=self._ssl,
-                                             keepalive_timeout=15.0)
+                                             keepalive_timeout=KEEPALIVE_S)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
                                                   auto_decompress=True, raise_for_status=False)
             self._loop = loop
         return self._session
-
-    async def get(self, path: str, *, headers: dict[str, str] | None = None) -> Response:
-        return await self._request("GET", path, None, headers)
-
-    async def post(self, path: str, *, json: Any = None, content: bytes | None = None,
-                   headers: dict[str, str] | None = None) -> Response:
-        """POST `content` as is, or `json` serialized with orjson (content-type JSON)."""
-        if json is not None:
-            content = orjson.dumps(json)
-            headers = {**_JSON, **(headers or {})}
-        return await self._request("POST", path, content, headers)
 
     async def _request(self, method: str, path: str, body: bytes | None,
                        headers: dict[str, str] | None) -> Response:

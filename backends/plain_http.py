@@ -5,7 +5,7 @@ and proxied endpoints keep aiohttp (backends/aio_client.py). Same surface and fa
 `AioClient`, at well under half its CPU per request (BENCHMARKS.md, issue 15). It does this,
 and no more:
 - one request at a time per connection (no pipelining); idle keep-alive connections are
-  reused newest first and closed after `IDLE_S`; at most `max_connections` are open, and
+  reused newest first and closed after `KEEPALIVE_S`; at most `max_connections` are open, and
   callers beyond that wait in turn;
 - TCP_NODELAY on every socket; the request carries Host, Content-Length, the caller's headers
   and `Accept-Encoding: gzip, deflate` (gzip and deflate bodies are decoded, as aiohttp does);
@@ -33,13 +33,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import orjson
 
-from backends.aio_client import Response
+from backends.aio_client import KEEPALIVE_S, EndpointClient, Response
 
-IDLE_S = 15.0  # an idle connection older than this is closed rather than reused (as aiohttp)
 MAX_HEAD = 64 * 1024  # status line and headers
-_JSON = {"content-type": "application/json"}
 _NO_BODY_STATUS = (204, 304)
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _DIGITS = re.compile(r"[0-9]{1,19}")
@@ -294,7 +291,7 @@ def _body_length(status: int, headers: Headers, no_body: bool) -> int:
     return int(value)
 
 
-class PlainClient:
+class PlainClient(EndpointClient):
     """One plain-HTTP endpoint's client: `get`/`post` relative to `base_url`, and `aclose`."""
 
     def __init__(self, base_url: str, *, timeout_s: float, max_connections: int) -> None:
@@ -326,19 +323,10 @@ class PlainClient:
         """The connections waiting to be reused (a copy)."""
         return list(self._idle)
 
-    async def get(self, path: str, *, headers: dict[str, str] | None = None) -> Response:
-        return await self._request("GET", path, None, headers)
-
-    async def post(self, path: str, *, json: Any = None, content: bytes | None = None,
-                   headers: dict[str, str] | None = None) -> Response:
-        """POST `content` as is, or `json` serialized with orjson (content-type JSON)."""
-        if json is not None:
-            content = orjson.dumps(json)
-            headers = {**_JSON, **(headers or {})}
-        return await self._request("POST", path, content or b"", headers)
-
     async def _request(self, method: str, path: str, body: bytes | None,
                        headers: dict[str, str] | None) -> Response:
+        if body is None and method == "POST":
+            body = b""  # Content-Length: 0
         head = self._heads.get((method, path))
         if head is None:
             head = self._heads[(method, path)] = (
@@ -368,7 +356,7 @@ class PlainClient:
         while True:
             while self._idle:
                 conn = self._idle.pop()
-                if not conn.closed and self.loop_time() - conn.idle_since < IDLE_S:
+                if not conn.closed and self.loop_time() - conn.idle_since < KEEPALIVE_S:
                     return conn
                 conn.abort()  # stale: connection_lost frees its place
             if self._open < self._limit:
@@ -427,7 +415,7 @@ class PlainClient:
 
     def lost(self, conn: _Connection) -> None:
         """A connection closed (either side): its place is free."""
-        if conn.client is not self or conn.transport is None:
+        if conn.transport is None:
             return
         conn.transport = None
         if conn in self._idle:
@@ -447,12 +435,8 @@ class PlainClient:
     async def aclose(self) -> None:
         """Close the idle connections (requests in flight close theirs when they end)."""
         idle, self._idle = self._idle, []
-        try:
-            same_loop = asyncio.get_running_loop() is self.loop
-        except RuntimeError:
-            same_loop = False
-        for conn in idle:
-            if same_loop or (self.loop is not None and not self.loop.is_closed()):
+        if self.loop is not None and not self.loop.is_closed():
+            for conn in idle:
                 conn.abort()
 
 
