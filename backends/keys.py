@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from operator import methodcaller
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -55,25 +57,28 @@ def call_key(identity: dict[str, Any] | None, call: Call) -> str:
 
 def _identity_json(identity: dict[str, Any]) -> bytes:
     """An identity's JSON, kept per dict object (identities are built once per model and
-    never changed); the cache holds the dict, so its id cannot be reused while cached."""
-    hit = _IDENTITIES.get(id(identity))
-    if hit is not None and hit[0] is identity:
-        return hit[1]
-    raw = orjson.dumps(identity, option=_SORT)
-    if len(_IDENTITIES) >= 256:
-        _IDENTITIES.clear()
-    _IDENTITIES[id(identity)] = (identity, raw)
-    return raw
+    never changed)."""
+    return _kept_json(_IDENTITIES, identity, dict)
 
 
 def _sampling_json(sampling: Sampling) -> bytes:
     """A Sampling's JSON, kept per object as identities are (keyed by the object, not its
     value: 0.0 == -0.0 and 1 == 1.0, but their JSON differs)."""
-    hit = _SAMPLINGS.get(id(sampling))
-    if hit is not None and hit[0] is sampling:
+    return _kept_json(_SAMPLINGS, sampling, _TO_DICT)
+
+
+_TO_DICT = methodcaller("to_dict")
+
+
+def _kept_json(cache: dict[int, tuple[Any, bytes]], obj: Any,
+               to_data: Callable[[Any], Any]) -> bytes:
+    """The sorted-key JSON of `to_data(obj)`, kept per object (by id; the cache holds the
+    object, so its id cannot be reused while cached); at most 256 objects."""
+    hit = cache.get(id(obj))
+    if hit is not None and hit[0] is obj:
         return hit[1]
-    raw = orjson.dumps(sampling.to_dict(), option=_SORT)
-    if len(_SAMPLINGS) >= 256:
-        _SAMPLINGS.clear()
-    _SAMPLINGS[id(sampling)] = (sampling, raw)
+    raw = orjson.dumps(to_data(obj), option=_SORT)
+    if len(cache) >= 256:
+        cache.clear()
+    cache[id(obj)] = (obj, raw)
     return raw
