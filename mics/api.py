@@ -65,7 +65,8 @@ async def search(
     if isinstance(questions, str | os.PathLike):
         data, root = Path(questions), image_root
     else:
-        data, root = _write_records(questions, run), image_root or Path.cwd()
+        data, root = (_write_records(questions, run, cfg.dataset.id_field()),
+                      image_root or Path.cwd())
     dataset = describe_dataset(data, Path(root) if root is not None else None, limit)
     models = build_models(cfg)
     searching = False  # from then on search_run owns the models and closes them
@@ -126,8 +127,9 @@ def _config(config: ConfigLike) -> RunConfig:
     return load_config(config)
 
 
-def _write_records(records: Iterable[Any], run_dir: Path) -> Path:
-    """Records as JSONL in the run directory; refuses to replace different stored ones."""
+def _write_records(records: Iterable[Any], run_dir: Path, id_field: str = "rid") -> Path:
+    """Records as JSONL in the run directory; refuses to replace different stored ones.
+    `id_field` names a record's id in errors ("rid" in the Chiron schema, "id" in generic)."""
     path = run_dir / QUESTIONS_FILE
     run_dir.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -135,9 +137,9 @@ def _write_records(records: Iterable[Any], run_dir: Path) -> Path:
         try:
             lines.append(orjson.dumps(rec))
         except TypeError as e:
-            rid = rec.get("rid") if isinstance(rec, Mapping) else None
-            raise DataError(f"question record {i} (rid {rid!r}): cannot be stored as JSON: "
-                            f"{e}") from None
+            rid = rec.get(id_field) if isinstance(rec, Mapping) else None
+            raise DataError(f"question record {i} ({id_field} {rid!r}): cannot be stored as "
+                            f"JSON: {e}") from None
     content = b"".join(line + b"\n" for line in lines)
     if path.is_file():
         if path.read_bytes() != content:

@@ -13,6 +13,7 @@ from mics.templates import TEMPLATE_KEYS, PromptTemplates, TemplateError, check_
 
 T = TypeVar("T")
 DATASET_FORMATS = ("chiron", "generic")  # mics.dataset.read_dataset(fmt=...); docs/datasets.md
+ID_FIELDS = {"chiron": "rid", "generic": "id"}  # what each format calls a record's id
 
 
 
@@ -103,6 +104,10 @@ class DatasetConfig:
     """How dataset records are read: "chiron" (Chiron/MMRP) or "generic" (docs/datasets.md)."""
 
     format: str = "chiron"
+
+    def id_field(self) -> str:
+        """The record field that holds a question's id in this format."""
+        return ID_FIELDS[self.format]
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from mics.config import ID_FIELDS
 from mics.types import ImageRef, Question, RecordError
 
 MAX_PIXELS = 64_000_000  # width * height above this is rejected before any pixel is decoded
@@ -101,13 +102,14 @@ def read_dataset(
         if cursor.tracked:
             cursor.index = index + 1
         if isinstance(item, BadField):
-            yield RecordError(f"line-{line}", index, line, item.field, item.message)
+            yield RecordError(f"line-{line}", index, line, item.field, item.message, adapter[2])
             continue
         try:
             yield _convert(item, index, line, root, seen, adapter, skip_images)
         except Exception as e:  # noqa: BLE001 - a last net: one bad record never ends a run
             yield RecordError(f"line-{line}", index, line, "record",
-                              f"unreadable record: {type(e).__name__}: {str(e)[:200]}")
+                              f"unreadable record: {type(e).__name__}: {str(e)[:200]}",
+                              adapter[2])
 
 
 def clean_captions(captions: Sequence[str], image_paths: Sequence[str]) -> tuple[str, ...]:
@@ -292,11 +294,11 @@ class _LineCounter:
 def _adapter(fmt: str) -> tuple[Callable[..., str], Callable[..., Question], str]:
     """(record id reader, record builder, id field name) of a dataset format."""
     if fmt == "chiron":
-        return _rid, _build, "rid"
+        return _rid, _build, ID_FIELDS[fmt]
     if fmt == "generic":
         from mics.dataset_generic import build_generic, generic_id  # it imports this module
 
-        return generic_id, build_generic, "id"
+        return generic_id, build_generic, ID_FIELDS[fmt]
     raise ValueError(f"unknown dataset format {fmt!r}; expected chiron or generic")
 
 
@@ -317,7 +319,7 @@ def _convert(
         seen[qid] = line
         return build(obj, qid, index, root, skip_images is None or not skip_images(qid))
     except BadField as e:
-        return RecordError(qid, index, line, e.field, e.message)
+        return RecordError(qid, index, line, e.field, e.message, id_field)
 
 
 def storable(text: str, field: str) -> bytes:

@@ -58,14 +58,16 @@ class Question:
 class RecordError:
     """A dataset record that could not become a Question."""
 
-    qid: str  # the rid when readable, else "line-<n>"
+    qid: str  # the record's id when readable, else "line-<n>"
     index: int
     line: int
     field: str
     message: str
+    id_field: str = "rid"  # what the dataset format calls a record's id ("id" in generic)
 
     def __str__(self) -> str:
-        return f"line {self.line}, rid {self.qid!r}, field {self.field!r}: {self.message}"
+        return (f"line {self.line}, {self.id_field} {self.qid!r}, field {self.field!r}: "
+                f"{self.message}")
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,28 @@ def test_duplicate_ids_and_broken_lines(tmp_path):
     assert isinstance(not_object, RecordError) and not_object.field == "record"
 
 
+def test_errors_name_the_id_by_the_formats_own_field(tmp_path, png):
+    """A generic record's error says `id`, never the Chiron schema's `rid`, wherever it is
+    caught: a bad field, a broken line, or an unreadable record."""
+    bad_field, broken = read_dataset(write(tmp_path, [
+        {"id": "q7", "question": "q", "answer": "a", "images": ["nope.png"]}, "{not json"]),
+        fmt="generic")
+    assert str(bad_field).startswith("line 1, id 'q7', field 'images[0]': ")
+    assert str(broken).startswith("line 2, id 'line-2', field 'json': ")
+    [chiron] = read_dataset(write(tmp_path, [{"rid": "c1"}], name="c.jsonl"))
+    assert str(chiron).startswith("line 1, rid 'c1', field ")
+
+
+def test_library_records_that_are_not_json_name_their_id_field(tmp_path):
+    import mics
+
+    config = {**sim_config(), "dataset": {"format": "generic"}}
+    records = [{"id": "fine", "question": "q", "answer": "a"},
+               {"id": "odd", "question": "q", "answer": "a", "meta": {1, 2}}]
+    with pytest.raises(mics.DataError, match=r"record 1 \(id 'odd'\)"):
+        mics.search_sync(config, records, tmp_path / "run")
+
+
 def test_the_format_is_chosen_by_config_never_guessed(tmp_path):
     path = write(tmp_path, [{"id": "a", "question": "q", "answer": "a"}])
     [as_chiron] = read_dataset(path)  # the default reader does not recognise generic records
