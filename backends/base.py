@@ -66,6 +66,16 @@ class RolloutModel(Protocol):
 
     async def aclose(self) -> None: ...
 
+    # Optional: `requests_for(calls) -> int`, the HTTP requests `rollout(calls)` sends, which
+    # the gate charges to `requests_per_minute` (see `http_requests`; 1 when absent).
+
+
+def http_requests(model: RolloutModel, calls: Sequence[Call]) -> int:
+    """The HTTP requests a rollout of `calls` sends: the model's `requests_for(calls)` when it
+    defines one (a backend that sends one request per call), else 1 (one batched request)."""
+    count = getattr(model, "requests_for", None)
+    return max(1, int(count(calls))) if count is not None else 1
+
 
 T = TypeVar("T")
 _LATE_UNCANCEL = sys.version_info < (3, 13)  # see fan_out

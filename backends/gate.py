@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from backends.base import BackendError, Call, ChatModel, FatalError, RolloutModel, TransientError
+from backends.base import (
+    BackendError,
+    Call,
+    ChatModel,
+    FatalError,
+    RolloutModel,
+    TransientError,
+    http_requests,
+)
 from backends.keys import call_key
 from backends.limits import CircuitBreaker, EndpointLimiter
 from backends.memo_writer import MemoWriter
@@ -79,7 +87,8 @@ class CallGate:
         """Send no new calls from now on; calls in flight finish and are stored."""
         self.stopping = True
 
-    def _limiter(self, model: Model) -> EndpointLimiter:
+    def limiter(self, model: Model) -> EndpointLimiter:
+        """The limiter that paces `model`'s endpoint (made on first use)."""
         lim = self._limiters.get(id(model))
         if lim is None:
             lim = self._limiters[id(model)] = EndpointLimiter(model.config)
@@ -170,7 +179,7 @@ class CallGate:
         history: dict[str, list[str]] = {key: [] for key in keys}
         pending = list(range(len(calls)))
         attempt = 0
-        limiter = self._limiter(model)
+        limiter = self.limiter(model)
         breaker = self._breaker(model)
         try:
             while pending:
@@ -230,7 +239,8 @@ class CallGate:
         """One try: a Reply or the BackendError for each call (a raised error fails them all)."""
         try:
             async with limiter.slots:
-                await limiter.wait_turn()
+                paced = role == "intern" and limiter.requests is not None  # a budget to keep
+                await limiter.wait_turn(http_requests(model, calls) if paced else 1)
                 self.counts["sent"] += len(calls)
                 results = await self._send(model, calls, role)
             if len(results) != len(calls):

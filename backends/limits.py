@@ -45,17 +45,20 @@ class EndpointLimiter:
         self.tokens = _Bucket(cfg.tokens_per_minute) if cfg.tokens_per_minute else None
         self.cool_until = 0.0
 
-    async def wait_turn(self) -> None:
-        """Sleep through a cool-down and until the request and token budgets allow a call."""
+    async def wait_turn(self, requests: int = 1) -> None:
+        """Sleep through a cool-down and until the request and token budgets allow a call that
+        sends `requests` HTTP requests (a batch sent one request per call counts each one; a
+        batch larger than a minute's budget waits for the full budget and runs into debt)."""
         while True:
             delay = self.cool_until - time.monotonic()
             if self.requests:
-                delay = max(delay, self.requests.wait_time(1.0))
+                need = min(float(requests), self.requests.capacity)
+                delay = max(delay, self.requests.wait_time(need))
             if self.tokens:
                 delay = max(delay, self.tokens.wait_time(0.0))
             if delay <= 0:
                 if self.requests:
-                    self.requests.take(1.0)
+                    self.requests.take(float(requests))
                 return
             await anyio.sleep(min(delay, 5.0))
 

@@ -196,5 +196,9 @@ class OpenAIChat:
         """Concurrent single completions, in order; a failed one leaves its error in its slot."""
         return await gather([lambda c=c: self.complete(c) for c in calls])
 
+    def requests_for(self, calls: Sequence[Call]) -> int:
+        """`rollout` sends one completion request per call."""
+        return len(calls)
+
     async def aclose(self) -> None:
         await self._client.aclose()

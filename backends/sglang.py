@@ -411,6 +411,12 @@ class SGLangRollout:
                 out[i] = result if isinstance(result, BackendError) else result[k]
         return out
 
+    def requests_for(self, calls: Sequence[Call]) -> int:
+        """The `/generate` requests `rollout` sends: one per server, one per call behind a
+        router (known once the URL is checked; warm-up prefills are not counted)."""
+        urls = [self.route(c.prompt) for c in calls]
+        return sum(urls.count(u) if self.routers.get(u) is not None else 1 for u in set(urls))
+
     async def aclose(self) -> None:
         for client in self.clients.values():
             await client.aclose()

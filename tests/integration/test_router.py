@@ -126,6 +126,7 @@ def test_a_plain_server_is_not_taken_for_a_router(tokenizer_dir):
         bodies = generate_bodies(srv)
     assert model.routers == {url: None}
     assert isinstance(bodies[-1]["text"], list) and len(bodies[-1]["text"]) == len(calls)
+    assert model.requests_for(calls) == 1  # what the gate charges to requests_per_minute
 
 
 # ---------------------------------------------------------------- the real router
@@ -146,7 +147,7 @@ def test_rollouts_through_the_router_match_a_single_server(router_bin, tokenizer
     try:
         with LoopbackServer({"i0": INTERNS["i0"]}) as single, sglang_router(
                 router_bin, [w.url for w in workers], tmp_path / "router.log") as url:
-            results = {}
+            results, charged = {}, {}
             for where, mode in ((url, "auto"), (single.url, "server")):
                 model = build_rollout(ModelConfig(
                     name="i0", backend="sglang", model="i0", base_url=where,
@@ -160,9 +161,11 @@ def test_rollouts_through_the_router_match_a_single_server(router_bin, tokenizer
                     return out
 
                 results[mode] = anyio.run(run_all)
+                charged[mode] = model.requests_for(_calls(questions[0]))
                 if mode == "auto":
                     router = model.routers[url]
         assert isinstance(router, Router)
+        assert charged == {"auto": 4, "server": 1}  # requests_per_minute: one per request sent
         assert sorted(w["url"] for w in router.workers) == sorted(w.url for w in workers)
         assert [[r.text for r in rs] for rs in results["auto"]] == [
             [r.text for r in rs] for rs in results["server"]]
