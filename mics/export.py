@@ -12,6 +12,7 @@
   (``preferences_sharegpt.jsonl`` with a ``"ranking": true`` ``dataset_info.json`` entry).
 - ``prm``: TRL stepwise supervision (``prm.jsonl``), one row per searched path.
 
+The user turn of the training formats follows the run's prompt pack (:func:`sft_prompt`).
 Every record carries ``difficulty`` (final depth, stop reason, score trajectory of the chosen
 path, curriculum level) for curriculum ordering, and ``leaks_answer`` (mics.leaks: a step states
 the correct answer). A mentor that had no candidate at a depth (its call failed, or its reply
@@ -32,6 +33,7 @@ import orjson
 from mics.analysis import chosen_path, stop_kind
 from mics.dataset import image_groups
 from mics.leaks import leaks_answer
+from mics.prompts import MEDICAL
 from mics.records import RunStore, StoredQuestion, read_nodes, read_questions
 from mics.steps import FINAL_MARKER
 from mics.types import Node, Outcome, Question
@@ -46,6 +48,7 @@ INTERNVL_META = "internvl_meta.json"
 KEYFRAMES = ("Please base your response on the keyframes of the relevant medical imaging "
              "modality ({modalities}) and reason step-by-step to answer the above question.")
 TEXT_ONLY = "Please reason step-by-step to answer the above question."
+CHIRON_PACK = MEDICAL.pack  # its runs (and runs with no recorded pack) export Chiron-o1's turn
 
 
 # ---------------------------------------------------------------- reference
@@ -215,6 +218,11 @@ def run_image_root(store: RunStore) -> Path | None:
     return None
 
 
+def run_pack(store: RunStore) -> str:
+    """The prompt pack a run was searched with; "medical" for a run that recorded none."""
+    prompts = (store.get_meta("config") or {}).get("prompts") or {}
+    return prompts.get("pack") or CHIRON_PACK
+
 
 def _case_fields(case_info: str) -> dict[str, str]:
     fields = {"Gender": "N/A", "Age": "N/A", "Chief complaint": "N/A"}
@@ -233,8 +241,19 @@ def ordered_images(image_paths: list[str]) -> tuple[list[str], list[int]]:
     return [image_paths[n - 1] for g in groups for n in g], [len(g) for g in groups]
 
 
-def sft_prompt(question: Question) -> tuple[str, list[str]]:
-    """The Chiron-o1 SFT user turn (one ``<image>`` per image) and its images in order."""
+def plain_prompt(question: Question) -> tuple[str, list[str]]:
+    """A user turn with no domain wording: the question, one ``<image>`` line per image in
+    record order, then the step-by-step instruction (the context, mentor-only, is left out)."""
+    images = list(question.image_paths)
+    lines = [escape_placeholders(question.question), *["<image>"] * len(images), TEXT_ONLY]
+    return "\n".join(lines), images
+
+
+def sft_prompt(question: Question, pack: str = CHIRON_PACK) -> tuple[str, list[str]]:
+    """The SFT user turn (one ``<image>`` per image) and its images in order: Chiron-o1's
+    format for the "medical" pack, :func:`plain_prompt` for any other."""
+    if pack != CHIRON_PACK:
+        return plain_prompt(question)
     f = {k: escape_placeholders(v) for k, v in _case_fields(question.case_info).items()}
     text = (f"{escape_placeholders(question.question)} "
             f"(Supplementary information is as follows:\n"
@@ -256,10 +275,10 @@ def split_answer(reasoning: str) -> tuple[str, str | None]:
     return reasoning[:idx].rstrip(), answer or None
 
 
-def _chain(sq: StoredQuestion, nodes: Sequence[Node], answer_in_target: bool
+def _chain(sq: StoredQuestion, nodes: Sequence[Node], answer_in_target: bool, pack: str
            ) -> tuple[str, list[str], str, dict[str, Any]]:
     q, o = sq.searched()
-    prompt, images = sft_prompt(q)
+    prompt, images = sft_prompt(q, pack)
     steps, answer = split_answer(o.reasoning)
     target = escape_placeholders(o.reasoning.strip() if answer_in_target else steps)
     meta = {"answer": answer if answer is not None else q.gt_answer,
@@ -268,10 +287,10 @@ def _chain(sq: StoredQuestion, nodes: Sequence[Node], answer_in_target: bool
     return prompt, images, target, meta
 
 
-def sft_record(sq: StoredQuestion, nodes: Sequence[Node], answer_in_target: bool = False
-               ) -> dict[str, Any]:
+def sft_record(sq: StoredQuestion, nodes: Sequence[Node], answer_in_target: bool = False,
+               pack: str = CHIRON_PACK) -> dict[str, Any]:
     """One InternVL fine-tuning record (``image`` omitted for a text-only question)."""
-    prompt, images, target, meta = _chain(sq, nodes, answer_in_target)
+    prompt, images, target, meta = _chain(sq, nodes, answer_in_target, pack)
     out: dict[str, Any] = {"id": sq.qid}
     if images:
         out["image"] = images
@@ -280,10 +299,10 @@ def sft_record(sq: StoredQuestion, nodes: Sequence[Node], answer_in_target: bool
 
 
 def sharegpt_record(sq: StoredQuestion, nodes: Sequence[Node], answer_in_target: bool = False,
-                    image_root: Path | None = None) -> dict[str, Any]:
+                    image_root: Path | None = None, pack: str = CHIRON_PACK) -> dict[str, Any]:
     """One LLaMA-Factory ShareGPT record (``messages`` with role/content, absolute
     ``images``: LLaMA-Factory joins relative ones to ``media_dir``, not the image root)."""
-    prompt, images, target, meta = _chain(sq, nodes, answer_in_target)
+    prompt, images, target, meta = _chain(sq, nodes, answer_in_target, pack)
     return {"id": sq.qid,
             "messages": [{"role": "user", "content": prompt},
                          {"role": "assistant", "content": target}],
@@ -355,23 +374,24 @@ def is_partial(sq: StoredQuestion) -> bool:
 
 def export_rows(fmt: str, sq: StoredQuestion, nodes: Sequence[Node], answer_in_target: bool,
                 image_root: Path | None = None, prm_label: str = "positive",
-                include_partial: bool = True) -> list[dict[str, Any]]:
-    """One question's rows in export format `fmt` (sft, sharegpt, preferences, prm, ...)."""
+                include_partial: bool = True, pack: str = CHIRON_PACK) -> list[dict[str, Any]]:
+    """One question's rows in export format `fmt` (sft, sharegpt, preferences, prm, ...);
+    `pack` is the run's prompt pack (:func:`run_pack`), which picks the user turn."""
     from mics import export_trainers as trainers  # it builds on this module
 
     if fmt in ("sft", "sharegpt"):
         if sq.status != "succeeded" or (is_partial(sq) and not include_partial):
             return []
         if fmt == "sft":
-            return [sft_record(sq, nodes, answer_in_target)]
-        return [sharegpt_record(sq, nodes, answer_in_target, image_root)]
+            return [sft_record(sq, nodes, answer_in_target, pack)]
+        return [sharegpt_record(sq, nodes, answer_in_target, image_root, pack)]
     if fmt == "step-values":
         return step_value_records(sq, nodes)
     if fmt == "preferences":
-        return trainers.preference_records(sq, nodes, image_root)
+        return trainers.preference_records(sq, nodes, image_root, pack)
     if fmt == "preferences-sharegpt":
-        return trainers.preference_sharegpt_records(sq, nodes, image_root)
-    return trainers.prm_records(sq, nodes, image_root, prm_label)
+        return trainers.preference_sharegpt_records(sq, nodes, image_root, pack)
+    return trainers.prm_records(sq, nodes, image_root, prm_label, pack)
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -390,7 +410,8 @@ def export(store: RunStore, out_dir: Path, formats: list[str], filters: Filters 
 
     ``image_root`` (default: the run's recorded one) is the InternVL meta file's ``root``
     and makes the image paths of the other training formats absolute. ``prm_label`` is the
-    PRM step-label rule (see ``export_trainers.step_label``).
+    PRM step-label rule (see ``export_trainers.step_label``). The user turn follows the
+    run's prompt pack (:func:`sft_prompt`).
     """
     from mics.export_trainers import PRM_LABELS
 
@@ -404,6 +425,7 @@ def export(store: RunStore, out_dir: Path, formats: list[str], filters: Filters 
                          f"choose from {', '.join(PRM_LABELS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     root = image_root.resolve() if image_root is not None else run_image_root(store)
+    pack = run_pack(store)
     counts: dict[str, int] = {}
     if "reference" in formats:
         def keep(sq: StoredQuestion) -> bool:
@@ -424,7 +446,7 @@ def export(store: RunStore, out_dir: Path, formats: list[str], filters: Filters 
             counts["partial"] += is_partial(sq)
             for f in others:
                 for r in export_rows(f, sq, nodes, answer_in_target, root, prm_label,
-                                     include_partial):
+                                     include_partial, pack):
                     handles[f].write(orjson.dumps(r) + b"\n")
                     counts[f] += 1
     finally:

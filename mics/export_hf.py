@@ -22,11 +22,13 @@ from typing import Any
 import orjson
 
 from mics.export import (
+    CHIRON_PACK,
     Filters,
     export_rows,
     exportable_questions,
     is_partial,
     run_image_root,
+    run_pack,
     sft_record,
 )
 from mics.export_trainers import PRM_LABELS, prompt_blocks
@@ -49,10 +51,10 @@ def _datasets() -> Any:
     return datasets
 
 
-def hf_sft_row(sq: StoredQuestion, nodes: Sequence[Node], answer_in_target: bool
-               ) -> dict[str, Any]:
+def hf_sft_row(sq: StoredQuestion, nodes: Sequence[Node], answer_in_target: bool,
+               pack: str = CHIRON_PACK) -> dict[str, Any]:
     """An SFT row in TRL's vision conversational shape (images still as relative paths)."""
-    r = sft_record(sq, nodes, answer_in_target)
+    r = sft_record(sq, nodes, answer_in_target, pack)
     prompt, target = (t["value"] for t in r.pop("conversations"))
     images = r.pop("image", [])
     return {"id": r.pop("id"),
@@ -64,13 +66,15 @@ def hf_sft_row(sq: StoredQuestion, nodes: Sequence[Node], answer_in_target: bool
 def _rows(store: RunStore, name: str, filters: Filters, answer_in_target: bool,
           root: Path | None, prm_label: str, include_partial: bool = True
           ) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
+    pack = run_pack(store)
     for sq, nodes in exportable_questions(store, filters):
         if name == "sft":
             if sq.status == "succeeded" and (include_partial or not is_partial(sq)):
-                rows.append(hf_sft_row(sq, nodes, answer_in_target))
+                rows.append(hf_sft_row(sq, nodes, answer_in_target, pack))
         else:  # image paths relative to the root, like sft's, then embedded
-            rows += export_rows(name, sq, nodes, answer_in_target, None, prm_label)
+            rows += export_rows(name, sq, nodes, answer_in_target, None, prm_label,
+                                pack=pack)
     return rows
 
 

@@ -1,8 +1,9 @@
 """Preference and process-reward rows in the shapes TRL and LLaMA-Factory load as they are.
 
 - :func:`preference_records`: TRL conversational preference rows ``{prompt, chosen,
-  rejected, images, metadata}``; the prompt is the SFT user turn with each ``<image>``
-  placeholder as a ``{"type": "image"}`` block, so images keep their places and order.
+  rejected, images, metadata}``; the prompt is the SFT user turn (of the run's prompt pack)
+  with each ``<image>`` placeholder as a ``{"type": "image"}`` block, so images keep their
+  places and order.
 - :func:`preference_sharegpt_records`: LLaMA-Factory ranking rows ``{conversations,
   chosen: {from, value}, rejected: {from, value}, images, metadata}``.
 - :func:`prm_records`: TRL stepwise supervision ``{prompt, completions, labels}``, one row
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mics.export import absolute_images, difficulty, escape_placeholders, sft_prompt
+from mics.export import CHIRON_PACK, absolute_images, difficulty, escape_placeholders, sft_prompt
 from mics.records import StoredQuestion
 from mics.types import Node
 
@@ -66,13 +67,13 @@ def prompt_blocks(prompt: str) -> list[dict[str, str]]:
     return blocks
 
 
-def preference_records(sq: StoredQuestion, nodes: Sequence[Node], image_root: Path | None
-                       ) -> list[dict[str, Any]]:
+def preference_records(sq: StoredQuestion, nodes: Sequence[Node], image_root: Path | None,
+                       pack: str = CHIRON_PACK) -> list[dict[str, Any]]:
     """TRL conversational preference rows (explicit prompt, absolute image paths)."""
     pairs = preference_pairs(nodes)
     if not pairs:
         return []
-    prompt, images = sft_prompt(sq.searched()[0])
+    prompt, images = sft_prompt(sq.searched()[0], pack)
     user = [{"role": "user", "content": prompt_blocks(prompt)}]
     paths, diff = absolute_images(images, image_root), difficulty(sq, nodes)
     return [{"prompt": user,
@@ -83,12 +84,13 @@ def preference_records(sq: StoredQuestion, nodes: Sequence[Node], image_root: Pa
 
 
 def preference_sharegpt_records(sq: StoredQuestion, nodes: Sequence[Node],
-                                image_root: Path | None) -> list[dict[str, Any]]:
+                                image_root: Path | None, pack: str = CHIRON_PACK
+                                ) -> list[dict[str, Any]]:
     """LLaMA-Factory ranking rows: one human turn, then chosen and rejected gpt turns."""
     pairs = preference_pairs(nodes)
     if not pairs:
         return []
-    prompt, images = sft_prompt(sq.searched()[0])
+    prompt, images = sft_prompt(sq.searched()[0], pack)
     paths, diff = absolute_images(images, image_root), difficulty(sq, nodes)
     return [{"conversations": [{"from": "human", "value": prompt}],
              "chosen": {"from": "gpt", "value": escape_placeholders(c.prefix)},
@@ -132,12 +134,12 @@ def search_paths(nodes: Sequence[Node]) -> list[list[Node]]:
 
 
 def prm_records(sq: StoredQuestion, nodes: Sequence[Node], image_root: Path | None,
-                rule: str = "positive") -> list[dict[str, Any]]:
+                rule: str = "positive", pack: str = CHIRON_PACK) -> list[dict[str, Any]]:
     """TRL stepwise-supervision rows: every section of a node takes the node's label."""
     paths = search_paths(nodes)
     if not paths:
         return []
-    prompt, images = sft_prompt(sq.searched()[0])
+    prompt, images = sft_prompt(sq.searched()[0], pack)
     abs_paths, diff = absolute_images(images, image_root), difficulty(sq, nodes)
     out = []
     for path in paths:
