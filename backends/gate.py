@@ -66,9 +66,7 @@ class CallGate:
         self._inflight: dict[str, asyncio.Event | None] = {}  # an Event once someone joins
         self._memo = MemoWriter(store)  # replies arriving together: one commit
         self._failures: dict[str, CallFailure] = {}
-        self._identities: dict[int, dict[str, Any]] = {}  # id(model) -> model.identity()
-        self._limiters: dict[int, EndpointLimiter] = {}
-        self._breakers: dict[int, CircuitBreaker] = {}
+        self._endpoints: dict[int, _Endpoint] = {}  # id(model) -> what the gate keeps for it
         self.breakers_opened: list[str] = []  # endpoint names, in the order they opened
         self.on_breaker: Callable[[str, str], None] = _announce_breaker
         self.stopping = False
@@ -87,18 +85,15 @@ class CallGate:
         """Send no new calls from now on; calls in flight finish and are stored."""
         self.stopping = True
 
+    def _endpoint(self, model: Model) -> _Endpoint:
+        ep = self._endpoints.get(id(model))
+        if ep is None or ep.model is not model:  # made on first use (it holds the model, so
+            ep = self._endpoints[id(model)] = _Endpoint(model)  # the id is not reused)
+        return ep
+
     def limiter(self, model: Model) -> EndpointLimiter:
         """The limiter that paces `model`'s endpoint (made on first use)."""
-        lim = self._limiters.get(id(model))
-        if lim is None:
-            lim = self._limiters[id(model)] = EndpointLimiter(model.config)
-        return lim
-
-    def _breaker(self, model: Model) -> CircuitBreaker:
-        brk = self._breakers.get(id(model))
-        if brk is None:
-            brk = self._breakers[id(model)] = CircuitBreaker(model.config)
-        return brk
+        return self._endpoint(model).limiter
 
     async def chat(
         self, model: ChatModel, call: Call, *, role: str, qid: str
@@ -128,10 +123,8 @@ class CallGate:
         role: str,
         qid: str,
     ) -> list[Reply | CallFailure]:
-        identity = self._identities.get(id(model))
-        if identity is None:  # a model's identity is fixed once it is built
-            identity = self._identities[id(model)] = model.identity()
-        keys = [call_key(identity, c) for c in calls]
+        ep = self._endpoint(model)
+        keys = [call_key(ep.identity, c) for c in calls]
         results: list[Reply | CallFailure | None] = [None] * len(calls)
         mine: list[int] = []
         waits: list[tuple[int, asyncio.Event]] = []
@@ -153,7 +146,7 @@ class CallGate:
                 mine.append(i)
         if mine:
             done = await self._send_with_retries(
-                model, [calls[i] for i in mine], [keys[i] for i in mine],
+                model, ep, [calls[i] for i in mine], [keys[i] for i in mine],
                 role=role, qid=qid,
             )
             for i in mine:
@@ -168,6 +161,7 @@ class CallGate:
     async def _send_with_retries(
         self,
         model: Model,
+        ep: _Endpoint,
         calls: list[Call],
         keys: list[str],
         *,
@@ -179,8 +173,7 @@ class CallGate:
         history: dict[str, list[str]] = {key: [] for key in keys}
         pending = list(range(len(calls)))
         attempt = 0
-        limiter = self.limiter(model)
-        breaker = self._breaker(model)
+        limiter, breaker = ep.limiter, ep.breaker
         try:
             while pending:
                 if not breaker.allow():
@@ -302,6 +295,19 @@ class CallGate:
         for key in keys:
             self._failures[key] = failure
         return failure
+
+
+class _Endpoint:
+    """What the gate keeps per model: its identity (fixed once the model is built), the limiter
+    that paces its endpoint and its circuit breaker."""
+
+    __slots__ = ("breaker", "identity", "limiter", "model")
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.identity: dict[str, Any] = model.identity()
+        self.limiter = EndpointLimiter(model.config)
+        self.breaker = CircuitBreaker(model.config)
 
 
 def _announce_breaker(name: str, last_error: str) -> None:
