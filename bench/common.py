@@ -98,8 +98,24 @@ def machine_info() -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "python_loop_s": python_loop_s(),
         "packages": versions,
     }
+
+
+def python_loop_s(n: int = 3_000_000, repeats: int = 3) -> float:
+    """CPU seconds for a fixed pure-Python loop (`n` additions), best of `repeats`: a gauge of
+    how fast this host runs Python when the figures were written. A shared VM's speed drifts
+    by up to 2x from hour to hour, and every CPU-per-request figure drifts with it; compare
+    figures taken at different times only together with this."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.process_time()
+        total = 0
+        for i in range(n):
+            total += i
+        best = min(best, time.process_time() - t0)
+    return round(best, 3)
 
 
 def proc_status_mb(field: str = "VmHWM") -> float | None:
@@ -194,4 +210,5 @@ def print_machine(console: Console, machine: Mapping[str, Any]) -> None:
     pk = machine.get("packages", {})
     console.print(f"[dim]{machine.get('cores')} cores, {machine.get('ram_gb')} GB RAM, "
                   f"Python {machine.get('python')}, mics {pk.get('mics')}, "
-                  f"lmdb {pk.get('lmdb')}, httpx {pk.get('httpx')}[/]")
+                  f"lmdb {pk.get('lmdb')}, httpx {pk.get('httpx')}; host speed: a fixed "
+                  f"Python loop in {machine.get('python_loop_s')} s[/]")

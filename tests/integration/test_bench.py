@@ -31,6 +31,7 @@ def bench(*args: str, timeout: float = 300) -> dict:
     assert report["command"].startswith("mics bench") or "cli.app bench" in report["command"]
     machine = report["machine"]
     assert machine["cores"] >= 1 and machine["python"] and machine["packages"]["lmdb"]
+    assert 0 < machine["python_loop_s"] < 60  # the host-speed gauge the figures carry
     return report
 
 
