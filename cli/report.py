@@ -22,7 +22,8 @@ DASH = "—"
 
 RunDir = Annotated[Path, typer.Argument(help="Run directory (holds the LMDB store).")]
 Qid = Annotated[str | None, typer.Argument(
-    help="Question id: the record's rid (a bad record's id, as `rid@line7`, also works).")]
+    help="Question id: the record's id (`rid` in Chiron records, `id` in generic ones; a bad "
+         "record's, as `q7@line7`, also works).")]
 
 
 def _fail(message: str) -> None:
@@ -40,15 +41,15 @@ def _open(run: Path) -> RunStore:
 
 
 def resolve_qid(store: RunStore, qid: str) -> str:
-    """The stored id of a question: the rid itself, or the one bad record stored for that rid
-    (`rid@line7`); KeyError naming the candidates when there is none or several."""
+    """The stored id of a question: the record's id itself, or the one bad record stored for
+    that id (`q7@line7`); KeyError naming the candidates when there is none or several."""
     if store.get_question(qid) is not None:
         return qid
     lines = [q for q, _status, _reason in store.question_statuses()
              if q.startswith(f"{qid}@line") and q[len(qid) + 5:].isdigit()]
     if len(lines) == 1:
         return lines[0]
-    raise KeyError(f"rid {qid!r} is on several bad records: {', '.join(lines)}; name one"
+    raise KeyError(f"id {qid!r} is on several bad records: {', '.join(lines)}; name one"
                    if lines else f"no question {qid!r}")
 
 
