@@ -12,8 +12,8 @@ from mics.prompts import DEFAULT_PACK, MEDICAL, PACKS, pack_templates
 from mics.templates import TEMPLATE_KEYS, PromptTemplates, TemplateError, check_template
 
 T = TypeVar("T")
-DATASET_FORMATS = ("chiron", "generic")  # mics.dataset.read_dataset(fmt=...); docs/datasets.md
-ID_FIELDS = {"chiron": "rid", "generic": "id"}  # what each format calls a record's id
+ID_FIELDS = {"chiron": "rid", "generic": "id"}  # each dataset format: what it calls a record's id
+DATASET_FORMATS = tuple(ID_FIELDS)  # mics.dataset.read_dataset(fmt=...); docs/datasets.md
 
 
 
