@@ -113,3 +113,28 @@ def test_a_sampling_is_serialized_once_per_object_never_shared_by_value() -> Non
         assert _sampling_json(first) != _sampling_json(second)
         assert _sampling_json(second) == orjson.dumps(second.to_dict(), option=orjson.OPT_SORT_KEYS)
 
+
+
+def test_question_and_outcome_to_dict_equal_dataclasses_asdict() -> None:
+    """The hand-written `to_dict`s give exactly what `dataclasses.asdict` gives, every field
+    included (a field added later and missed here fails this test), and share no container
+    with the object."""
+    from dataclasses import asdict
+
+    from mics.types import Outcome, Question
+
+    q = Question(qid="q1", index=3, question="Which lobe?", gt_answer="left", images=(IMG, IMG),
+                 image_paths=("a.png", "b.png"), case_info="CT", captions=("c1", "c2"))
+    assert q.to_dict() == asdict(q)
+    assert Question.from_dict(q.to_dict()) == q
+    o = Outcome(qid="q1", status="succeeded", stop_reason="full_score", reasoning="r",
+                scores={"1": [0.5, None]}, final_depth=2, generated_by=["m1"], search_id="s",
+                stage="done", error="", details={"leaks": [{"node": "n1", "n": 2}]})
+    d = o.to_dict()
+    assert d == asdict(o)
+    assert orjson.dumps(d) == orjson.dumps(asdict(o))
+    d["scores"]["1"].append(1.0)
+    d["generated_by"].append("m2")
+    d["details"]["leaks"][0]["n"] = 9
+    assert o.scores == {"1": [0.5, None]} and o.generated_by == ["m1"]
+    assert o.details == {"leaks": [{"node": "n1", "n": 2}]}
