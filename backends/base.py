@@ -93,7 +93,9 @@ async def fan_out(coros: Sequence[Coroutine[Any, Any, None]]) -> None:
     task; an error comes out as itself), and none costs nothing.
 
     The tasks are asyncio's own, so an anyio shield inside one (`anyio.to_thread.run_sync`)
-    does not hold off the group's cancellation: the thread runs on, its result unread."""
+    does not hold off the group's cancellation: the task stops waiting while the thread runs
+    on. Work that must not be abandoned runs in a task of its own (the local backend's batch
+    queue has a worker task that callers only wait on)."""
     if len(coros) <= 1:
         if coros:
             await coros[0]

@@ -1,18 +1,23 @@
 """The `local` backend's async batching queue: concurrent `rollout()` calls share batches.
 
-Calls are queued; whoever holds the queue's lock takes the oldest group of calls with the same
-`max_tokens` (up to `max_batch`) and runs it with the executor in a worker thread, so the event
-loop never blocks. A generation error is transient once per call; the same call failing again
-is permanent.
+Callers queue their calls and wait. One worker task per queue takes the oldest group of calls
+with the same `max_tokens` (up to `max_batch`) and runs it with the executor in a worker thread,
+so the event loop never blocks; calls queued meanwhile form the next batch. A generation error
+is transient once per call; the same call failing again is permanent.
+
+The worker belongs to the queue, not to a caller: a caller cancelled mid-batch (the engine's
+fan-outs cancel the asyncio way, which passes through anyio's thread shield) only stops waiting.
+The batch still finishes, with every other caller's calls in it, no second batch starts beside
+it, and `run_alone` (closing the model) waits for it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 import anyio.to_thread
 
 from backends.base import BackendError, Call, PermanentError, TransientError
@@ -34,12 +39,9 @@ class _Job:
     call: Call
     digest: str
     seed: int
+    done: asyncio.Future[None]  # resolved (never with an error) once reply or error is set
     reply: Reply | None = None
-    error: BackendError | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.reply is not None or self.error is not None
+    error: BackendError | None = field(default=None)
 
 
 class BatchQueue:
@@ -51,21 +53,21 @@ class BatchQueue:
         self._max_batch = max_batch
         self._seed = seed
         self._pending: list[_Job] = []
-        self._lock = anyio.Lock()
+        self._model = asyncio.Lock()  # held while the executor (or `run_alone`) has the model
+        self._worker: asyncio.Task[None] | None = None
         self._failed_once: set[str] = set()
 
     async def submit(self, calls: Sequence[Call]) -> list[Reply]:
         """One reply per call, in order; raises the first call's error if any call failed."""
-        jobs = [self._job(c) for c in calls]
+        loop = asyncio.get_running_loop()
+        jobs = [self._job(c, loop.create_future()) for c in calls]
         self._pending.extend(jobs)
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._work())
         try:
-            await anyio.sleep(0)  # let callers started in the same tick join this batch
-            while not all(j.finished for j in jobs):
-                async with self._lock:
-                    if all(j.finished for j in jobs):
-                        break
-                    await self._run(self._take_batch())
-        finally:
+            for j in jobs:
+                await j.done
+        finally:  # a cancelled caller's calls not yet taken are dropped
             mine = {id(j) for j in jobs}
             self._pending = [j for j in self._pending if id(j) not in mine]
         for j in jobs:
@@ -75,12 +77,27 @@ class BatchQueue:
 
     async def run_alone(self, fn: Callable[[], Any]) -> Any:
         """`fn()` in a worker thread once no batch is running (e.g. to unload the model)."""
-        async with self._lock:
+        async with self._model:
             return await anyio.to_thread.run_sync(fn)
 
-    def _job(self, call: Call) -> _Job:
+    async def _work(self) -> None:
+        batch: list[_Job] = []
+        try:
+            await asyncio.sleep(0)  # let callers started in the same tick join the first batch
+            while self._pending:
+                batch = self._take_batch()
+                async with self._model:
+                    await self._run(batch)
+        finally:  # the worker itself cancelled (its event loop closing): nobody waits forever
+            stopped = TransientError(f"model {self.name!r}: not generated (the queue stopped)")
+            for job in [*batch, *self._pending]:
+                if not job.done.done():
+                    job.error = stopped
+                    job.done.set_result(None)
+
+    def _job(self, call: Call, done: asyncio.Future[None]) -> _Job:
         digest = call_key(None, call)
-        return _Job(call, digest, call_seed(self._seed, digest))
+        return _Job(call, digest, call_seed(self._seed, digest), done)
 
     def _take_batch(self) -> list[_Job]:
         if not self._pending:
@@ -108,6 +125,8 @@ class BatchQueue:
                 job.reply = result
             else:
                 job.error = self._escalate(job, result)
+            if not job.done.done():  # a cancelled caller's future is cancelled already
+                job.done.set_result(None)
 
     def _escalate(self, job: _Job, error: BackendError) -> BackendError:
         """A generation error is transient once per call; the same call failing again is not."""
