@@ -62,6 +62,16 @@ def image_only_processor_class() -> type:
     return ImageOnlyQwen2VLProcessor
 
 
+def _cache_keyword(model: Any) -> str:
+    """The keyword the model takes its KV cache by: `cache` in the transformers releases that
+    renamed it (where `past_key_values` is deprecated, to be removed), `past_key_values`
+    before them."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else (
+        "past_key_values")
+
+
 class _NoReuse(Exception):
     """This batch cannot take the prefix path; it runs without reuse."""
 
@@ -101,6 +111,7 @@ class Loaded:
     pad_id: int
     reuse: bool = False  # prefix KV reuse is possible for this model
     kv_layers: int = 0
+    cache_kw: str = "past_key_values"  # what `forward` and `generate` call the KV cache
 
 
 class Runner:
@@ -181,7 +192,8 @@ class Runner:
         pad = model.generation_config.pad_token_id
         pad = pad if pad is not None else tok.pad_token_id
         pad = pad if pad is not None else eos_ids[0]
-        loaded = Loaded(model, tok, proc, device, dtype, eos_ids, int(pad))
+        loaded = Loaded(model, tok, proc, device, dtype, eos_ids, int(pad),
+                        cache_kw=_cache_keyword(model))
         loaded.kv_layers, loaded.reuse = self._reusable(model, proc is not None)
         return loaded
 
@@ -361,8 +373,8 @@ class Runner:
             gen, processors = self._generation_args(m, [c.sampling for c in calls], seeds)
             self.stats["prefill_tokens"] += len(calls)  # each row's last prompt token
             out = m.model.generate(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                   past_key_values=cache, generation_config=gen,
-                                   logits_processor=processors)
+                                   generation_config=gen, logits_processor=processors,
+                                   **{m.cache_kw: cache})
         prompt_tokens = [len(rows[r].key) for r in call_rows]
         return out[:, width + 1:].cpu(), prompt_tokens, [leaves[r].cached for r in call_rows]
 
@@ -460,7 +472,7 @@ class Runner:
             extra = {"pixel_values": torch.cat(pixels).to(m.device),
                      "image_grid_thw": torch.stack(grids).to(m.device)}
         m.model(input_ids=ids[:, width:], attention_mask=mask, position_ids=pos[..., width:],
-                past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+                use_cache=True, logits_to_keep=1, **{m.cache_kw: cache}, **extra)
         self.stats["prefill_tokens"] += len(items) * steps
         return [[(layer.keys[i:i + 1, :, width - b:width - b + end],
                   layer.values[i:i + 1, :, width - b:width - b + end]) for layer in cache.layers]

@@ -211,3 +211,24 @@ def test_run_prefix_bench_smoke() -> None:
     assert (tiny["model"], vl["model"]) == ("tiny", "tiny-qwen2-vl") and vl["workload"]["images"]
     assert sglang["model"].startswith("sglang@") and sglang["calls"] == 8
     assert 0 < sglang["cached_token_ratio"] < 1 and sglang["prefill_token_ratio"] < 1
+
+
+def test_the_kv_cache_goes_by_the_keyword_the_installed_transformers_takes(tiny_lm: Path
+                                                                         ) -> None:
+    """transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated and
+    slated for removal): prefix reuse passes its cache by the name the model's `forward`
+    takes, so it keeps working, silently, on either side of the rename."""
+    import inspect
+    import warnings
+
+    work = build_workload(1, 2, 2, (0.0,), 4, seed=5)
+    reuse = local(tiny_lm)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = anyio.run(compare, twin(reuse, prefix_cache=False), reuse, work)
+    assert got["reuse"]["stats"]["prefix_hits"] + got["reuse"]["stats"]["cached_tokens"] > 0
+    m = reuse.runner.load()
+    takes = inspect.signature(m.model.forward).parameters
+    assert m.cache_kw == ("cache" if "cache" in takes else "past_key_values")
+    renamed = [str(w.message) for w in seen if "past_key_values" in str(w.message)]
+    assert renamed == []
