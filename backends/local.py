@@ -7,9 +7,9 @@ is sampled with its own parameters and generator (see `local_sampling.RowSampler
 transformers are imported lazily (on the first rollout, in the worker), never at package import.
 
 The parts live in their own modules: options, model folder and identity (`local_options`),
-per-row sampling (`local_sampling`), the prefix cache and token trie (`local_prefix`), the torch
-runner (`local_runner`) and the async batching queue (`local_queue`); this module puts them
-together as `LocalRollout`.
+per-row sampling (`local_sampling`), the prefix cache and token trie (`local_prefix`), loading
+the model (`local_loading`), the torch runner (`local_runner`) and the async batching queue
+(`local_queue`); this module puts them together as `LocalRollout`.
 
 Options (`[[interns]].options`):
   device      "auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:N", "mps"

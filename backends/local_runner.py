@@ -1,6 +1,7 @@
-"""The `local` backend's torch runner: loads the model and runs one batch of calls as one
-batched `generate`, with or without prefix KV reuse (see backends.local). Every method runs in a
-worker thread under the runner's lock; torch and transformers are imported there, lazily.
+"""The `local` backend's torch runner: runs one batch of calls as one batched `generate`, with
+or without prefix KV reuse (see backends.local), on the model `local_loading` loads on first
+use. Every method runs in a worker thread under the runner's lock; torch and transformers are
+imported there, lazily.
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from backends.base import BackendError, Call, OutOfMemoryError, PermanentError, TransientError
 from backends.hf import LOAD_LOCK
+from backends.local_loading import Loaded, load_model, reusable
 from backends.local_options import LocalOptions
 from backends.local_prefix import (
     KV,
@@ -31,7 +32,6 @@ from backends.messages import chat_messages, image_slot
 from backends.stops import clip_at_stop
 from mics.types import Prompt, Reply, Sampling, Usage
 
-_MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl")  # VL models whose positions come from get_rope_index
 # Runner.stats: prefill_tokens counts positions the model computed (padding included);
 # prefix_hits / prefix_misses count lookups of batch roots and shared trie nodes.
 STATS = ("batches", "calls", "prompt_tokens", "prefill_tokens", "cached_tokens", "prefix_hits",
@@ -43,33 +43,6 @@ def local_messages(prompt: Prompt, vl: bool) -> list[dict[str, Any]]:
     if vl:
         return chat_messages(prompt, image_slot)
     return chat_messages(prompt, as_text=True)
-
-
-@lru_cache(maxsize=1)
-def image_only_processor_class() -> type:
-    """Qwen2VLProcessor without the video sub-processor (which needs torchvision)."""
-    from transformers import ProcessorMixin, Qwen2VLProcessor
-
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-        def __init__(self, image_processor: Any, tokenizer: Any, chat_template: Any = None,
-                     **kwargs: Any) -> None:
-            self.image_token = "<|image_pad|>"
-            self.video_token = "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    return ImageOnlyQwen2VLProcessor
-
-
-def _cache_keyword(model: Any) -> str:
-    """The keyword the model takes its KV cache by: `cache` in the transformers releases that
-    renamed it (where `past_key_values` is deprecated, to be removed), `past_key_values`
-    before them."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else (
-        "past_key_values")
 
 
 class _NoReuse(Exception):
@@ -96,22 +69,6 @@ class EncodedBatch:
     attention_mask: Any  # LongTensor [batch, n]: 0 on padding
     pixel_values: Any = None  # VL: the patches of every image, in prompt order
     image_grid_thw: Any = None  # VL: one (t, h, w) grid per image
-
-
-@dataclass
-class Loaded:
-    """A loaded model with what generating from it needs."""
-
-    model: Any
-    tokenizer: Any
-    processor: Any  # the image-only processor for VL models, else None
-    device: Any
-    dtype: Any
-    eos_ids: list[int]
-    pad_id: int
-    reuse: bool = False  # prefix KV reuse is possible for this model
-    kv_layers: int = 0
-    cache_kw: str = "past_key_values"  # what `forward` and `generate` call the KV cache
 
 
 class Runner:
@@ -155,7 +112,7 @@ class Runner:
         if self.loaded is None:
             try:
                 with LOAD_LOCK:  # transformers' lazy imports are not thread-safe
-                    self.loaded = self._load()
+                    self.loaded = load_model(self.path, self.kind, self.options)
             except BackendError:
                 raise
             except Exception as e:  # bad folder, unsupported architecture, missing files
@@ -170,69 +127,8 @@ class Runner:
         m = other.load()
         self.loaded = replace(m)
         self.lock = other.lock
-        self.loaded.kv_layers, self.loaded.reuse = self._reusable(m.model, m.processor is not None)
-
-    def _load(self) -> Loaded:
-        import torch
-
-        device = self._device(torch)
-        dtype = self._dtype(torch, device)
-        if self.kind == "vl":
-            model, tok, proc = self._load_vl(dtype)
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(self.path)
-            model, proc = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype), None
-        tok.padding_side = "left"
-        model = model.to(device).eval()
-        eos = model.generation_config.eos_token_id
-        eos_ids = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
-                          *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
-        pad = model.generation_config.pad_token_id
-        pad = pad if pad is not None else tok.pad_token_id
-        pad = pad if pad is not None else eos_ids[0]
-        loaded = Loaded(model, tok, proc, device, dtype, eos_ids, int(pad),
-                        cache_kw=_cache_keyword(model))
-        loaded.kv_layers, loaded.reuse = self._reusable(model, proc is not None)
-        return loaded
-
-    def _reusable(self, model: Any, vl: bool) -> tuple[int, bool]:
-        """(KV layers, whether prefix reuse works): plain dynamic layers; mrope VL models only."""
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        layers = DynamicCache(config=model.config).layers
-        plain = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-        mrope = not vl or model.config.model_type in _MROPE_TYPES
-        return len(layers), self.options.prefix_cache and plain and mrope
-
-    def _load_vl(self, dtype: Any) -> tuple[Any, Any, Any]:
-        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(self.path)
-        images = AutoImageProcessor.from_pretrained(
-            self.path, min_pixels=self.options.min_pixels,
-            max_pixels=self.options.max_pixels)
-        proc = image_only_processor_class()(images, tok, chat_template=tok.chat_template)
-        model = AutoModelForImageTextToText.from_pretrained(self.path, dtype=dtype)
-        return model, tok, proc
-
-    def _device(self, torch: Any) -> Any:
-        name = self.options.device
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        return torch.device(name)
-
-    def _dtype(self, torch: Any, device: Any) -> Any:
-        name = self.options.dtype
-        if name == "auto":
-            if device.type == "cpu":
-                return torch.float32
-            if device.type == "cuda" and torch.cuda.is_bf16_supported():
-                return torch.bfloat16
-            return torch.float16
-        return getattr(torch, name)
+        self.loaded.kv_layers, self.loaded.reuse = reusable(m.model, m.processor is not None,
+                                                            self.options.prefix_cache)
 
     # the batch executor
 

@@ -138,7 +138,7 @@ def test_the_tiny_models_of_the_suite_render_alike(tiny_lm: Path, tiny_vl: Path)
     processor the local backend builds (processors render content lists with images)."""
     from transformers import AutoImageProcessor
 
-    from backends.local_runner import image_only_processor_class
+    from backends.local_loading import image_only_processor_class
 
     _assert_same(load_chat_template(str(tiny_lm), "lm"), _auto_tokenizer(tiny_lm), seed=1)
     vl, tok = load_chat_template(str(tiny_vl), "vl"), _auto_tokenizer(tiny_vl)
