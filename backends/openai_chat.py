@@ -178,6 +178,13 @@ class OpenAIChat:
             raise TransientError(f"{self._where}: reply content is not a string")
         finish = str(choice.get("finish_reason") or "stop")
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        if finish == "abort":  # SGLang's OpenAI server: the generation was cut off
+            raise TransientError(f"{self._where}: the server aborted the generation "
+                                 "(finish \"abort\")")
+        if finish == "content_filter":
+            raise PermanentError(
+                f"{self._where}: the provider's content filter stopped the reply (finish "
+                "\"content_filter\"); it is recorded as a failed call, not as an answer")
         if not content and finish == "length":
             raise PermanentError(
                 f"{self._where}: empty reply cut off at the output limit ({max_tokens} tokens, "

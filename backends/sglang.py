@@ -319,8 +319,9 @@ class SGLangRollout:
         return int(call_key(self._seed_identity, call)[:8], 16) & 0x7FFF_FFFF
 
     async def generate(self, url: str, calls: Sequence[Call], *, max_new_tokens: int | None = None,
-                       raw_root: bool = False) -> list[Reply]:
-        """One batched /generate to one server; replies in call order.
+                       raw_root: bool = False) -> list[Reply | BackendError]:
+        """One batched /generate to one server; replies in call order (an item the server
+        aborted, or sent without text, leaves its error in its own slot).
 
         `max_new_tokens=0` is a prefill-only warm-up; `raw_root` sends each prompt's root text
         (its rendering cut before the last part) instead of the whole rendered prompt.
@@ -352,7 +353,7 @@ class SGLangRollout:
         items = data if isinstance(data, list) else [data]
         if len(items) != len(calls):
             raise TransientError(f"{cfg.name} at {url}: {len(items)} results for {len(calls)}")
-        return [generate_reply(item, latency, cfg.name) for item in items]
+        return [_item(item, latency, cfg.name) for item in items]
 
     def _check_placeholders(self, texts: Sequence[str], images: Sequence[list[str]]) -> None:
         """One placeholder per image, or SGLang loads no image (and answers 500)."""
@@ -392,12 +393,13 @@ class SGLangRollout:
 
     async def rollout(self, calls: Sequence[Call]) -> list[Reply | BackendError]:
         """Group calls by server (one question's calls share a server), warm, then generate.
-        A server that fails leaves its error in its calls' slots; other servers' replies stay."""
+        A server that fails leaves its error in its calls' slots; other servers' replies stay,
+        and so do the other items of a batch in which the server aborted one."""
         groups: dict[str, list[int]] = {}
         for i, call in enumerate(calls):
             groups.setdefault(self.route(call.prompt), []).append(i)
 
-        async def one(url: str, idx: list[int]) -> list[Reply]:
+        async def one(url: str, idx: list[int]) -> list[Reply | BackendError]:
             group = [calls[i] for i in idx]
             await self.check(url)  # also loads the tokenizer off the event loop
             if self.options.warmup:
@@ -420,6 +422,14 @@ class SGLangRollout:
     async def aclose(self) -> None:
         for client in self.clients.values():
             await client.aclose()
+
+
+def _item(item: Any, latency: float, name: str) -> Reply | BackendError:
+    """`generate_reply`, its error kept in the item's slot instead of failing the batch."""
+    try:
+        return generate_reply(item, latency, name)
+    except BackendError as e:
+        return e
 
 
 def _remember(bounded: dict[Any, Any], key: Any, value: Any, limit: int = 4096) -> Any:
@@ -445,11 +455,17 @@ def _with_url(config: ModelConfig, url: str) -> ModelConfig:
 
 
 def generate_reply(item: Any, latency: float, name: str) -> Reply:
-    """One `/generate` result item as a Reply (TransientError when it has no text)."""
+    """One `/generate` result item as a Reply. TransientError when it has no text, or when the
+    server aborted the generation (`finish_reason.type` "abort": a client disconnect, a
+    timeout, an explicit /abort_request, memory pressure): its text is cut short, so it is a
+    failed call to send again, never an intern's answer to judge."""
     if not isinstance(item, dict) or not isinstance(item.get("text"), str):
         raise TransientError(f"{name}: /generate item without text")
     meta = item.get("meta_info") or {}
     finish = meta.get("finish_reason") or {}
+    if isinstance(finish, dict) and finish.get("type") == "abort":
+        raise TransientError(f"{name}: the server aborted the generation: "
+                             f"{str(finish.get('message') or 'no message')[:200]}")
     usage = Usage(prompt_tokens=int(meta.get("prompt_tokens", 0)),
                   completion_tokens=int(meta.get("completion_tokens", 0)),
                   cached_tokens=int(meta.get("cached_tokens", 0)),

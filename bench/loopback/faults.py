@@ -1,5 +1,6 @@
 """Fault injection for the loopback server: which faults exist, the seeded draw, and the reply
-each fault gives (429/5xx, slow, dropped, malformed, 4xx, out of quota), per target."""
+each fault gives (429/5xx, slow, dropped, malformed, 4xx, out of quota, a generation the server
+aborted, a reply stopped by a content filter), per target."""
 
 from __future__ import annotations
 
@@ -12,7 +13,12 @@ from bench import targets
 from bench.loopback.wire import Response, json_response
 
 FAULT_KINDS = frozenset({"400", "401", "404", "429", "500", "503", "slow", "drop", "malformed",
-                         "quota"})
+                         "quota", "abort", "content_filter"})
+# Faults answered with a 200 whose reply says so (the request is otherwise served as usual):
+# `abort` cuts the text and sets finish reason "abort" (a chat reply; the first item of a
+# /generate batch, as SGLang aborts one request of a batch); `content_filter` (chat only: a
+# /generate request is served normally) empties the content, finish reason "content_filter".
+IN_REPLY = frozenset({"slow", "abort", "content_filter"})
 
 
 @dataclass(frozen=True)

@@ -327,7 +327,7 @@ class LoopbackServer:
         # rids may be fresh per attempt: leave them out so fault draws stay reproducible
         key = digest(path, model, {k: v for k, v in body.items() if k != "rid"}, sample)
         fault, delay = self._draw(model, key)
-        if fault is not None and fault != "slow":
+        if fault is not None and fault not in faultlib.IN_REPLY:
             return self._fault(path, model, key, fault, chat)
         try:
             resp = (self._chat(path, body, model, sample, key, fault) if chat
@@ -420,6 +420,10 @@ class LoopbackServer:
                 finish = {"type": "length"}
         else:
             text, finish = clip(text, max_tokens, body.get("stop"))
+        if fault == "abort":
+            text, finish = text[: len(text) // 2], {"type": "abort"}
+        elif fault == "content_filter":
+            text, finish = "", {"type": "content_filter"}
         prompt = prompt_chain(prompt_text, images)
         out_toks = tokenize(text)
         [cached] = self._cache(model, [prompt], [out_toks])
@@ -427,8 +431,11 @@ class LoopbackServer:
         message: dict[str, Any] = {"role": "assistant", "content": text}
         if target == "gemini" and not text:
             del message["content"]  # an all-thinking reply carries no content at all
+        if fault == "content_filter":
+            message["content"] = None  # Azure OpenAI: filtered content is null
         self._record(path, model, key, {
-            "status": 200, "ok": True, "fault": fault, "prompt_tokens": len(prompt),
+            "status": 200, "ok": fault not in ("abort", "content_filter"), "fault": fault,
+            "prompt_tokens": len(prompt),
             "cached_tokens": cached,
             "completion_tokens": completion, "sample_index": sample, "temperature": temperature})
         return json_response(200, {
@@ -470,6 +477,9 @@ class LoopbackServer:
             out, finish = clip(out, max_new, sp.get("stop"))
             if max_new == 0:  # a prefill-only warm-up
                 finish = {"type": "length", "length": 0}
+            if fault == "abort" and not items:  # SGLang aborts a request of the batch
+                out, finish = out[: len(out) // 2], {"type": "abort",
+                                                     "message": "aborted (injected)"}
             items.append((t, sp, imgs, temperature, sample, out, finish))
         prompts = [prompt_chain(t, imgs) for t, _, imgs, *_ in items]
         outs = [tokenize(it[5]) for it in items]
@@ -486,8 +496,11 @@ class LoopbackServer:
             if imgs:
                 meta["image_tokens"] = IMAGE_TOKENS * len(imgs)
             results.append({"text": out, "output_ids": _output_ids(out_toks), "meta_info": meta})
+            aborted = finish["type"] == "abort"
             self._record("/generate", model, (t, imgs, sp, sample), {
-                "status": 200, "ok": True, "fault": fault, "prompt_tokens": len(prompt),
+                "status": 200, "ok": not aborted,
+                "fault": fault if aborted or fault == "slow" else None,
+                "prompt_tokens": len(prompt),
                 "cached_tokens": cached,
                 "completion_tokens": len(out_toks), "sample_index": sample,
                 "temperature": temperature, "batch_size": n})
