@@ -11,7 +11,13 @@ from dataclasses import dataclass
 
 FINAL_MARKER = "### The final answer is:"
 
-_HEADING = re.compile(r"^[ \t]*#{2,4}[ \t]*(Step[ \t]*(\d+)\b|The final answer is\b)", re.I | re.M)
+# A step heading (group 1: its number) at a line start, or where the final answer begins: a
+# final-answer heading at a line start ("### The final answer is", "## Final Answer", ...), or
+# the marker itself inside a line. A step never runs on into the answer: interns would see it.
+_HEADING = re.compile(
+    r"^[ \t]*#{2,4}[ \t]*Step[ \t]*(\d+)\b"
+    r"|^[ \t]*#{1,4}[ \t]*(?:the[ \t]+)?final[ \t]+answer(?:[ \t]+is)?\b"
+    r"|#{2,4}[ \t]*the[ \t]+final[ \t]+answer[ \t]+is\b", re.I | re.M)
 
 
 @dataclass(frozen=True)
@@ -35,24 +41,26 @@ class ParsedChain:
 
 
 def parse_chain(text: str) -> ParsedChain:
-    """Split a reply into `### Step k` sections and the final answer; later duplicates lose."""
+    """Split a reply into `### Step k` sections and the final answer; later duplicates lose.
+    A step ends where a final answer starts, even inside its own line, so no step carries
+    the answer into the reasoning prefix that interns are scored on."""
     steps: dict[int, str] = {}
     final: str | None = None
     matches = list(_HEADING.finditer(text))
     for i, m in enumerate(matches):
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
         section = _normalise_heading(text[m.start() : end].strip(), m)
-        if m.group(2) is not None:
-            steps.setdefault(int(m.group(2)), section)
+        if m.group(1) is not None:
+            steps.setdefault(int(m.group(1)), section)
         elif final is None:
             final = section
     return ParsedChain(steps=steps, final=final)
 
 
 def _normalise_heading(section: str, m: re.Match[str]) -> str:
-    if m.group(2) is not None:
+    if m.group(1) is not None:
         body = section[len(m.group(0).strip()) :].lstrip(" \t:")
-        return f"### Step {int(m.group(2))}: {body}".rstrip()
+        return f"### Step {int(m.group(1))}: {body}".rstrip()
     body = section[len(m.group(0).strip()) :].lstrip(" \t:")
     return f"{FINAL_MARKER} {body}".rstrip()
 

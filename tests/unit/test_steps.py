@@ -75,3 +75,25 @@ def test_b11_verdict_is_first_word_only():
 
 def test_normalize_answer():
     assert normalize_answer("The  Pacemaker-lead fracture.") == "pacemaker lead fracture"
+
+
+def test_a_step_never_carries_the_final_answer_into_the_prefix():
+    """A final answer written inside a step's line, or under a variant heading, ends the step:
+    otherwise interns read the answer in the prefix, score 1 and the label is inflated (the
+    answer text never reaches a step, so no leak check has to find it)."""
+    cases = {
+        "### Step 1: The CT shows a wedge. ### The final answer is: Pulmonary infarct":
+            ({1: "### Step 1: The CT shows a wedge."},
+             "### The final answer is: Pulmonary infarct"),
+        "### Step 1: a\n\n### Step 2: b\n\n### Final Answer: Pulmonary infarct":
+            ({1: "### Step 1: a", 2: "### Step 2: b"},
+             "### The final answer is: Pulmonary infarct"),
+        "### Step 1: a\n## final answer is - Pulmonary infarct":
+            ({1: "### Step 1: a"}, "### The final answer is: - Pulmonary infarct"),
+        "### Step 1: weigh the final answer options later\n### Step 2: b":
+            ({1: "### Step 1: weigh the final answer options later", 2: "### Step 2: b"}, None),
+    }
+    for text, (steps, final) in cases.items():
+        p = parse_chain(text)
+        assert (p.steps, p.final) == (steps, final), text
+        assert all("Pulmonary" not in s for s in p.steps.values())
