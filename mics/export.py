@@ -35,7 +35,7 @@ from mics.dataset import image_groups
 from mics.leaks import leaks_answer
 from mics.prompts import MEDICAL
 from mics.records import RunStore, StoredQuestion, read_nodes, read_questions
-from mics.steps import FINAL_MARKER
+from mics.steps import FINAL_MARKER, before_last_step
 from mics.types import Node, Outcome, Question
 
 FORMATS = ("reference", "sft", "sharegpt", "step-values", "preferences", "prm")
@@ -84,10 +84,11 @@ def mentor_scores(outcome: Outcome) -> dict[str, list[float | None]]:
 
 
 def question_leaks(sq: StoredQuestion) -> bool:
-    """Whether the exported reasoning states the correct answer before its final line."""
+    """Whether the exported reasoning states the correct answer before its last step (the
+    mentor prompt's rule: a chain may conclude with the answer, not start from it)."""
     o, q = sq.outcome, sq.question
     return (o is not None and bool(o.reasoning)
-            and leaks_answer(o.reasoning, q.gt_answer if q is not None else ""))
+            and leaks_answer(before_last_step(o.reasoning), q.gt_answer if q is not None else ""))
 
 
 def failure_record(sq: StoredQuestion) -> dict[str, Any]:
@@ -155,7 +156,7 @@ class Filters:
     ``min_score``: the last chosen step's score is at least this (failed questions score 0);
     ``only_full_score``: the search stopped on a full score; ``max_depth``: the final depth is
     at most this; ``exclude_leaks``: no step of the chosen path, and nothing in the exported
-    reasoning before its final line, states the correct answer.
+    reasoning before its last step, states the correct answer.
     """
 
     min_score: float | None = None

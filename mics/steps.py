@@ -65,6 +65,17 @@ def _normalise_heading(section: str, m: re.Match[str]) -> str:
     return f"{FINAL_MARKER} {body}".rstrip()
 
 
+def before_last_step(text: str) -> str:
+    """A chain up to its last `### Step k` heading (before its final answer when it has no
+    step): what must not state the answer, since a chain may conclude with it in its last
+    step but not reach it any earlier."""
+    matches = list(_HEADING.finditer(text))
+    steps = [m.start() for m in matches if m.group(1) is not None]
+    if steps:
+        return text[:steps[-1]]
+    return text[:matches[0].start()] if matches else text
+
+
 def count_steps(prefix: str) -> int:
     """Number of `### Step k` sections already in a reasoning prefix."""
     return len(parse_chain(prefix).steps)

@@ -213,3 +213,32 @@ def test_inspect_and_viz_show_leaks_and_mentor_errors(tmp_path: Path) -> None:
     assert out.exit_code == 0 and "mentor error" in out.stdout and "m2" in out.stdout
     out = CliRunner().invoke(app, ["inspect", str(tmp_path / "r")], env={"COLUMNS": "200"})
     assert "answer leaks per mentor" in out.stdout
+
+
+def test_a_chain_may_conclude_with_the_answer_in_its_last_step() -> None:
+    """The mentor prompt asks never to state the answer *before the final step*: the exported
+    reasoning leaks when an earlier step states it, not when its last step concludes with it
+    (which real chains do, so --exclude-leaks would otherwise drop most of them)."""
+    from mics.export import question_leaks
+    from mics.records import StoredQuestion
+    from mics.types import Outcome, Question
+
+    gt = "Anomalous interarterial course of the left coronary artery"
+    concluding = ("Let's think.\n### Step 1: Trace the coronary origins on the CT angiogram.\n"
+                  "### Step 2: The left coronary artery takes an anomalous interarterial course "
+                  "between the aorta and pulmonary trunk.\n### The final answer is: " + gt)
+    early = ("Let's think.\n### Step 1: The left coronary artery takes an anomalous "
+             "interarterial course.\n### Step 2: So the patient is at risk.\n"
+             "### The final answer is: " + gt)
+
+    def stored(reasoning: str) -> StoredQuestion:
+        q = Question(qid="q", index=0, question="?", gt_answer=gt, images=(), image_paths=(),
+                     case_info="")
+        o = Outcome(qid="q", status="succeeded", stop_reason="full_score", reasoning=reasoning)
+        return StoredQuestion.from_record("q", {"status": "succeeded", "index": 0,
+                                                "question": q.to_dict(),
+                                                "outcome": o.to_dict()})
+
+    assert not question_leaks(stored(concluding))
+    assert question_leaks(stored(early))
+    assert leaks_answer(concluding.split("### Step 2")[1], gt)  # the last step does state it
