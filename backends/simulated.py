@@ -26,12 +26,13 @@ def parse_simulated_options(cfg: ModelConfig, role: str) -> SimulatedOptions:
     checked like the rest of the config: ConfigError naming the model and the key."""
     where = f"model {cfg.name!r}"
     opts = parse_options(simulator.OPTION_TYPES[role], cfg.options, where, f"simulated {role}")
-    leak = getattr(opts, "leak_rate", None)
-    if leak is not None:  # optional, so the shared parser (which types by default) skips it
-        if isinstance(leak, bool) or not isinstance(leak, int | float):
-            raise ConfigError(f"{where}: options.leak_rate: expected float, got "
-                              f"{type(leak).__name__} {leak!r}")
-        opts = replace(opts, leak_rate=float(leak))  # type: ignore[call-arg]
+    for name in ("leak_rate", "unparsable_rate"):
+        rate = getattr(opts, name, None)
+        if rate is not None:  # optional, so the shared parser (which types by default) skips it
+            if isinstance(rate, bool) or not isinstance(rate, int | float):
+                raise ConfigError(f"{where}: options.{name}: expected float, got "
+                                  f"{type(rate).__name__} {rate!r}")
+            opts = replace(opts, **{name: float(rate)})  # type: ignore[arg-type]
     if opts.latency_s < 0:
         raise ConfigError(f"{where}: options.latency_s must be >= 0")
     return opts

@@ -126,8 +126,12 @@ def _decode(kind: str, clue: str) -> str:
         return clue
 
 
-def judge_reply(text: str) -> str:
+def judge_reply(text: str, *, seed: int = 0, model: str = "", temperature: float = 0.0,
+                sample_index: int = 0, unparsable_rate: float | None = None) -> str:
     """Yes when the normalised model answer equals or contains the correct answer."""
+    if unparsable_rate and _rng("judge", seed, model, text, temperature,
+                                sample_index).random() < unparsable_rate:
+        return "<think>\nLet me compare the two answers.\n</think>\nThey match."
     got = normalize_answer(_field(text, "Model answer:"))
     want = normalize_answer(_field(text, "Correct answer:"))
     return "Yes" if got and want and (got == want or want in got) else "No"
@@ -164,7 +168,10 @@ class InternOptions(SimulatedOptions):
 
 @dataclass(frozen=True)
 class JudgeOptions(SimulatedOptions):
-    """The judge compares normalised answers; it has no options of its own."""
+    """The judge compares normalised answers. unparsable_rate: chance that a reply opens with
+    neither Yes nor No (as a thinking model's `<think>` does; None: never)."""
+
+    unparsable_rate: float | None = None
 
 
 # The one role table: each role's options class. `ROLE_OPTIONS` (each role's own options and
@@ -191,7 +198,7 @@ def reply(role: str, text: str, options: Mapping[str, Any], *, seed: int, model:
                             leak_rate=options["leak_rate"], **common)
     if role == "intern":
         return intern_reply(text, skill=options["skill"], **common)
-    return judge_reply(text)
+    return judge_reply(text, unparsable_rate=options.get("unparsable_rate"), **common)
 
 
 def token_count(text: str) -> int:

@@ -316,8 +316,8 @@ class Engine:
             return Outcome(qid="", status="failed", stop_reason="no_intern", stage="intern",
                            error=f"every intern call failed at depth {depth + 1}",
                            final_depth=depth + 1, details={"depth": depth, "errors": errors})
-        if "judge-failed" in verdicts and verdicts <= {"judge-failed", "call-failed",
-                                                       "no-answer"}:
+        judge_failed = {"judge-failed", "unparsable"}
+        if verdicts & judge_failed and verdicts <= {*judge_failed, "call-failed", "no-answer"}:
             return Outcome(qid="", status="failed", stop_reason="no_judge", stage="judge",
                            error=f"the judge ({self.models.judge.config.name}) failed at depth "
                                  f"{depth + 1}", final_depth=depth + 1,
@@ -456,7 +456,7 @@ class Engine:
         for node in nodes:
             node.total = len(node.samples)
             node.correct = sum(s.correct for s in node.samples)
-        for norm in [n for n, v in tree.verdicts.items() if v == "judge-failed"]:
+        for norm in [n for n, v in tree.verdicts.items() if v in ("judge-failed", "unparsable")]:
             del tree.verdicts[norm]  # a failed judge call is tried again later
 
     def _intern_sampling(self, temp: float) -> Sampling:
@@ -496,6 +496,7 @@ class Engine:
         """Yes/no from the first word (B11); judge usage is accounted from the call log."""
         sampling = self._judge_sampling
         prompt = judge_prompt(q, answer, self.cfg.prompts)
+        text = ""
         for index in range(2):  # an unparsable verdict is asked once more
             reply = await self.gate.chat(self.models.judge, Call(prompt, sampling, index),
                                          role="judge", qid=q.qid)
@@ -504,7 +505,10 @@ class Engine:
             verdict = parse_verdict(reply.text)
             if verdict is not None:
                 return ("yes" if verdict else "no"), None
-        return "unparsable", None
+            text = reply.text
+        # no verdict is not a "no": the judge failed, and the depth waits (on_call_failure)
+        return "unparsable", (f"the judge's reply is neither Yes nor No (asked twice): "
+                              f"{' '.join(text.split())[:80]!r}")
 
     @staticmethod
     def _sample(intern: str, temp: float, reply: Reply | CallFailure,

@@ -260,3 +260,28 @@ def test_reference_schedule_builds_the_same_trees_one_call_at_a_time(tmp_path):
         else:  # all candidates x temperatures of a depth in one batch per intern
             assert max(batches) > 1
     assert dumps[0] == dumps[1]
+
+
+def test_a_judge_reply_that_is_neither_yes_nor_no_defers_never_counts_wrong(tmp_path):
+    """A verdict the judge did not give is not a "no": after the second ask the depth is
+    deferred, naming the judge's reply, and no score is written from it."""
+    from helpers import sim_config
+
+    from mics.config import parse_config
+
+    data = sim_config()
+    data["judge"]["options"] = {"unparsable_rate": 1.0}
+    qs = make_questions(3)
+    with RunStore.open(tmp_path / "r", create=True) as store:
+        outcomes, gate, _ = run_engine(store, parse_config(data), qs)
+        judge_calls = [c for c in store.iter_calls() if c["role"] == "judge"]
+    assert {o.status for o in outcomes.values()} == {"deferred"}
+    for o in outcomes.values():
+        assert "neither Yes nor No" in o.error and "judge" in o.details["endpoints"]
+        assert o.scores == {m: [] for m in o.scores} or all(not s for s in o.scores.values())
+    assert {c["key"] for c in judge_calls} and all(c["attempts"] == 1 for c in judge_calls)
+    data["judge"]["options"] = {"unparsable_rate": 0.3}  # a second ask mostly clears it
+    with RunStore.open(tmp_path / "r2", create=True) as store:
+        outcomes, _, _ = run_engine(store, parse_config(data), make_questions(6))
+    assert {o.status for o in outcomes.values()} <= {"succeeded", "failed", "deferred"}
+    assert any(o.status == "succeeded" for o in outcomes.values())

@@ -71,7 +71,7 @@ def test_options_are_typed_frozen_dataclasses_per_role() -> None:
     # the role table the loopback server reads is derived from these classes, unchanged
     assert simulator.ROLE_OPTIONS == {
         "mentor": {"quality": 0.5, "malformed_rate": 0.0, "leak_rate": None},
-        "intern": {"skill": 0.8}, "judge": {}}
+        "intern": {"skill": 0.8}, "judge": {"unparsable_rate": None}}
 
 
 @pytest.mark.parametrize(("role", "options", "message"), [
