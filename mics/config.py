@@ -77,6 +77,12 @@ def parse_on_all_zero(value: str) -> int:
     return int(n)
 
 
+# `timeout_s` when a model sets none, by backend (else ModelConfig's). A batched SGLang
+# /generate sends nothing until its last prompt is done, queueing included, and a client that
+# gives up aborts the whole batch on the server; so its wait is long, as SGLang advises.
+DEFAULT_TIMEOUT_S = {"sglang": 600.0}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """One model endpoint; `backend` picks the implementation (never the model name)."""
@@ -218,6 +224,7 @@ def _parse_model(table: Any, where: str) -> ModelConfig:
     proto = ModelConfig(name="", backend="", model="")
     values = {k: _typed(v, getattr(proto, k), k, where) for k, v in table.items()}
     values["options"] = dict(values.get("options", {}))
+    values.setdefault("timeout_s", DEFAULT_TIMEOUT_S.get(table["backend"], proto.timeout_s))
     cfg = ModelConfig(**values)
     if cfg.max_concurrency < 1:
         raise ConfigError(f"{where}.max_concurrency: must be >= 1")

@@ -86,3 +86,19 @@ def test_bundled_demo_config_is_the_example():
 def test_round_trip_through_dict():
     cfg = parse_config(sim_config(on_all_zero="restart:2"))
     assert parse_config(cfg.to_dict()) == cfg
+
+
+def test_sglang_interns_wait_long_for_a_batch_unless_told_otherwise():
+    """A batched /generate answers only when its last prompt is done (and a client that gives
+    up aborts the batch on the server): an SGLang model without `timeout_s` waits 600 s; one
+    that sets it keeps its own; other backends keep 120 s."""
+    data = sim_config()
+    sglang = {"backend": "sglang", "base_url": "http://127.0.0.1:30000",
+              "options": {"tokenizer": "/models/x"}}
+    data["interns"][0].update(sglang)
+    data["interns"][1].update(sglang, timeout_s=45)
+    data["mentors"][0].update(backend="openai", base_url="http://127.0.0.1:1/v1", options={})
+    cfg = parse_config(data)
+    assert [m.timeout_s for m in cfg.interns] == [600.0, 45.0, 120.0]
+    assert cfg.mentors[0].timeout_s == 120.0
+    assert parse_config(cfg.to_dict()).interns[1].timeout_s == 45.0  # stored runs keep theirs
