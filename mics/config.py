@@ -189,6 +189,26 @@ def parse_options(cls: type[T], options: dict[str, Any], where: str, what: str) 
     return cls(**values)
 
 
+def _check_sampling(cfg: SearchConfig) -> None:
+    """Sampling values a server would refuse (SGLang: top_k -1 or >= 1, top_p in (0, 1]) or
+    that mean nothing, refused before any call instead of failing every call of the run."""
+    temps = [("intern_samples", t) for t in cfg.intern_samples] + [
+        ("mentor_temperature", cfg.mentor_temperature),
+        ("judge_temperature", cfg.judge_temperature)]
+    for key, t in temps:
+        if t < 0.0:
+            raise ConfigError(f"[search].{key}: a temperature must be >= 0, got {t!r}")
+    for key in ("intern_top_p", "mentor_top_p"):
+        if not 0.0 < getattr(cfg, key) <= 1.0:
+            raise ConfigError(f"[search].{key}: must be in (0, 1], got {getattr(cfg, key)!r}")
+    if cfg.intern_top_k != -1 and cfg.intern_top_k < 1:
+        raise ConfigError(f"[search].intern_top_k: must be -1 (every token) or >= 1, got "
+                          f"{cfg.intern_top_k!r}")
+    for key in ("intern_max_tokens", "mentor_max_tokens", "judge_max_tokens"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"[search].{key}: must be >= 1, got {getattr(cfg, key)!r}")
+
+
 def _parse_search(table: dict[str, Any]) -> SearchConfig:
     _check_keys(table, SearchConfig, "[search]")
     defaults = SearchConfig()
@@ -204,6 +224,7 @@ def _parse_search(table: dict[str, Any]) -> SearchConfig:
         raise ConfigError("[search].concurrency: must be >= 1")
     if cfg.samples_per_temperature < 1:
         raise ConfigError("[search].samples_per_temperature: must be >= 1")
+    _check_sampling(cfg)
     for key, allowed in (("on_call_failure", ("defer", "count_wrong")),
                          ("on_answer_leak", ("flag", "reask", "reject")),
                          ("step_join", ("newline", "blank_line"))):

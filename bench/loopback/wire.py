@@ -70,7 +70,21 @@ def check_sampling(sp: Any) -> dict[str, Any]:
             raise BadRequest(f"invalid type: {value!r} for `stop`, expected a string or list")
     if sp.get("n") not in (None, 1):
         raise BadRequest("the loopback server supports only n=1")
+    _check_ranges(sp)
     return sp
+
+
+def _check_ranges(sp: dict[str, Any]) -> None:
+    """The range checks of SGLang's `SamplingParams.verify` (a 400 for the whole request)."""
+    t, p, k, m = (sp.get(key) for key in ("temperature", "top_p", "top_k", "max_new_tokens"))
+    if t is not None and t < 0:
+        raise BadRequest(f"temperature must be non-negative, got {t}.")
+    if p is not None and not 0 < p <= 1:
+        raise BadRequest(f"top_p must be in (0, 1], got {p}.")
+    if k is not None and k != -1 and k < 1:
+        raise BadRequest(f"top_k must be -1 (disable), or at least 1, got {k}.")
+    if m is not None and m < 0:
+        raise BadRequest(f"max_new_tokens must be at least 0, got {m}.")
 
 
 def per_item(value: Any, n: int, what: str) -> list[Any]:

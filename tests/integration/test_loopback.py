@@ -235,7 +235,13 @@ def test_generate_rejects_bad_sampling_params():
         assert r.status_code == 400
         r = c.post("/generate", content=b"{not json")
         assert r.status_code == 400
-        assert [e.status for e in srv.log] == [400] * 6
+        for bad, says in (({"top_k": 0}, "top_k must be -1"), ({"top_p": 0.0}, "top_p must be"),
+                          ({"temperature": -0.5}, "temperature must be non-negative")):
+            r = c.post("/generate", json={"text": ["a", "b"], "sampling_params": [{}, bad]})
+            assert r.status_code == 400 and says in r.json()["error"], bad
+        ok = {"top_k": -1, "top_p": 1.0, "temperature": 0.0, "max_new_tokens": 0}
+        assert c.post("/generate", json={"text": "a", "sampling_params": ok}).status_code == 200
+        assert [e.status for e in srv.log] == [400] * 9 + [200]
 
 
 def test_cached_tokens_are_the_longest_prefix_match():

@@ -35,6 +35,14 @@ def test_defaults_follow_the_reference_and_fix_its_bugs():
     (lambda d: d["interns"][0].update(tempreature=1), "tempreature"),
     (lambda d: d["interns"][0].update(max_concurrency=0), "max_concurrency"),
     (lambda d: d["interns"][1].update(name="i0"), "duplicate name"),
+    # sampling a server refuses (SGLang: top_k -1 or >= 1) fails here, not on every call
+    (lambda d: d["search"].update(intern_top_k=0), "[search].intern_top_k: must be -1"),
+    (lambda d: d["search"].update(intern_top_p=0.0), "[search].intern_top_p: must be in (0, 1]"),
+    (lambda d: d["search"].update(mentor_top_p=1.5), "[search].mentor_top_p"),
+    (lambda d: d["search"].update(intern_samples=[1.2, -0.1]), "[search].intern_samples: a "
+                                                                "temperature must be >= 0"),
+    (lambda d: d["search"].update(judge_temperature=-1.0), "[search].judge_temperature"),
+    (lambda d: d["search"].update(intern_max_tokens=0), "[search].intern_max_tokens"),
 ])
 def test_errors_name_the_key(mutate, needle):
     data = sim_config()
