@@ -129,8 +129,12 @@ async def _check_router(model: SGLangRollout, router: Router) -> None:
         raise TransientError(f"{model.config.name}: sglang-router at {url} is not healthy "
                              f"(HTTP {health.status_code}); {router.describe()}")
     check_response(info, _at(model.config, url))
+    data = json_body(info, f"{model.config.name}: sglang-router at {url}", "/get_model_info")
+    if not isinstance(data, dict):
+        raise TransientError(f"{model.config.name}: sglang-router at {url}: /get_model_info is "
+                             f"not a JSON object: {str(data)[:80]!r}")
     if model.options.check_model:
-        model.check_served(url, info.json())
+        model.check_served(url, data)
 
 
 def split_batch(body: dict[str, Any]) -> list[dict[str, Any]]:

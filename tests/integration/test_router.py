@@ -129,6 +129,48 @@ def test_a_plain_server_is_not_taken_for_a_router(tokenizer_dir):
     assert model.requests_for(calls) == 1  # what the gate charges to requests_per_minute
 
 
+def test_a_router_whose_model_info_is_not_an_object_fails_cleanly(tokenizer_dir):
+    """A 200 from /get_model_info that is not a JSON object is a BackendError naming the
+    router (retried like any malformed reply), never an AttributeError that ends the run."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from backends.base import TransientError
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+            body = {"/health": b"{}", "/get_model_info": json.dumps([1, 2]).encode()}.get(
+                self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    model = build_rollout(ModelConfig(name="i0", backend="sglang", model="i0", base_url=url,
+                                      options={"tokenizer": str(tokenizer_dir),
+                                               "mode": "router"}))
+
+    async def check() -> None:
+        try:
+            await model.check(url)
+        finally:
+            await model.aclose()
+
+    try:
+        with pytest.raises(TransientError, match="get_model_info is not a JSON object"):
+            anyio.run(check)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # ---------------------------------------------------------------- the real router
 
 
