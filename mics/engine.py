@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import orjson
 
 from backends.base import Call, ChatModel, RolloutModel, fan_out
 from backends.gate import CallGate, StopRequested
 from mics import policy
 from mics.answers import answer_key
-from mics.config import RunConfig
+from mics.config import ConfigError, RunConfig
 from mics.leaks import leaks_answer
 from mics.prompts import intern_prompt, judge_prompt, mentor_prompt, parse_verdict
 from mics.records import RunStore
@@ -71,6 +72,17 @@ class Models:
             check = getattr(m, "preflight", None)
             if check is not None:
                 check()
+        for role, group in (("mentors", self.mentors), ("interns", self.interns)):
+            seen: dict[bytes, str] = {}
+            for m in group:
+                ident = orjson.dumps(m.identity(), option=orjson.OPT_SORT_KEYS)
+                if ident in seen:  # the same memo keys: one model's replies, counted twice
+                    raise ConfigError(
+                        f"[[{role}]] {seen[ident]!r} and {m.config.name!r} are the same model "
+                        "to the call memo (backend, model and reply options), so they would share "
+                        "every reply and count each sample twice. Give them different options, "
+                        "or ask one model for more samples ([search].samples_per_temperature)")
+                seen[ident] = m.config.name
 
 
 @dataclass

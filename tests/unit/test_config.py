@@ -110,3 +110,22 @@ def test_sglang_interns_wait_long_for_a_batch_unless_told_otherwise():
     assert [m.timeout_s for m in cfg.interns] == [600.0, 45.0, 120.0]
     assert cfg.mentors[0].timeout_s == 120.0
     assert parse_config(cfg.to_dict()).interns[1].timeout_s == 45.0  # stored runs keep theirs
+
+
+def test_two_models_that_are_one_to_the_memo_are_refused_before_a_run():
+    """Two interns (or mentors) with the same backend, model and reply options have the same
+    memo keys: the second would be answered with the first's replies and every sample counted
+    twice. A new run refuses them, naming both."""
+    from mics.run import build_models
+
+    data = sim_config()
+    data["interns"][1].update(model="i0", options={"skill": 0.95})  # i0's model and options
+    models = build_models(parse_config(data))
+    with pytest.raises(ConfigError, match=r"\[\[interns\]\] 'i0' and 'i1' are the same model"):
+        models.preflight()
+    data["interns"][1]["options"] = {"skill": 0.9}  # another reply option: another model
+    build_models(parse_config(data)).preflight()
+    data = sim_config()
+    data["mentors"][2].update(model="m0", options={"quality": 0.6})
+    with pytest.raises(ConfigError, match=r"\[\[mentors\]\] 'm0' and 'm2'"):
+        build_models(parse_config(data)).preflight()
