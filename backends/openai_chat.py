@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -47,10 +47,15 @@ class OpenAIOptions:
     extra_body: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, cfg: ModelConfig) -> OpenAIOptions:
-        """The model's options over the defaults; ConfigError naming the model and the key."""
+    def parse(cls, cfg: ModelConfig, role: str = "mentor") -> OpenAIOptions:
+        """The model's options over the defaults; ConfigError naming the model and the key.
+        An intern's defaults differ (`INTERN_DEFAULTS`): it samples with the search's `top_k`
+        and sees full-size images, as an SGLang or in-process intern does."""
         where = f"model {cfg.name!r}"
         opts = parse_options(cls, cfg.options, where, "openai")
+        if role == "intern":
+            opts = replace(opts, **{k: v for k, v in INTERN_DEFAULTS.items()
+                                    if k not in cfg.options})
         if opts.image_max_side < 0:
             raise ConfigError(f"{where}: options.image_max_side must be an integer >= 0")
         if opts.max_tokens_field not in ("max_tokens", "max_completion_tokens"):
@@ -68,6 +73,11 @@ class OpenAIOptions:
 
 # options that change what the model replies, so they are part of the memo key when set
 _REPLY_OPTIONS = ("max_tokens", "reasoning_effort", "send_sampling")
+# An intern on an OpenAI-compatible server (vLLM, SGLang) sends `top_k`: left out, the server
+# takes the model's generation_config (Qwen2-VL: top_k = 1), so every temperature samples
+# greedily (B8). It sees full-size images, as other interns do. Both are part of an intern's
+# memo key when they differ from the mentor defaults (so runs stored before keep theirs apart).
+INTERN_DEFAULTS: dict[str, Any] = {"send_top_k": True, "image_max_side": 0}
 OPTIONS: dict[str, Any] = asdict(OpenAIOptions())  # option -> default
 SAMPLE_HEADER = "X-Mics-Sample"  # the sample index, so simulators can reproduce a sample
 
@@ -103,7 +113,7 @@ class OpenAIChat:
     """An OpenAI-compatible chat endpoint as a ChatModel (and a RolloutModel)."""
 
     def __init__(self, config: ModelConfig, role: str = "mentor") -> None:
-        self.options = OpenAIOptions.parse(config)
+        self.options = OpenAIOptions.parse(config, role)
         self.config = config
         self.role = role
         self._client = make_client(config)
@@ -113,7 +123,8 @@ class OpenAIChat:
         return f"OpenAIChat(name={self.config.name!r}, model={self.config.model!r})"
 
     def identity(self) -> dict[str, Any]:
-        changed = {k: getattr(self.options, k) for k in _REPLY_OPTIONS
+        keys = (*_REPLY_OPTIONS, *INTERN_DEFAULTS) if self.role == "intern" else _REPLY_OPTIONS
+        changed = {k: getattr(self.options, k) for k in keys
                    if getattr(self.options, k) != OPTIONS[k]}
         return {"backend": "openai", "model": self.config.model, **changed}
 

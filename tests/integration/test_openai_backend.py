@@ -412,3 +412,31 @@ def test_engine_over_http_with_faults_matches_in_process(tmp_path):
                     assert gate.counts["retries"] > 0 and gate.counts["failed"] == 0
         assert srv.counts()["by_fault"]
     assert results[0] == results[1]
+
+
+def test_an_intern_sends_top_k_and_full_size_images_by_default(question):
+    """B8 and B21 for an intern on an OpenAI-compatible server (vLLM, SGLang): left out, top_k
+    comes from the model's generation_config (Qwen2-VL: 1, so every temperature is greedy); the
+    intern sends the search's top_k and full-size images unless its options say otherwise, and
+    its memo identity says so. A mentor keeps the reference's defaults and keys."""
+    prompt = intern_prompt(question, "### Step 1: Look.")
+    with LoopbackServer(models=SERVED, keep_bodies=True) as srv:
+        intern = build_rollout(cfg(srv, "sim-intern"))
+        complete_once(intern, call(prompt, 1.2, top_k=-1, max_tokens=64))
+        body = srv.bodies[-1][1]
+        assert body["top_k"] == -1
+        sizes = [inspect_image(base64.b64decode(p["image_url"]["url"].split(",", 1)[1]))[1:]
+                 for p in body["messages"][-1]["content"] if p["type"] == "image_url"]
+        assert sizes == [(1200, 800), (300, 200)]
+        assert intern.identity() == {"backend": "openai", "model": "sim-intern",
+                                     "send_top_k": True, "image_max_side": 0}
+        mentor = build_chat(cfg(srv), "mentor")
+        complete_once(mentor, call(prompt, 1.0, max_tokens=64))
+        assert "top_k" not in srv.bodies[-1][1]
+        assert mentor.identity() == {"backend": "openai", "model": "sim-mentor"}
+        own = build_rollout(cfg(srv, "sim-intern", options={"send_top_k": False,
+                                                            "image_max_side": 256}))
+        complete_once(own, call(prompt, 1.2, max_tokens=64))
+        assert "top_k" not in srv.bodies[-1][1]
+        assert own.identity() == {"backend": "openai", "model": "sim-intern",
+                                  "image_max_side": 256}
