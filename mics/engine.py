@@ -379,6 +379,10 @@ class Engine:
                                          qid=q.qid)
             if isinstance(reply, CallFailure):
                 return self._call_failed(tree, "mentor", name, reply)
+            if reply.finish_reason == "length":  # cut off: a half-written step, no answer
+                error = ("reply cut off at the output limit (finish \"length\"): raise "
+                         "[search].mentor_max_tokens or the model's options.max_tokens")
+                continue
             parsed = parse_chain(reply.text)
             steps = parsed.run(first, need)  # echoed earlier steps are ignored (B4)
             if steps is None:
@@ -393,7 +397,8 @@ class Engine:
                 if isinstance(retry, CallFailure):
                     return self._call_failed(tree, "mentor", name, retry)
                 reparsed = parse_chain(retry.text)
-                if (resteps := reparsed.run(first, need)) is not None:
+                resteps = None if retry.finish_reason == "length" else reparsed.run(first, need)
+                if resteps is not None:
                     reply, parsed, steps, reasked = retry, reparsed, resteps, True
             if leak_rule == "reject" and self._leaks(q, steps):
                 error = f"'### Step {first}' states the correct answer (on_answer_leak = reject)"

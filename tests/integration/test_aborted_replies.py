@@ -97,3 +97,31 @@ def test_aborts_that_clear_on_retry_leave_only_whole_answers(
     assert len(aborted) > 3 and failures == []
     assert all(c["reply"]["finish_reason"] != "abort" for c in calls)
     assert any(c["attempts"] > 1 for c in calls)
+
+
+def test_a_mentor_chain_cut_off_at_the_output_limit_is_never_a_candidate(
+        tmp_path: Path, chiron: Path, tokenizer_dir: Path) -> None:
+    """A chain that stopped at mentor_max_tokens (finish "length") may end in a half-written
+    step and has no final answer: it is a malformed reply (asked again), never a candidate or
+    an exported chain. With room to finish, the same run succeeds."""
+    def search(run: str, max_tokens: int) -> Any:
+        with LoopbackServer(MODELS) as srv:
+            cfg = config(srv, tokenizer_dir)
+            cfg["search"]["mentor_max_tokens"] = max_tokens
+            return anyio.run(lambda: mics.search(cfg, chiron / "demo.jsonl", tmp_path / run,
+                                                 image_root=chiron / "images", limit=2))
+
+    cut = search("cut", 24)
+    with RunStore.open(tmp_path / "cut", write=False) as store:
+        records = dict(store.iter_questions())
+        mentor_replies = [store.memo_get(c["key"]) for c in store.iter_calls()
+                          if c["role"] == "mentor"]
+        nodes = [n for qid in records for n in store.get_nodes(qid) if n["depth"] >= 0]
+    assert mentor_replies and all(r["finish_reason"] == "length" for r in mentor_replies)
+    assert nodes == [] and cut.succeeded == 0
+    for rec in records.values():
+        assert rec["stop_reason"] == "no_mentor"
+        errors = rec["outcome"]["details"]["mentor_errors"]
+        assert all("cut off at the output limit" in e for e in errors.values())
+    whole = search("whole", 2048)
+    assert whole.succeeded + whole.failed == 2 and whole.deferred == 0
