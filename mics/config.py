@@ -9,7 +9,13 @@ from typing import Any, TypeVar
 
 from mics.errors import ConfigError
 from mics.prompts import DEFAULT_PACK, MEDICAL, PACKS, pack_templates
-from mics.templates import TEMPLATE_KEYS, PromptTemplates, TemplateError, check_template
+from mics.templates import (
+    TEMPLATE_KEYS,
+    PromptTemplates,
+    TemplateError,
+    check_final_line,
+    check_template,
+)
 
 T = TypeVar("T")
 ID_FIELDS = {"chiron": "rid", "generic": "id"}  # each dataset format: what it calls a record's id
@@ -135,7 +141,7 @@ class RunConfig:
         d = dict(d)
         if isinstance(d.get("search"), dict) and "step_join" not in d["search"]:
             d["search"] = {**d["search"], "step_join": "blank_line"}
-        return parse_config(d, where="stored config")
+        return parse_config(d, where="stored config", new_run=False)
 
 
 def _check_keys(table: dict[str, Any], cls: type, where: str) -> None:
@@ -209,7 +215,7 @@ def _check_sampling(cfg: SearchConfig) -> None:
             raise ConfigError(f"[search].{key}: must be >= 1, got {getattr(cfg, key)!r}")
 
 
-def _parse_search(table: dict[str, Any]) -> SearchConfig:
+def _parse_search(table: dict[str, Any], new_run: bool = True) -> SearchConfig:
     _check_keys(table, SearchConfig, "[search]")
     defaults = SearchConfig()
     values = {k: _typed(v, getattr(defaults, k), k, "[search]") for k, v in table.items()}
@@ -224,7 +230,8 @@ def _parse_search(table: dict[str, Any]) -> SearchConfig:
         raise ConfigError("[search].concurrency: must be >= 1")
     if cfg.samples_per_temperature < 1:
         raise ConfigError("[search].samples_per_temperature: must be >= 1")
-    _check_sampling(cfg)
+    if new_run:
+        _check_sampling(cfg)
     for key, allowed in (("on_call_failure", ("defer", "count_wrong")),
                          ("on_answer_leak", ("flag", "reask", "reject")),
                          ("step_join", ("newline", "blank_line"))):
@@ -258,7 +265,7 @@ def _parse_model(table: Any, where: str) -> ModelConfig:
     return cfg
 
 
-def _parse_prompts(table: Any) -> PromptTemplates:
+def _parse_prompts(table: Any, new_run: bool = True) -> PromptTemplates:
     """A pack (default "medical") with any templates the table overrides, all validated."""
     if not isinstance(table, dict):
         raise ConfigError("[prompts]: expected a table")
@@ -278,7 +285,13 @@ def _parse_prompts(table: Any) -> PromptTemplates:
             check_template(key, template)
         except TemplateError as e:
             raise ConfigError(f"[prompts].{e.key}: {e.message}") from None
-    return PromptTemplates(pack=pack, **values)
+    templates = PromptTemplates(pack=pack, **values)
+    if new_run:
+        try:
+            check_final_line(templates)
+        except TemplateError as e:
+            raise ConfigError(f"[prompts].{e.key}: {e.message}") from None
+    return templates
 
 
 def _parse_dataset(table: Any) -> DatasetConfig:
@@ -292,13 +305,17 @@ def _parse_dataset(table: Any) -> DatasetConfig:
     return DatasetConfig(format=fmt)
 
 
-def parse_config(data: dict[str, Any], where: str = "config") -> RunConfig:
-    """Validate a config mapping (as read from TOML). Raises ConfigError naming the key."""
+def parse_config(data: dict[str, Any], where: str = "config", *, new_run: bool = True
+                 ) -> RunConfig:
+    """Validate a config mapping (as read from TOML). Raises ConfigError naming the key.
+    `new_run=False` (a stored run's config) skips the checks that guard a new run only (a
+    sampling value a server refuses, a prompt that asks for no final answer), so a run stored
+    before them can still be read, exported and resumed."""
     allowed = {"search", "mentors", "interns", "judge", "prompts", "dataset"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}")
-    search = _parse_search(dict(data.get("search", {})))
+    search = _parse_search(dict(data.get("search", {})), new_run)
     for section in ("mentors", "interns"):
         if not isinstance(data.get(section), (list, tuple)) or not data[section]:
             raise ConfigError(f"{where}: [[{section}]] missing (at least one is required)")
@@ -312,7 +329,7 @@ def parse_config(data: dict[str, Any], where: str = "config") -> RunConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"[[{group}]]: duplicate name(s) {', '.join(dupes)}")
-    prompts = _parse_prompts(data.get("prompts", {}))
+    prompts = _parse_prompts(data.get("prompts", {}), new_run)
     dataset = _parse_dataset(data.get("dataset", {}))
     return RunConfig(search=search, mentors=mentors, interns=interns, judge=judge,
                      prompts=prompts, dataset=dataset)

@@ -124,11 +124,27 @@ def check_template(key: str, template: Any) -> str:
     return template
 
 
+# What the engine parses out of replies (mics.steps), so each role's prompt must ask for it.
+FINAL_LINE = "### The final answer is:"
+
+
 def check_templates(templates: PromptTemplates) -> PromptTemplates:
-    """Validate every template of a set; returns it unchanged."""
+    """Validate every template of a set, and `check_final_line`; returns it unchanged."""
     for key in TEMPLATE_KEYS:
         check_template(key, getattr(templates, key))
+    check_final_line(templates)
     return templates
+
+
+def check_final_line(templates: PromptTemplates) -> None:
+    """Mentors and interns must be asked for the final-answer line somewhere in their template
+    or system message: without it no intern sample has an answer and no mentor chain an end,
+    and every question fails all-zero as if the interns were wrong."""
+    for role in ("mentor", "intern"):
+        texts = (getattr(templates, role), getattr(templates, f"{role}_system"))
+        if not any(FINAL_LINE.lower() in t.lower() for t in texts):
+            raise TemplateError(role, f"neither {role} nor {role}_system asks for the line "
+                                      f"\"{FINAL_LINE} ...\", which mics reads the answer from")
 
 
 def _braced(names: list[str]) -> str:

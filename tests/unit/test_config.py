@@ -129,3 +129,17 @@ def test_two_models_that_are_one_to_the_memo_are_refused_before_a_run():
     data["mentors"][2].update(model="m0", options={"quality": 0.6})
     with pytest.raises(ConfigError, match=r"\[\[mentors\]\] 'm0' and 'm2'"):
         build_models(parse_config(data)).preflight()
+
+
+def test_checks_for_new_runs_never_block_reading_a_stored_run():
+    """A run stored before a new-run check (a top_k a server refuses, a prompt that asks for no
+    final-answer line) is still read, so it can be exported, inspected and resumed."""
+    from mics.config import RunConfig
+
+    data = sim_config()
+    data["search"]["intern_top_k"] = 0
+    data["prompts"] = {"intern": "Q: {question}\n{prefix}"}
+    with pytest.raises(ConfigError):
+        parse_config(data)
+    stored = RunConfig.from_dict(data)
+    assert stored.search.intern_top_k == 0 and stored.prompts.intern.startswith("Q: ")

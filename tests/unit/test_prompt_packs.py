@@ -114,6 +114,10 @@ def test_templates_are_stored_in_full_and_round_trip():
     ({"mentor": "{question} {answer:>9} {prefix}"}, "mentor", ["format spec"]),
     ({"mentor": "{} {answer} {prefix}"}, "mentor", ["not a plain name"]),
     ({"judge": 42}, "judge", ["expected a string"]),
+    # no final-answer line asked for: every sample unanswered, every question all-zero
+    ({"intern": "Q: {question}\n{prefix}"}, "intern",
+     ["neither intern nor intern_system", "### The final answer is:"]),
+    ({"mentor": "{question} {answer} {prefix}"}, "mentor", ["neither mentor nor mentor_system"]),
 ])
 def test_bad_templates_are_refused_naming_table_and_key(prompts, key, words):
     with pytest.raises(ConfigError) as e:
