@@ -28,7 +28,7 @@ from backends.http import check_response, json_body, transport_error
 from mics.config import ConfigError, ModelConfig
 
 if TYPE_CHECKING:
-    from backends.sglang import SGLangRollout
+    from backends.sglang import SGLangRollout, Version
     from mics.types import Reply
 
 MODES = ("auto", "server", "router")
@@ -135,6 +135,32 @@ async def _check_router(model: SGLangRollout, router: Router) -> None:
                              f"not a JSON object: {str(data)[:80]!r}")
     if model.options.check_model:
         model.check_served(url, data)
+    if model.options.family == "internvl" and not model.options.image_placeholder:
+        version = await worker_version(router, min(model.config.timeout_s, 10.0))
+        if version is not None:  # else the placeholder stays unknown, and the error says so
+            model._placeholder = model.placeholder_for(url, version)
+
+
+async def worker_version(router: Router, timeout_s: float) -> Version | None:
+    """The SGLang version the router's workers report (`/server_info`, else the older
+    `/get_server_info`; the router's own reports none), when every worker that answers
+    reports the same one; None when none answers or they disagree. No API key is sent to
+    the listed workers: only the router was configured."""
+    from backends.sglang import parse_version
+
+    found: set[Version | None] = set()
+    async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
+        for worker in router.workers:
+            for route in ("/server_info", "/get_server_info"):
+                try:
+                    resp = await client.get(str(worker["url"]).rstrip("/") + route)
+                    data = resp.json() if resp.status_code == 200 else None
+                except (httpx.HTTPError, ValueError):
+                    break  # unreachable from here, or not JSON: this worker tells nothing
+                if isinstance(data, dict):
+                    found.add(parse_version(data.get("version")))
+                    break
+    return found.pop() if len(found) == 1 else None
 
 
 def split_batch(body: dict[str, Any]) -> list[dict[str, Any]]:

@@ -221,6 +221,48 @@ def test_rollouts_through_the_router_match_a_single_server(router_bin, tokenizer
             w.stop()
 
 
+@pytest.mark.parametrize("version, placeholder", [("0.5.9", "<image>"),
+                                                  ("0.5.6", "<IMG_CONTEXT>")])
+def test_internvl_behind_a_router_takes_the_placeholder_of_its_workers_version(
+        router_bin, tokenizer_dir, tmp_path, version, placeholder):
+    """The router reports no SGLang version, and InternVL's image placeholder depends on it:
+    it is read from the workers the router lists, so no options.image_placeholder is needed
+    (before, every rollout failed: 'the placeholder ... is not known yet')."""
+    import hashlib
+    from dataclasses import replace
+
+    from PIL import Image as PILImage
+
+    from mics.types import ImageRef
+
+    img = tmp_path / "scan.png"
+    PILImage.new("RGB", (32, 24), (10, 200, 30)).save(img)
+    ref = ImageRef(str(img), hashlib.sha256(img.read_bytes()).hexdigest(), "image/png", 32, 24)
+    q = replace(make_questions(1)[0], images=(ref,))
+    spec = {"i0": {"role": "intern", "skill": 0.9, "target": "sglang", "version": version,
+                   "family": "internvl", "model_path": "/models/InternVL3-8B"}}
+    workers = [LoopbackServer(spec, keep_bodies=True).start() for _ in range(2)]
+    try:
+        with sglang_router(router_bin, [w.url for w in workers], tmp_path / "r.log") as url:
+            model = build_rollout(ModelConfig(
+                name="i0", backend="sglang", model="OpenGVLab/InternVL3-8B", base_url=url,
+                options={"tokenizer": str(tokenizer_dir), "family": "internvl"}))
+
+            async def go():
+                try:
+                    return await model.rollout(_calls(q))
+                finally:
+                    await model.aclose()
+
+            replies = anyio.run(go)
+        texts = [b["text"] for w in workers for b in generate_bodies(w)]
+    finally:
+        for w in workers:
+            w.stop()
+    assert all(not isinstance(r, Exception) for r in replies), replies
+    assert texts and all(t.count(placeholder) == 1 for t in texts)
+
+
 # ---------------------------------------------------------------- whole searches
 
 
