@@ -12,8 +12,8 @@ A call that still fails is recorded in the store and returned as a CallFailure, 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +48,7 @@ class StopRequested(Stopped):
     """A graceful stop was asked for: no new calls are sent; stored replies still answer."""
 
 
+LOG = logging.getLogger("mics")
 STOPPED = CallFailure(error="not sent: stopping", attempts=0, retryable=True)
 
 
@@ -311,6 +312,8 @@ class _Endpoint:
 
 
 def _announce_breaker(name: str, last_error: str) -> None:
-    print(f"CIRCUIT BREAKER OPEN: endpoint {name} is unreachable (last error: {last_error}); "
-          f"no more calls go to it until a probe succeeds. Questions that need it are deferred.",
-          file=sys.stderr, flush=True)
+    """A warning on the "mics" logger: a library prints nothing itself (with no logging set
+    up, Python's last-resort handler still writes it to stderr, as the CLI wants)."""
+    LOG.warning("CIRCUIT BREAKER OPEN: endpoint %s is unreachable (last error: %s); no more "
+                "calls go to it until a probe succeeds. Questions that need it are deferred.",
+                name, last_error)

@@ -216,3 +216,40 @@ def test_export_writes_null_for_a_mentor_without_a_candidate(tmp_path: Path) -> 
     with RunStore.open(tmp_path / "r", create=True) as store:
         assert export(store, tmp_path / "o", list(FORMATS))["results"] == 0
 
+
+
+def test_an_opened_breaker_is_a_log_warning_not_a_print(tmp_path: Path, caplog, capsys) -> None:
+    """The library announces an opened breaker on the "mics" logger (the CLI still shows it:
+    with no logging set up, Python writes warnings to stderr); it prints nothing itself."""
+    import logging
+    import socket
+
+    from backends.base import Call
+    from backends.gate import CallGate
+    from backends.registry import build_chat
+    from mics.types import Prompt, Sampling, Text
+    from store import RunStore
+
+    with socket.socket() as s:  # a port nothing listens on: every call is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = ModelConfig(name="down", backend="openai", model="m", base_url=f"http://127.0.0.1:{port}/v1",
+                      max_retries=0, breaker_after=2, timeout_s=2.0)
+    model = build_chat(cfg, "mentor")
+    calls = [Call(Prompt("s", (Text(f"q{i}"),)), Sampling(temperature=0.0)) for i in range(3)]
+    with RunStore.open(tmp_path / "r", create=True) as store:
+        gate = CallGate(store)
+
+        async def go() -> None:
+            try:
+                for c in calls:
+                    await gate.chat(model, c, role="mentor", qid="q")
+            finally:
+                await model.aclose()
+
+        with caplog.at_level(logging.WARNING, logger="mics"):
+            anyio.run(go)
+    assert gate.breakers_opened == ["down"]
+    assert [r.name for r in caplog.records if "CIRCUIT BREAKER OPEN" in r.getMessage()] == [
+        "mics"]
+    assert "CIRCUIT BREAKER" not in capsys.readouterr().err
