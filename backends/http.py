@@ -74,8 +74,9 @@ def parse_duration(value: str) -> float | None:
 
 def retry_after(resp: httpx.Response) -> float | None:
     """How long the server asks us to wait, in the order the official OpenAI client reads it:
-    `retry-after-ms`, `retry-after` (seconds or an HTTP date), then `x-ratelimit-reset-*`, then
-    Gemini's 429 body (`details[].retryDelay` of a google.rpc.RetryInfo)."""
+    `retry-after-ms`, `retry-after` (seconds or an HTTP date), then, on a 429, the reset of
+    the limit that was hit (`_limit_reset`), then Gemini's 429 body (`details[].retryDelay`
+    of a google.rpc.RetryInfo)."""
     headers = resp.headers
     ms = headers.get("retry-after-ms")
     if ms is not None:
@@ -89,11 +90,27 @@ def retry_after(resp: httpx.Response) -> float | None:
         with contextlib.suppress(TypeError, ValueError):
             when = parsedate_to_datetime(value)
             return max(0.0, when.timestamp() - time.time())
-    resets = [parse_duration(headers[h]) for h in ("x-ratelimit-reset-requests",
-                                                    "x-ratelimit-reset-tokens") if h in headers]
-    if any(r is not None for r in resets):
-        return max(r for r in resets if r is not None)
+    if resp.status_code == 429 and (reset := _limit_reset(headers)) is not None:
+        return reset
     return _retry_delay_in_body(resp)
+
+
+def _limit_reset(headers: httpx.Headers) -> float | None:
+    """A 429's wait from `x-ratelimit-reset-{requests,tokens}` (sent by OpenAI with every
+    reply): the reset of the limit whose `x-ratelimit-remaining-*` is 0, the limit that was hit;
+    the longer of the two when neither says so. Other statuses never wait on them: a 5xx's
+    headers describe the account's limits, not the failure."""
+    resets: dict[str, float] = {}
+    for kind in ("requests", "tokens"):
+        value = headers.get(f"x-ratelimit-reset-{kind}")
+        seconds = parse_duration(value) if value is not None else None
+        if seconds is not None:
+            resets[kind] = seconds
+    if not resets:
+        return None
+    hit = [s for kind, s in resets.items()
+           if headers.get(f"x-ratelimit-remaining-{kind}", "").strip() == "0"]
+    return max(hit) if hit else max(resets.values())
 
 
 def _retry_delay_in_body(resp: httpx.Response) -> float | None:

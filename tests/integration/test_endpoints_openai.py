@@ -145,6 +145,13 @@ def test_retry_after_sources_in_order():
     assert dated is not None and 100 < dated <= 120
     assert retry_after(_resp(headers={"x-ratelimit-reset-requests": "6m0s",
                                       "x-ratelimit-reset-tokens": "20ms"})) == 360.0
+    # the limit that was hit decides: a spent request budget does not wait for the tokens'
+    hit = {"x-ratelimit-reset-requests": "1s", "x-ratelimit-reset-tokens": "6m0s",
+           "x-ratelimit-remaining-requests": "0", "x-ratelimit-remaining-tokens": "149000"}
+    assert retry_after(_resp(headers=hit)) == 1.0
+    assert retry_after(_resp(headers={**hit, "x-ratelimit-remaining-requests": "12",
+                                      "x-ratelimit-remaining-tokens": "0"})) == 360.0
+    assert retry_after(_resp(500, headers=hit)) is None  # a 5xx never waits on them
     assert retry_after(_resp(json=[{"error": {"details": [
         {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "53s"}]}}])) == 53.0
     assert retry_after(_resp(json={"error": {"message": "slow down"}})) is None
