@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio.to_thread
@@ -41,7 +41,7 @@ class _Job:
     seed: int
     done: asyncio.Future[None]  # resolved (never with an error) once reply or error is set
     reply: Reply | None = None
-    error: BackendError | None = field(default=None)
+    error: BackendError | None = None
 
 
 class BatchQueue:

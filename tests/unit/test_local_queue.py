@@ -62,6 +62,17 @@ async def _submit_task(queue: BatchQueue, texts: list[str]) -> asyncio.Task[list
     return asyncio.get_running_loop().create_task(queue.submit([_call(t) for t in texts]))
 
 
+async def _left_mid_batch() -> tuple[GatedExecutor, BatchQueue]:
+    """A queue whose only caller is cancelled while its batch ("a1") runs in the executor."""
+    ex = GatedExecutor()
+    queue = BatchQueue("m", ex, max_batch=16, seed=0)
+    a = await _submit_task(queue, ["a1"])
+    await _until(ex.entered)
+    a.cancel()
+    await asyncio.sleep(0.01)
+    return ex, queue
+
+
 def test_a_batch_finishes_for_the_others_when_the_caller_running_it_is_cancelled() -> None:
     async def main() -> None:
         ex = GatedExecutor()
@@ -85,12 +96,7 @@ def test_a_batch_finishes_for_the_others_when_the_caller_running_it_is_cancelled
 
 def test_no_second_batch_starts_beside_one_whose_caller_was_cancelled() -> None:
     async def main() -> None:
-        ex = GatedExecutor()
-        queue = BatchQueue("m", ex, max_batch=16, seed=0)
-        a = await _submit_task(queue, ["a1"])
-        await _until(ex.entered)
-        a.cancel()
-        await asyncio.sleep(0.01)
+        ex, queue = await _left_mid_batch()
         b = await _submit_task(queue, ["b1"])
         await asyncio.sleep(0.05)
         assert len(ex.batches) == 1  # b waits for a's batch to leave the model
@@ -106,12 +112,7 @@ def test_no_second_batch_starts_beside_one_whose_caller_was_cancelled() -> None:
 
 def test_run_alone_waits_for_a_running_batch_even_after_its_caller_left() -> None:
     async def main() -> None:
-        ex = GatedExecutor()
-        queue = BatchQueue("m", ex, max_batch=16, seed=0)
-        a = await _submit_task(queue, ["a1"])
-        await _until(ex.entered)
-        a.cancel()
-        await asyncio.sleep(0.01)
+        ex, queue = await _left_mid_batch()
         seen: list[int] = []
         closing = asyncio.get_running_loop().create_task(
             queue.run_alone(lambda: seen.append(ex.running)))
