@@ -288,7 +288,7 @@ def test_options_are_validated_and_registered():
     assert isinstance(build_rollout(base), OpenAIChat)
     anyio.run(model.aclose)
     judge = build_chat(ModelConfig(name="j", backend="exact", model="exact"), "judge")
-    assert isinstance(judge, ExactJudge) and judge.identity() == {"backend": "exact", "rules": 2}
+    assert isinstance(judge, ExactJudge) and judge.identity() == {"backend": "exact", "rules": 3}
     with pytest.raises(ConfigError):
         build_chat(ModelConfig(name="j", backend="exact", model="exact", options={"x": 1}),
                    "judge")

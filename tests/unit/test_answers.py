@@ -1,5 +1,6 @@
 """Issue 10 item 2: the verdict cache never merges answers a judge would tell apart, and the
-`exact` judge compares numbers, signs, receptor/staging strings, sides and choice letters."""
+`exact` judge compares numbers, signs, receptor/staging strings, sides and choice letters, and
+never credits an answer that hedges between candidates or lists several."""
 
 from __future__ import annotations
 
@@ -74,6 +75,18 @@ PAIRS = [
     ("A", "B", False),
     ("(A)", "A. Pneumothorax", True),
     ("Pneumothorax", "A. Pneumothorax", True),
+    # one answer, not a hedge or a list (a sample that lists candidates is not correct)
+    ("(A) or (B)", "A", False),
+    ("Either A or B", "A", False),
+    ("A/B", "A", False),
+    ("C. A mass in the left lung", "C", True),  # "A" opens a sentence: an article
+    ("(C) A mass, B-cell lymphoma", "C", True),
+    ("Pneumonia or tuberculosis", "Pneumonia", False),
+    ("Pneumonia versus atelectasis", "pneumonia", False),
+    ("Pneumonia or tuberculosis", "Pneumonia or tuberculosis", True),  # the gold hedges too
+    ("5, 10, 15, 20", "10", False),
+    ("x = 5 or x = -5", "5", False),
+    ("10 mm lesion", "10 mm", True),
 ]
 
 
