@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.console import Console
 
-DEFERRED = ("no_mentor", "no_intern", "no_judge")  # infrastructure failures a resume retries
+from mics.run import INFRA_STOPS  # a failed call, or no working model: a resume retries them
 
 
 def _eta(seconds: float | None) -> str:
@@ -73,7 +73,7 @@ class RunProgress:
             self.session_done += 1
         if outcome.status == "succeeded":
             self.ok += 1
-        elif outcome.stop_reason in DEFERRED:
+        elif outcome.stop_reason in INFRA_STOPS:
             self.deferred += 1
         else:
             self.failed += 1
