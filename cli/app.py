@@ -224,7 +224,8 @@ def resume(
         help="With --data: the new directory image paths are under.")] = None,
     retry_failed: Annotated[bool, typer.Option(
         "--retry-failed", help="Also re-search questions that failed for an infrastructure "
-        "cause (a failed call), including runs made before deferral existed.")] = False,
+        "cause (a failed call), including runs made before deferral existed, and read again "
+        "records that could not be read (e.g. a missing image, now restored).")] = False,
     as_json: AsJson = False,
     every_s: ProgressEvery = 30.0,
 ) -> None:

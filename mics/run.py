@@ -365,12 +365,19 @@ async def search_run(
     resume point; finished questions after it go to `on_done` (details "skipped") as read;
     `on_gate` the session's call gate (its counts and tokens, for progress lines).
     `retry_failed` also re-searches questions stored as failed for an infrastructure cause
-    (see `infra_failed`), runs made before deferral included.
+    (see `infra_failed`), runs made before deferral included, and reads again the records that
+    could not be read (see `unreadable_records`).
     """
     started = time.perf_counter()
     with contextlib.nullcontext(store) if store else RunStore.open(run_dir, write=True) as store:
         config, dataset = load_run(store)
         retry = infra_failed(store) if retry_failed else set()
+        if retry_failed and store.writable:
+            unreadable = unreadable_records(store)
+            with store.transaction():  # read again: stored again if the record still fails
+                for key in unreadable:
+                    store.delete_question(key)
+            retry |= unreadable  # not empty: the whole dataset is read again
         items = dataset_items(dataset, store, on_done, config.dataset.format, retry)
         point = resume_point(store, dataset)
         total = dataset_total(dataset, store)
@@ -523,6 +530,15 @@ def run_activity(store: RunStore, summary: RunSummary) -> dict[str, Any]:
 
 
 INFRA_STOPS = ("no_mentor", "no_intern", "no_judge", "deferred")
+
+
+def unreadable_records(store: RunStore) -> set[str]:
+    """Keys of the records stored as failed because they could not be read (a missing image, a
+    bad field: `rid@lineN`, see Engine._record_failed). `--retry-failed` reads them again, so a
+    restored image or a corrected `--image-root` gets its question searched."""
+    return {qid for qid, rec in store.iter_questions()
+            if rec.get("status") == "failed" and rec.get("stop_reason") == "bad_record"
+            and not rec.get("retryable")}  # retryable ones (an image changed) retry anyway
 
 
 def infra_failed(store: RunStore) -> set[str]:

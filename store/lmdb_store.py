@@ -570,6 +570,29 @@ class RunStore:
 
         self._write(op)
 
+    def delete_question(self, qid: str) -> None:
+        """Remove a question's record (nothing when there is none); the status counts follow in
+        the same commit."""
+        k, dbs = _key(qid), self._shared().dbs
+
+        def op(txn: lmdb.Transaction) -> None:
+            old = txn.get(k, db=dbs["questions"])
+            if old is None:
+                return
+            counts = _counts_in(txn, dbs)
+            try:
+                was = _status_of(orjson.loads(old))
+            except orjson.JSONDecodeError:  # a damaged record: the total no longer matches,
+                was = None  # so the next reader recounts
+            if was is not None:
+                left = counts.pop(was, 0) - 1
+                if left > 0:
+                    counts[was] = left
+            txn.delete(k, db=dbs["questions"])
+            txn.put(_COUNTS_KEY, _enc_counts(counts, sum(counts.values())), db=dbs["meta"])
+
+        self._write(op)
+
     def get_question(self, qid: str) -> dict | None:
         """A question's record, or None."""
         return self._get("questions", _key(qid))

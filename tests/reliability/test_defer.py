@@ -160,6 +160,36 @@ def test_retry_failed_re_searches_an_old_run_s_infrastructure_failures(tmp_path:
             assert store.get_question("synthetic-002")["status"] == "failed"
 
 
+def test_retry_failed_reads_again_a_record_whose_image_was_missing(tmp_path: Path) -> None:
+    """A record whose image is missing is stored as failed (bad_record); a plain resume leaves
+    it, `--retry-failed` stores it as failed again (once) while the image is still missing,
+    and searches it once the image is back: no bad record is left over."""
+    data, images = write_demo_dataset(tmp_path / "data", n=2)
+    second = json.loads(data.read_text().splitlines()[1])
+    image = images / second["images"][0]
+    hidden = image.with_name(image.name + ".away")
+    image.rename(hidden)
+    with QuietLoopbackServer(MODELS) as srv:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(config_text(srv.url, max_depth=2))
+        run = tmp_path / "R"
+        start_run(run, load_config(cfg), data, images, None)
+        first = anyio.run(lambda: search_run(run))
+        assert (first.questions, first.failed, first.stop_reasons.get("bad_record")) == (2, 1, 1)
+        again = anyio.run(lambda: search_run(run, retry_failed=True))  # still missing:
+        assert (again.questions, again.failed, again.stop_reasons.get("bad_record")) == (2, 1, 1)
+        hidden.rename(image)
+        assert anyio.run(lambda: search_run(run)).failed == 1  # a plain resume leaves it
+        summary = anyio.run(lambda: search_run(run, retry_failed=True))
+        assert (summary.questions, summary.failed, summary.succeeded) == (2, 0, 2)
+        assert summary.stop_reasons.get("bad_record") is None
+        with RunStore.open(run, write=False) as store:
+            keys = [qid for qid, _rec in store.iter_questions()]
+            assert keys == ["synthetic-001", "synthetic-002"]
+            assert store.question_counts() == {("succeeded", r): n for r, n in
+                                               summary.stop_reasons.items()}
+
+
 def test_cli_resume_has_retry_failed() -> None:
     out = subprocess.run([sys.executable, "-m", "cli.app", "resume", "--help"], cwd=ROOT,
                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
