@@ -135,7 +135,8 @@ def _start(run: Path, cfg: RunConfig, data: Path, image_root: Path | None, limit
 def exit_code(summary: RunSummary) -> int:
     """The one place a finished search/resume becomes an exit code: 0 only when every question
     was decided; 130/143 after SIGINT/SIGTERM; 3 with deferred or unfinished questions (so
-    `mics search ... && mics export ...` never exports partial data unnoticed)."""
+    `mics search ... && mics export ...` never exports partial data unnoticed); 4 when no
+    record could be read."""
     return summary.exit_code
 
 

@@ -58,10 +58,14 @@ class RunSummary:
     def exit_code(self) -> int:
         """0 only for a run with every question decided: 128 + signal after a stop, 3 when
         questions are deferred or unfinished (so `search && export` never exports partial
-        data unnoticed)."""
+        data unnoticed), 4 when no record could be read (every one a bad record: nothing was
+        searched, typically a wrong --image-root)."""
         if self.stop_signal is not None:
             return 128 + self.stop_signal
-        return 3 if self.deferred or self.pending else 0
+        if self.deferred or self.pending:
+            return 3
+        unreadable = self.stop_reasons.get("bad_record", 0)
+        return 4 if unreadable and unreadable == self.questions else 0
 
     def deferred_line(self) -> str | None:
         """The one line that says what is deferred and why, or None."""

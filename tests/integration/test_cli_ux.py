@@ -108,8 +108,9 @@ def test_warnings_for_an_empty_dataset_and_all_records_failed(tmp_path):
     assert "warning: the dataset has no records" in proc.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"rid": "a"}\n{"rid": "b", "messages": []}\n')
-    proc = mics("search", bad, "-c", EXAMPLE, "--run", tmp_path / "B")
+    proc = mics("search", bad, "-c", EXAMPLE, "--run", tmp_path / "B", check=False)
     assert "warning: every record failed (2)" in proc.stderr
+    assert proc.returncode == 4  # nothing could be read: `search && export` stops here
 
 
 # ---------------------------------------------------------------- nothing created by a bad start
