@@ -39,7 +39,7 @@ from backends.images import data_url
 from backends.keys import call_key
 from backends.sglang_router import Router, check_mode, generate_each, router_for
 from backends.template_source import load_chat_template
-from mics.config import ConfigError, ModelConfig, parse_options
+from mics.config import ConfigError, ModelConfig, check_url, parse_options
 from mics.types import Image, Prompt, Reply, Text, Usage
 
 FAMILIES = ("qwen2-vl", "internvl", "text")
@@ -75,6 +75,8 @@ class SGLangOptions:
         if not isinstance(opts.urls, list) or not all(isinstance(u, str) and u
                                                       for u in opts.urls):
             raise ConfigError(f"{where}: options.urls must be a list of server URLs")
+        for i, url in enumerate(opts.urls):
+            check_url(url, f"{where}: options.urls[{i}]")
         if not cfg.base_url:
             raise ConfigError(f"{where}: base_url is required for sglang")
         check_mode(cfg.name, opts.mode)

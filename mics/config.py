@@ -6,6 +6,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from mics.errors import ConfigError
 from mics.prompts import DEFAULT_PACK, MEDICAL, PACKS, pack_templates
@@ -262,7 +263,31 @@ def _parse_model(table: Any, where: str) -> ModelConfig:
         raise ConfigError(f"{where}.max_rate_limit_wait_s: must be >= 0")
     if cfg.breaker_after < 0:
         raise ConfigError(f"{where}.breaker_after: must be >= 0 (0 turns the breaker off)")
+    if cfg.base_url:
+        check_url(cfg.base_url, f"{where}.base_url")
     return cfg
+
+
+def check_url(url: str, where: str) -> None:
+    """An endpoint URL must be http(s) with a host and a valid port: anything else would only
+    fail at the first call, retried as if the server were down."""
+    problem = ""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # a ValueError when out of range or not a number
+    except ValueError as e:
+        problem = str(e)
+    else:
+        if parts.scheme not in ("http", "https"):
+            problem = "it must start with http:// or https://"
+        elif not parts.hostname:
+            problem = "it names no host"
+        elif port == 0:
+            problem = "port 0 is not a server's port"
+        elif any(c.isspace() for c in url):
+            problem = "it contains white space"
+    if problem:
+        raise ConfigError(f"{where}: {url!r} is not an endpoint URL: {problem}")
 
 
 def _parse_prompts(table: Any, new_run: bool = True) -> PromptTemplates:

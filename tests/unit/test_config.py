@@ -43,6 +43,14 @@ def test_defaults_follow_the_reference_and_fix_its_bugs():
                                                                 "temperature must be >= 0"),
     (lambda d: d["search"].update(judge_temperature=-1.0), "[search].judge_temperature"),
     (lambda d: d["search"].update(intern_max_tokens=0), "[search].intern_max_tokens"),
+    # an endpoint URL that could never be reached fails here, not as an outage at run time
+    (lambda d: d["mentors"][0].update(base_url="not a url"), "[[mentors]] #1.base_url: 'not a "
+                                                             "url' is not an endpoint URL"),
+    (lambda d: d["judge"].update(base_url="127.0.0.1:8000/v1"), "must start with http://"),
+    (lambda d: d["interns"][0].update(base_url="http://"), "[[interns]] #1.base_url: 'http://'"
+                                                           " is not an endpoint URL: it names "
+                                                           "no host"),
+    (lambda d: d["mentors"][1].update(base_url="http://127.0.0.1:99999/v1"), "out of range"),
 ])
 def test_errors_name_the_key(mutate, needle):
     data = sim_config()
@@ -50,6 +58,23 @@ def test_errors_name_the_key(mutate, needle):
     with pytest.raises(ConfigError) as e:
         parse_config(data)
     assert needle in str(e.value)
+
+
+def test_endpoint_urls_that_are_accepted():
+    data = sim_config()
+    for i, url in enumerate(["http://127.0.0.1:30000", "https://api.openai.com/v1",
+                             "http://[::1]:8000/v1"]):
+        data["mentors"][i % 2]["base_url"] = url
+        assert parse_config(data).mentors[i % 2].base_url == url
+
+
+def test_sglang_server_urls_are_checked():
+    data = sim_config()
+    data["interns"][0].update(backend="sglang", base_url="http://127.0.0.1:30000",
+                              options={"urls": ["http://127.0.0.1:30001", "localhost:30002"]})
+    with pytest.raises(ConfigError, match=r"options.urls\[1\]: 'localhost:30002' is not an "
+                                          "endpoint URL"):
+        build_rollout(parse_config(data).interns[0])
 
 
 def test_restart_mode():
