@@ -145,6 +145,49 @@ class RunConfig:
         return parse_config(d, where="stored config", new_run=False)
 
 
+# What a later session of a run may change: where and how its models are reached. No memo key
+# holds these (a key holds a model's identity, prompt and sampling), so stored calls stay
+# valid; the `model` itself and every option that shapes a reply are not among them.
+ENDPOINT_FIELDS = frozenset({
+    "base_url", "api_key_env", "max_concurrency", "requests_per_minute", "tokens_per_minute",
+    "timeout_s", "max_retries", "backoff_s", "max_backoff_s", "max_rate_limit_wait_s",
+    "breaker_after", "breaker_cooldown_s"})
+ENDPOINT_OPTIONS = frozenset({"urls"})  # an SGLang intern's further servers
+ENDPOINT_SEARCH = frozenset({"concurrency"})  # questions at once: the trees do not depend on it
+
+
+def config_changes(old: RunConfig, new: RunConfig) -> tuple[list[str], list[str]]:
+    """(endpoint settings that differ, everything else that differs) from `old` to `new`, as
+    key paths such as ``[[mentors]] #1 (m1).base_url`` or ``[search].max_depth``."""
+    endpoint: list[str] = []
+    other: list[str] = []
+    a, b = old.to_dict(), new.to_dict()
+    for section in a:
+        x, y = a[section], b[section]
+        if section in ("mentors", "interns", "judge"):
+            label = "[judge]" if section == "judge" else f"[[{section}]]"
+            xs, ys = ([x], [y]) if section == "judge" else (list(x), list(y))
+            if len(xs) != len(ys):
+                other.append(f"{label}: {len(xs)} model(s), now {len(ys)}")
+                continue
+            for i, (m, n) in enumerate(zip(xs, ys, strict=True)):
+                where = label if section == "judge" else f"{label} #{i + 1} ({m['name']})"
+                for key in m:
+                    if key == "options":
+                        for opt in sorted(set(m[key]) | set(n[key])):
+                            if m[key].get(opt) != n[key].get(opt):
+                                (endpoint if opt in ENDPOINT_OPTIONS else other).append(
+                                    f"{where}.options.{opt}")
+                    elif m[key] != n[key]:
+                        (endpoint if key in ENDPOINT_FIELDS else other).append(f"{where}.{key}")
+        else:
+            for key in x:
+                if x[key] != y[key]:
+                    (endpoint if section == "search" and key in ENDPOINT_SEARCH else other
+                     ).append(f"[{section}].{key}")
+    return endpoint, other
+
+
 def _check_keys(table: dict[str, Any], cls: type, where: str) -> None:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(table) - known)

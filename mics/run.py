@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import logging
 import os
 import time
 import uuid
@@ -26,13 +27,15 @@ from backends.images import CACHE_DIR_NAME as IMAGE_CACHE_DIR
 from backends.images import use_directory as use_image_directory
 from backends.registry import build_chat, build_rollout
 from mics import __version__, records
-from mics.config import ConfigError, RunConfig
+from mics.config import ConfigError, RunConfig, config_changes
 from mics.dataset import Cursor, read_dataset
 from mics.engine import FINISHED, RETRYABLE, Engine, Models
 from mics.errors import RunError
 from mics.gc_quiet import quiet_gc
 from mics.types import Outcome, Question, RecordError
 from store import RunStore, StoreError
+
+LOG = logging.getLogger("mics")
 
 
 @dataclass
@@ -112,8 +115,13 @@ def describe_dataset(data: Path, image_root: Path | None, limit: int | None) -> 
             "image_root": str(image_root.resolve()) if image_root else None, "limit": limit}
 
 
-def record_run(store: RunStore, config: RunConfig, dataset: dict[str, Any]) -> None:
-    """Record a new run's config and dataset, or check a re-run against what is stored."""
+def record_run(store: RunStore, config: RunConfig, dataset: dict[str, Any]) -> list[str]:
+    """Record a new run's config and dataset, or check a re-run against what is stored.
+
+    A re-run may change endpoint settings only (`config.ENDPOINT_FIELDS`: a server's new URL
+    or port, a key variable, limits, timeouts, retries): the new config is stored and the
+    changed keys returned (and logged on the "mics" logger). Any other change is a RunError
+    naming the keys."""
     run_dir = store.run_dir
     stored = store.get_meta("config")
     if stored is None or store.get_meta("dataset") is None:  # new (or never fully recorded)
@@ -121,13 +129,24 @@ def record_run(store: RunStore, config: RunConfig, dataset: dict[str, Any]) -> N
             store.put_meta("config", config.to_dict())
             store.put_meta("dataset", dataset)
             store.put_meta("created", {"time": time.time(), "mics": __version__})
-        return
-    if RunConfig.from_dict(stored) != config:
-        raise RunError(f"{run_dir} holds a run with a different config; resume it with "
-                       f"`mics resume {run_dir}` or choose a new --run directory")
+        return []
     if store.get_meta("dataset") != dataset:
         raise RunError(f"{run_dir} holds a run over a different dataset, image root or "
                        f"limit; resume it with `mics resume {run_dir}` or choose a new --run")
+    old = RunConfig.from_dict(stored)
+    if old == config:
+        return []
+    endpoint, other = config_changes(old, config)
+    if other:
+        shown = ", ".join(other[:4]) + (f" and {len(other) - 4} more" if len(other) > 4 else "")
+        raise RunError(f"{run_dir} holds a run with a different config ({shown}); between "
+                       "sessions only endpoint settings may change (base_url, api_key_env, "
+                       "limits, timeouts, retries): resume it with `mics resume "
+                       f"{run_dir}` or choose a new --run directory")
+    store.put_meta("config", config.to_dict())
+    LOG.warning("%s: endpoint settings changed since the last session: %s (stored calls stay "
+                "valid; a new base_url must serve the same model)", run_dir, ", ".join(endpoint))
+    return endpoint
 
 
 def start_run(run_dir: Path, config: RunConfig, data: Path, image_root: Path | None,

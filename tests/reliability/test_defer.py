@@ -103,6 +103,38 @@ def test_a_down_mentor_defers_then_resume_sends_only_the_missing_calls(tmp_path:
         assert (tmp_path / "done" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
 
 
+def test_a_server_that_moved_is_given_by_re_running_search_with_its_new_url(
+        tmp_path: Path) -> None:
+    """m1 fails, its questions are deferred; the server comes back on another port. Re-running
+    `search` with the new base_url (and another concurrency) continues the same run: only the
+    missing calls are sent. A change to anything else is refused, naming the key."""
+    srv, run, args = _forced(tmp_path, {"m1": "500"})
+    try:
+        assert run_mics(args).rc == 3
+        delivered = {e.key for e in srv.log if e.ok}
+    finally:
+        srv.stop()
+    with QuietLoopbackServer(MODELS) as moved:
+        cfg = tmp_path / "moved.toml"
+        cfg.write_text(config_text(moved.url, max_retries=1, max_depth=2, concurrency=4))
+        changed = [*args[:5], cfg, *args[6:]]
+        s = run_mics(changed)
+        assert s.rc == 0, s.stderr
+        said = " ".join(s.stderr.split())
+        assert "endpoint settings changed since the last session" in said
+        assert "[[mentors]] #2 (m1).base_url" in said and "[search].concurrency" in said
+        assert [e for e in moved.log if e.ok and e.key in delivered] == []
+        assert any(e.model == "m1" for e in moved.log)
+        with RunStore.open(run, write=False) as store:
+            assert {r["status"] for _q, r in store.iter_questions()} <= {"succeeded", "failed"}
+            assert store.get_meta("config")["mentors"][0]["base_url"] == f"{moved.url}/v1"
+        deeper = tmp_path / "deeper.toml"
+        deeper.write_text(config_text(moved.url, max_retries=1, max_depth=3))
+        refused = run_mics([*args[:5], deeper, *args[6:]])
+    assert refused.rc == 2
+    assert "different config ([search].max_depth)" in " ".join(refused.stderr.split())
+
+
 @pytest.mark.parametrize(("forced", "role"), [({"i2": "503"}, "intern"),
                                               ({"judge": "500"}, "judge")])
 def test_failed_samples_defer_by_default_and_count_wrong_on_request(

@@ -8,7 +8,7 @@ import pytest
 from helpers import ROOT, sim_config
 
 from backends.registry import build_chat, build_rollout
-from mics.config import ConfigError, load_config, parse_config
+from mics.config import ConfigError, config_changes, load_config, parse_config
 
 
 def test_defaults_follow_the_reference_and_fix_its_bugs():
@@ -168,3 +168,22 @@ def test_checks_for_new_runs_never_block_reading_a_stored_run():
         parse_config(data)
     stored = RunConfig.from_dict(data)
     assert stored.search.intern_top_k == 0 and stored.prompts.intern.startswith("Q: ")
+
+
+def test_config_changes_tell_endpoint_settings_from_what_shapes_a_reply():
+    old = parse_config(sim_config())
+    data = sim_config()
+    data["mentors"][0].update(base_url="http://127.0.0.1:9/v1", max_concurrency=3,
+                              api_key_env="OTHER_KEY", timeout_s=9.0)
+    data["interns"][0]["options"] = {**data["interns"][0].get("options", {}), "urls": []}
+    data["search"]["concurrency"] = 2
+    endpoint, other = config_changes(old, parse_config(data))
+    assert other == []
+    assert {p.rsplit(".", 1)[-1] for p in endpoint} == {
+        "base_url", "max_concurrency", "api_key_env", "timeout_s", "urls", "concurrency"}
+    data["mentors"][0]["model"] = "another"
+    data["search"]["max_depth"] = 4
+    data["interns"][1]["options"] = {**data["interns"][1].get("options", {}), "x": 1}
+    _endpoint, other = config_changes(old, parse_config(data))
+    assert other == ["[search].max_depth", "[[mentors]] #1 (m0).model",
+                     "[[interns]] #2 (i1).options.x"]
