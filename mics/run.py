@@ -118,35 +118,62 @@ def describe_dataset(data: Path, image_root: Path | None, limit: int | None) -> 
 def record_run(store: RunStore, config: RunConfig, dataset: dict[str, Any]) -> list[str]:
     """Record a new run's config and dataset, or check a re-run against what is stored.
 
-    A re-run may change endpoint settings only (`config.ENDPOINT_FIELDS`: a server's new URL
-    or port, a key variable, limits, timeouts, retries): the new config is stored and the
+    A re-run may raise the record limit (a pilot run with `--limit 20`, then all records) and
+    change endpoint settings (`config.ENDPOINT_FIELDS`: a server's new URL or port, a key
+    variable, limits, timeouts, retries): the new values are stored in one commit, and the
     changed keys returned (and logged on the "mics" logger). Any other change is a RunError
-    naming the keys."""
+    naming what differs."""
     run_dir = store.run_dir
     stored = store.get_meta("config")
-    if stored is None or store.get_meta("dataset") is None:  # new (or never fully recorded)
+    was = store.get_meta("dataset")
+    if stored is None or was is None:  # new (or never fully recorded)
         with store.transaction():  # one commit: a kill leaves all of it or none
             store.put_meta("config", config.to_dict())
             store.put_meta("dataset", dataset)
             store.put_meta("created", {"time": time.time(), "mics": __version__})
         return []
-    if store.get_meta("dataset") != dataset:
-        raise RunError(f"{run_dir} holds a run over a different dataset, image root or "
-                       f"limit; resume it with `mics resume {run_dir}` or choose a new --run")
+    raised = was != dataset and _limit_raised(was, dataset)
+    if was != dataset and not raised:
+        raise RunError(f"{run_dir} holds a run over {_dataset_difference(was, dataset)}; resume "
+                       f"it with `mics resume {run_dir}` or choose a new --run directory")
     old = RunConfig.from_dict(stored)
-    if old == config:
-        return []
-    endpoint, other = config_changes(old, config)
+    endpoint, other = ([], []) if old == config else config_changes(old, config)
     if other:
         shown = ", ".join(other[:4]) + (f" and {len(other) - 4} more" if len(other) > 4 else "")
         raise RunError(f"{run_dir} holds a run with a different config ({shown}); between "
                        "sessions only endpoint settings may change (base_url, api_key_env, "
                        "limits, timeouts, retries): resume it with `mics resume "
                        f"{run_dir}` or choose a new --run directory")
-    store.put_meta("config", config.to_dict())
-    LOG.warning("%s: endpoint settings changed since the last session: %s (stored calls stay "
-                "valid; a new base_url must serve the same model)", run_dir, ", ".join(endpoint))
+    with store.transaction():
+        if endpoint:
+            store.put_meta("config", config.to_dict())
+        if raised:
+            store.put_meta("dataset", dataset)
+    if endpoint:
+        LOG.warning("%s: endpoint settings changed since the last session: %s (stored calls "
+                    "stay valid; a new base_url must serve the same model)", run_dir,
+                    ", ".join(endpoint))
+    if raised:
+        LOG.warning("%s: the record limit is raised from %s to %s; finished questions are "
+                    "kept", run_dir, was["limit"], dataset["limit"] or "every record")
     return endpoint
+
+
+def _limit_raised(was: dict[str, Any], now: dict[str, Any]) -> bool:
+    """The same dataset and image root, read further: a limit raised, or lifted (None)."""
+    return ({**was, "limit": None} == {**now, "limit": None} and was.get("limit") is not None
+            and (now["limit"] is None or now["limit"] > was["limit"]))
+
+
+def _dataset_difference(was: dict[str, Any], now: dict[str, Any]) -> str:
+    if was.get("sha256") != now.get("sha256") or was.get("path") != now.get("path"):
+        return (f"another dataset ({was.get('path')}, sha256 {str(was.get('sha256'))[:12]}; "
+                f"given: {now.get('path')}, sha256 {str(now.get('sha256'))[:12]})")
+    if was.get("image_root") != now.get("image_root"):
+        return (f"another image root ({was.get('image_root')}; given: {now.get('image_root')}; "
+                "`mics resume RUN --data PATH --image-root NEW_ROOT` moves it)")
+    before = "every record" if was.get("limit") is None else f"at most {was['limit']} records"
+    return f"{before} (a limit can only be raised; given: --limit {now.get('limit')})"
 
 
 def start_run(run_dir: Path, config: RunConfig, data: Path, image_root: Path | None,

@@ -331,3 +331,32 @@ def test_search_with_api_backends_never_imports_torch(tmp_path, demo):
         out = command_imports("search", data, "--image-root", images, "-c", cfg,
                               "--run", tmp_path / "R", "--limit", "2")
     assert out.heavy == []
+
+
+def test_a_pilot_run_s_limit_can_be_raised_and_nothing_else(tmp_path, demo):
+    """`--limit 2`, then `--limit 5`, then every record: one run, finished questions kept and
+    never searched again; a smaller limit or another image root is refused, saying which."""
+    data, images = demo
+    base = ["search", data, "--image-root", images, "-c", EXAMPLE, "--run", tmp_path / "R"]
+    first = json.loads(mics(*base, "--limit", "2", "--json").stdout)
+    assert first["questions"] == 2 and first["total"] == 2
+    with RunStore.open(tmp_path / "R", write=False) as store:
+        calls = store.call_count()
+        before = {q: r["outcome"] for q, r in store.iter_questions()}
+    more = mics(*base, "--limit", "5", "--json")
+    summary = json.loads(more.stdout)
+    assert summary["questions"] == 5 and summary["total"] == 5
+    assert "the record limit is raised from 2 to 5" in " ".join(more.stderr.split())
+    with RunStore.open(tmp_path / "R", write=False) as store:
+        assert {q: store.get_question(q)["outcome"] for q in before} == before
+        new_calls = [c for c in store.iter_calls()[calls:]]
+        assert new_calls and not {c["qid"] for c in new_calls} & set(before)
+    every = json.loads(mics(*base, "--json").stdout)
+    assert every["questions"] == 12 and every["total"] == 12
+    line = one_error_line(mics(*base, "--limit", "3", check=False))
+    assert "every record (a limit can only be raised; given: --limit 3)" in line
+    moved = tmp_path / "images2"
+    shutil.copytree(images, moved)
+    line = one_error_line(mics("search", data, "--image-root", moved, "-c", EXAMPLE, "--run",
+                               tmp_path / "R", check=False))
+    assert "another image root" in line and "--image-root NEW_ROOT" in line
