@@ -358,8 +358,9 @@ def export(
         "--prm-label", help="prm step labels: positive (value > 0, Math-Shepherd's hard "
         "label) | full (value == 1).")] = "positive",
     exclude_leaks: Annotated[bool, typer.Option(
-        "--exclude-leaks", help="Leave out questions whose chosen path has a step that states "
-        "the correct answer (step-values / preferences: leaking steps).")] = False,
+        "--exclude-leaks", help="Leave out whole questions whose chosen path has a step that "
+        "states the correct answer; in the others, step-values / preferences / prm also leave "
+        "out each step that states it and the steps continuing from it.")] = False,
 ) -> None:
     """Write training data; `reference` is results.jsonl + failed.jsonl (Chiron-o1 schema).
 
@@ -411,7 +412,7 @@ def export(
                       f"{where}" + (f" ({counts['pending']} questions not finished)"
                                     if counts["pending"] else ""))
     for f, n in counts.items():
-        if f not in ("results", "failed", "pending", "partial"):
+        if f not in ("results", "failed", "pending", "partial", "leaks_left_out"):
             console.print(f"wrote {n} {escape(f)} records to {where}")
     if {"sft", "sharegpt"} & set(formats):
         partial = counts.get("partial", 0)
@@ -420,6 +421,10 @@ def export(
             "without one (--include-partial)" if include_partial else
             f"only chains that reached a full score; {partial} that stopped at max depth "
             "without one left out (--include-partial adds them)"))
+    if exclude_leaks:
+        console.print(f"--exclude-leaks: {counts.get('leaks_left_out', 0)} questions left out "
+                      "(their chosen path states the answer); step-level files also leave out "
+                      "leaking steps and the steps continuing from them")
 
 
 # ---------------------------------------------------------------- doctor and demo

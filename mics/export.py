@@ -156,7 +156,9 @@ class Filters:
     ``min_score``: the last chosen step's score is at least this (failed questions score 0);
     ``only_full_score``: the search stopped on a full score; ``max_depth``: the final depth is
     at most this; ``exclude_leaks``: no step of the chosen path, and nothing in the exported
-    reasoning before its last step, states the correct answer.
+    reasoning before its last step, states the correct answer (and, in the questions kept,
+    step-level formats leave out every step that states it and every step continuing from one:
+    see `prune`).
     """
 
     min_score: float | None = None
@@ -166,8 +168,7 @@ class Filters:
 
     def keep(self, sq: StoredQuestion, nodes: Sequence[Node]) -> bool:
         """Whether a question passes every filter."""
-        if self.exclude_leaks and (question_leaks(sq) or any(
-                n.leaks_answer for n in chosen_path(nodes) if n.depth >= 0)):
+        if self.exclude_leaks and self.leaks(sq, nodes):
             return False
         diff = difficulty(sq, nodes)
         if self.only_full_score and diff["stop_kind"] != "full_score":
@@ -181,6 +182,35 @@ class Filters:
             if final < self.min_score:
                 return False
         return True
+
+    @staticmethod
+    def leaks(sq: StoredQuestion, nodes: Sequence[Node]) -> bool:
+        """The question's chosen path, or its exported reasoning, states the correct answer."""
+        return question_leaks(sq) or any(n.leaks_answer for n in chosen_path(nodes)
+                                         if n.depth >= 0)
+
+    def prune(self, nodes: Sequence[Node]) -> list[Node]:
+        """The nodes step-level exports (step values, preferences, prm) draw from: with
+        ``exclude_leaks``, none that states the answer and none below one (its prefix carries
+        the answer, so its interns' pass rate is no label either)."""
+        if not self.exclude_leaks:
+            return list(nodes)
+        by_id = {n.node_id: n for n in nodes}
+        verdict: dict[str, bool] = {}
+
+        def tainted(n: Node) -> bool:
+            chain = []
+            node: Node | None = n
+            while node is not None and node.node_id not in verdict:
+                chain.append(node)
+                node = by_id.get(node.parent_id) if node.parent_id else None
+            bad = verdict.get(node.node_id, False) if node is not None else False
+            for c in reversed(chain):  # from the topmost unknown ancestor down
+                bad = bad or c.leaks_answer
+                verdict[c.node_id] = bad
+            return verdict[n.node_id]
+
+        return [n for n in nodes if not tainted(n)]
 
     @property
     def active(self) -> bool:
@@ -356,15 +386,20 @@ def step_value_records(sq: StoredQuestion, nodes: Sequence[Node]) -> list[dict[s
 # ---------------------------------------------------------------- writing
 
 
-def exportable_questions(store: RunStore, filters: Filters
+def exportable_questions(store: RunStore, filters: Filters,
+                         left_out: dict[str, int] | None = None
                          ) -> Iterator[tuple[StoredQuestion, list[Node]]]:
-    """(question record, tree nodes) of every finished question the filters keep."""
+    """(question record, tree nodes) of every finished question the filters keep, the nodes
+    pruned by `Filters.prune`; `left_out["leaks"]` counts the questions left out because
+    they leak (with ``exclude_leaks``)."""
     for sq in read_questions(store):
         if not sq.finished or sq.question is None:
             continue  # pending questions and unreadable records have no tree to export
         nodes = read_nodes(store, sq.qid)
         if filters.keep(sq, nodes):
-            yield sq, nodes
+            yield sq, filters.prune(nodes)
+        elif left_out is not None and filters.exclude_leaks and filters.leaks(sq, nodes):
+            left_out["leaks"] = left_out.get("leaks", 0) + 1
 
 
 def is_partial(sq: StoredQuestion) -> bool:
@@ -428,11 +463,19 @@ def export(store: RunStore, out_dir: Path, formats: list[str], filters: Filters 
     root = image_root.resolve() if image_root is not None else run_image_root(store)
     pack = run_pack(store)
     counts: dict[str, int] = {}
+    left_out: dict[str, int] = {}
     if "reference" in formats:
         def keep(sq: StoredQuestion) -> bool:
-            return filters.keep(sq, read_nodes(store, sq.qid))
+            nodes = read_nodes(store, sq.qid)
+            if filters.keep(sq, nodes):
+                return True
+            if filters.exclude_leaks and filters.leaks(sq, nodes):
+                left_out["reference"] = left_out.get("reference", 0) + 1
+            return False
 
         counts.update(export_reference(store, out_dir, keep if filters.active else None))
+        if filters.exclude_leaks:
+            counts["leaks_left_out"] = left_out.get("reference", 0)
     others = [k for f in FORMATS if f in formats and f != "reference"
               for k in OUTPUTS.get(f, (f,))]
     if not others:
@@ -443,7 +486,7 @@ def export(store: RunStore, out_dir: Path, formats: list[str], filters: Filters 
         for f in others:
             counts[f] = 0
         counts["partial"] = 0
-        for sq, nodes in exportable_questions(store, filters):
+        for sq, nodes in exportable_questions(store, filters, left_out):
             counts["partial"] += is_partial(sq)
             for f in others:
                 for r in export_rows(f, sq, nodes, answer_in_target, root, prm_label,
@@ -453,6 +496,8 @@ def export(store: RunStore, out_dir: Path, formats: list[str], filters: Filters 
     finally:
         for h in handles.values():
             h.close()
+    if filters.exclude_leaks:
+        counts["leaks_left_out"] = left_out.get("leaks", 0)
     for f, p in tmp.items():
         p.replace(out_dir / FILES[f])
     if "sft" in others:

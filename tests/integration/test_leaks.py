@@ -186,6 +186,44 @@ def test_exports_carry_the_flag_and_exclude_leaks_filters(tmp_path: Path) -> Non
     assert clean and not any(r["leaks_answer"] for r in clean)
     assert not leaking & {r["rid"] for r in clean}
     assert counts_clean["results"] < counts_all["results"]
+    assert counts_clean["leaks_left_out"] == len(leaking)
+
+
+def test_exclude_leaks_drops_leaking_steps_and_what_continues_them(tmp_path: Path) -> None:
+    """In the questions kept, step-level exports leave out every leaking step and every step
+    below one (its prefix holds the answer); clean steps of those questions stay."""
+    qs = make_questions(8)
+    steps = ["step-values", "preferences", "prm"]
+    with RunStore.open(tmp_path / "r", create=True) as store:
+        run_engine(store, parse_config(leak_config("flag", leak_rate=0.3)), qs)
+        export(store, tmp_path / "all", ["reference", *steps])
+        counts = export(store, tmp_path / "clean", steps, Filters(exclude_leaks=True))
+        trees = {q.qid: {n["node_id"]: n for n in store.get_nodes(q.qid)} for q in qs}
+
+    def read(where: str, name: str) -> list[dict]:
+        return [json.loads(x) for x in (tmp_path / where / name).read_text().splitlines()]
+
+    def tainted(qid: str, node_id: str) -> bool:
+        node = trees[qid].get(node_id)
+        while node is not None:
+            if node["leaks_answer"]:
+                return True
+            node = trees[qid].get(node["parent_id"] or "")
+        return False
+
+    leaking_q = {r["rid"] for r in read("all", "results.jsonl") if r["leaks_answer"]}
+    every, kept = read("all", "step_values.jsonl"), read("clean", "step_values.jsonl")
+    expected = [r for r in every if r["rid"] not in leaking_q
+                and not tainted(r["rid"], r["node_id"])]
+    assert kept == expected and counts["step-values"] == len(expected)
+    assert any(tainted(r["rid"], r["node_id"]) for r in every if r["rid"] not in leaking_q)
+    assert counts["leaks_left_out"] == len(leaking_q)
+    for pair in read("clean", "preferences.jsonl"):
+        meta = pair["metadata"]
+        assert not tainted(meta["rid"], meta["chosen"]["node_id"])
+        assert not tainted(meta["rid"], meta["rejected"]["node_id"])
+    for row in read("clean", "prm.jsonl"):
+        assert not any(row["metadata"]["leaks_answer"])
 
 
 def test_inspect_and_viz_show_leaks_and_mentor_errors(tmp_path: Path) -> None:
