@@ -87,7 +87,8 @@ def _summary_tables(s: dict[str, Any], max_trees: int) -> list[Table]:
     t = s["totals"]
     overview = _table("run", ["", "value"], [
         ["run directory", s["run"]], ["questions", t["questions"]],
-        ["succeeded (accepted)", t["succeeded"]], ["failed", t["failed"]],
+        ["succeeded: full score (accepted) / max depth",
+         f"{t['succeeded']}: {t['accepted']} / {t['max_depth']}"], ["failed", t["failed"]],
         ["not finished", t["pending"]], ["tree nodes", t["node_count"]],
         ["model calls (failed)", f"{t['calls']} ({t['failed_calls']})"],
         ["tokens in / cached / out",

@@ -372,14 +372,19 @@ def run_summary(store: RunStore, prices: dict[str, dict[str, float]] | None = No
     score_rows, mentor_rows = _by_depth(trees)
     accuracy, agreement = _interns(trees)
     roles, models = _usage_rows(store, prices or {}, _model_ids(store.get_meta("config")))
-    accepted = status.get("succeeded", 0)
+    succeeded = status.get("succeeded", 0)
+    # accepted: the chains a trainer gets by default (`mics export -f sft`): full score only;
+    # a success that stopped at max depth is not one of them
+    accepted = sum(s["status"] == "succeeded" and s["stop_kind"] == "full_score"
+                   for s in summaries)
     cost: float | None = None
     if roles:
         cost = None if any(r["cost"] is None for r in roles) else sum(r["cost"] for r in roles)
     tokens = sum(r["prompt_tokens"] + r["completion_tokens"] for r in roles)
     totals = {
-        "questions": len(summaries), "succeeded": accepted, "failed": status.get("failed", 0),
-        "pending": len(summaries) - accepted - status.get("failed", 0),
+        "questions": len(summaries), "succeeded": succeeded, "accepted": accepted,
+        "max_depth": succeeded - accepted, "failed": status.get("failed", 0),
+        "pending": len(summaries) - succeeded - status.get("failed", 0),
         "node_count": sum(s["node_count"] for s in summaries),
         "calls": sum(r["calls"] for r in roles),
         "failed_calls": sum(r["failed_calls"] for r in roles),

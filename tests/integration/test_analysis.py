@@ -20,6 +20,7 @@ from mics.analysis import (
     chosen_path,
     load_prices,
     load_tree,
+    load_trees,
     run_summary,
     stop_kind,
     tree_json,
@@ -116,7 +117,12 @@ def test_cost_per_accepted_with_every_price(run):
         s = run_summary(store, {n: price for n in names})
     t = s["totals"]
     assert t["cost"] == pytest.approx((t["prompt_tokens"] + t["completion_tokens"]) / 1e6)
-    assert t["cost_per_accepted"] == pytest.approx(t["cost"] / 5)
+    # accepted: the full-score chains (what `export -f sft` keeps), not max-depth successes
+    with RunStore.open(run, write=False) as store:
+        full = sum(tree_summary(g)["stop_kind"] == "full_score" for g in load_trees(store))
+    assert 0 < t["accepted"] == full and t["succeeded"] == 5
+    assert t["accepted"] + t["max_depth"] == t["succeeded"]
+    assert t["cost_per_accepted"] == pytest.approx(t["cost"] / full)
 
 
 def test_prices_by_model_id_and_validation(tmp_path):
