@@ -26,10 +26,14 @@ def api_key(cfg: ModelConfig) -> str | None:
         return None
     key = os.environ.get(cfg.api_key_env)
     if not key:
-        raise PermanentError(
-            f"{cfg.name}: environment variable {cfg.api_key_env} is not set (it holds the API key)"
-        )
+        raise PermanentError(f"{cfg.name}: {key_missing(cfg.api_key_env)}")
     return key
+
+
+def key_missing(name: str) -> str:
+    """Why the API key variable `name` gives no key: unset, or set to nothing."""
+    state = "is empty" if name in os.environ else "is not set"
+    return f"environment variable {name} {state} (it holds the API key)"
 
 
 def redact(text: str, cfg: ModelConfig) -> str:

@@ -16,7 +16,14 @@ from typing import Any
 import httpx
 
 from backends.base import BackendError, Call, PermanentError, TransientError, gather
-from backends.http import api_key, check_response, make_client, redact, transport_error
+from backends.http import (
+    api_key,
+    check_response,
+    key_missing,
+    make_client,
+    redact,
+    transport_error,
+)
 from backends.images import data_url
 from backends.messages import chat_messages
 from mics.config import ConfigError, ModelConfig, parse_options
@@ -66,8 +73,7 @@ class OpenAIOptions:
         if not cfg.base_url:
             raise ConfigError(f"{where}: the openai backend needs base_url")
         if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
-            raise ConfigError(f"{where}: environment variable {cfg.api_key_env} "
-                              "is not set (it holds the API key)")
+            raise ConfigError(f"{where}: {key_missing(cfg.api_key_env)}")
         return opts
 
 

@@ -217,8 +217,9 @@ def _typed(value: Any, default: Any, key: str, where: str) -> Any:
     else:
         ok = True
     if not ok:
+        expected = "a list of numbers" if isinstance(default, tuple) else type(default).__name__
         raise ConfigError(
-            f"{where}.{key}: expected {type(default).__name__}, got {type(value).__name__} "
+            f"{where}.{key}: expected {expected}, got {type(value).__name__} "
             f"{value!r}"
         )
     return value

@@ -305,6 +305,7 @@ def test_missing_fields(tmp_path: Path, root: Path, drop: str, field: str) -> No
     del bad[drop]
     err, _ = _sandwich(tmp_path, root, bad)
     assert err.field == field
+    assert "missing" in err.message and "null" not in err.message  # not "got null"
     if drop == "rid":
         assert err.qid == "line-2"
 

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from backends.aio_client import AioClient, ssl_context
-from backends.base import FatalError, TransientError
+from backends.base import FatalError, PermanentError, TransientError
 from backends.http import check_response, make_client, transport_error
 from bench.loopback import Faults, LoopbackServer
 from mics.config import ModelConfig
@@ -188,3 +188,18 @@ def test_environment_proxies_are_honoured_like_httpx(monkeypatch: pytest.MonkeyP
     assert env_proxy("https://internal.example.org/v1") is None
     assert env_proxy("http://127.0.0.1:30000") is None
     assert AioClient("https://api.example.org/v1", timeout_s=1, max_connections=1).proxy
+
+
+def test_a_key_variable_set_to_nothing_is_called_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    from backends.http import api_key
+    from backends.openai_chat import OpenAIChat
+    from mics.config import ConfigError
+
+    monkeypatch.setenv("MICS_TEST_KEY", "")
+    with pytest.raises(PermanentError, match="MICS_TEST_KEY is empty"):
+        api_key(cfg("http://127.0.0.1:9/v1", api_key_env="MICS_TEST_KEY"))
+    with pytest.raises(ConfigError, match="MICS_TEST_KEY is empty"):
+        OpenAIChat(cfg("http://127.0.0.1:9/v1", api_key_env="MICS_TEST_KEY"))
+    monkeypatch.delenv("MICS_TEST_KEY")
+    with pytest.raises(ConfigError, match="MICS_TEST_KEY is not set"):
+        OpenAIChat(cfg("http://127.0.0.1:9/v1", api_key_env="MICS_TEST_KEY"))

@@ -26,6 +26,8 @@ def test_defaults_follow_the_reference_and_fix_its_bugs():
     (lambda d: d["search"].update(max_depth=0), "max_depth"),
     (lambda d: d["search"].update(root_steps=3), "root_steps"),
     (lambda d: d["search"].update(intern_samples=[]), "intern_samples"),
+    (lambda d: d["search"].update(intern_samples=1.2), "[search].intern_samples: expected a "
+                                                       "list of numbers, got float 1.2"),
     (lambda d: d["search"].update(on_all_zero="retry"), "on_all_zero"),
     (lambda d: d["search"].update(on_all_zero="restart:x"), "on_all_zero"),
     (lambda d: d.update(extra={}), "extra"),
