@@ -212,12 +212,12 @@ def load_prices(path: str | Path) -> dict[str, dict[str, float]]:
         if unknown:
             raise ValueError(f"{p}: [{model}]: unknown key(s) {', '.join(unknown)}; "
                              f"allowed: {', '.join(PRICE_KEYS)}")
+        for key, value in table.items():  # a wrong value first: it may be why one is missing
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{p}: [{model}].{key}: expected a number >= 0, got {value!r}")
         for key in PRICE_KEYS[:2]:
             if key not in table:
                 raise ValueError(f"{p}: [{model}].{key} missing")
-        for key, value in table.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{p}: [{model}].{key}: expected a number >= 0, got {value!r}")
         out[model] = {k: float(table.get(k, table["input_per_mtok"])) for k in PRICE_KEYS}
     return out
 

@@ -132,7 +132,8 @@ def test_prices_by_model_id_and_validation(tmp_path):
                                         "cached_input_per_mtok": 1.0}}
     for body, msg in (('["a"]\ninput_per_mtok = 1\n', "output_per_mtok missing"),
                       ('["a"]\ninput_per_mtok = 1\noutput_per_mtok = 1\nfoo = 2\n', "foo"),
-                      ('["a"]\ninput_per_mtok = -1\noutput_per_mtok = 1\n', ">= 0")):
+                      ('["a"]\ninput_per_mtok = -1\noutput_per_mtok = 1\n', ">= 0"),
+                      ('["a"]\ninput_per_mtok = "cheap"\n', r"input_per_mtok: expected a number")):
         p.write_text(body)
         with pytest.raises(ValueError, match=msg):
             load_prices(p)
