@@ -9,7 +9,6 @@ from typing import Any
 
 import orjson
 
-from backends.base import PermanentError
 from mics.config import ConfigError, ModelConfig, parse_options
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -59,10 +58,11 @@ class LocalOptions:
 
 
 def model_dir(cfg: ModelConfig) -> Path:
-    """The model folder (resolved); PermanentError when it has no config.json."""
+    """The model folder (resolved); ConfigError when it has no config.json (checked when the
+    model is built, before a run is created)."""
     path = Path(cfg.model).expanduser()
     if not (path / "config.json").is_file():
-        raise PermanentError(
+        raise ConfigError(
             f"model {cfg.name!r}: {str(path)!r} is not a model folder (no config.json)")
     return path.resolve()
 
@@ -74,7 +74,7 @@ def resolve_kind(path: Path, kind: str) -> str:
     try:
         config = orjson.loads((path / "config.json").read_bytes())
     except (OSError, orjson.JSONDecodeError) as e:
-        raise PermanentError(f"{path / 'config.json'}: unreadable: {e}") from None
+        raise ConfigError(f"{path / 'config.json'}: unreadable: {e}") from None
     return "vl" if "vision_config" in config else "text"
 
 

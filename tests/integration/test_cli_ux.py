@@ -11,7 +11,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from helpers import command_imports
+from helpers import ROOT, command_imports
 from PIL import Image
 from test_cli import EXAMPLE, mics, read_jsonl
 
@@ -360,3 +360,14 @@ def test_a_pilot_run_s_limit_can_be_raised_and_nothing_else(tmp_path, demo):
     line = one_error_line(mics("search", data, "--image-root", moved, "-c", EXAMPLE, "--run",
                                tmp_path / "R", check=False))
     assert "another image root" in line and "--image-root NEW_ROOT" in line
+
+
+def test_a_local_intern_without_a_model_folder_is_one_error_line(tmp_path, demo):
+    """examples/local.toml on a machine without its model folders: exit 2, the folder named,
+    before any run directory exists (it was exit 1, 'an internal error')."""
+    data, images = demo
+    proc = mics("search", data, "--image-root", images, "-c", ROOT / "examples" / "local.toml",
+                "--run", tmp_path / "R", check=False)
+    line = one_error_line(proc)
+    assert "is not a model folder" in line and "internal error" not in line
+    assert not (tmp_path / "R").exists()

@@ -196,8 +196,13 @@ def test_options_validation_and_registry(tiny_lm: Path, tmp_path: Path) -> None:
 
 
 def test_bad_model_folder_is_permanent(tmp_path: Path) -> None:
-    with pytest.raises(PermanentError, match=str(tmp_path / "missing")):
+    with pytest.raises(ConfigError, match=str(tmp_path / "missing")):  # a config error
         local(tmp_path / "missing")
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "config.json").write_text("{")
+    with pytest.raises(ConfigError, match="unreadable"):
+        local(unreadable)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "qwen2"}')
