@@ -48,23 +48,25 @@ async def main(workdir: Path) -> dict[str, int]:
             graph = run.graph(outcome.qid)  # a networkx DiGraph of the whole search tree
             print(f"  tree of {outcome.qid}: {graph.number_of_nodes()} nodes")
 
-        # %% a small training set: question + images -> the verified chain
+        # %% your own records: question + images -> the verified chain, for your own loader.
+        # (Trainer-ready files, e.g. InternVL's with one <image> per image in the prompt and the
+        # final-answer line handled, come from run.export below, not from records like these.)
         train = []
         for outcome in full:
             question = run.question(outcome.qid)
             assert question is not None
             train.append({
                 "id": outcome.qid,
-                "image": list(question.image_paths),
-                "conversations": [{"from": "human", "value": question.question},
-                                  {"from": "gpt", "value": outcome.reasoning}],
+                "question": question.question,
+                "images": list(question.image_paths),
+                "chain": outcome.reasoning,
                 "generated_by": outcome.generated_by,
             })
         out = workdir / "train.jsonl"
         out.write_text("".join(json.dumps(r) + "\n" for r in train), encoding="utf-8")
         print(f"wrote {len(train)} training records to {out}")
 
-        # %% or the standard exports, with the same filter (what `mics export` writes)
+        # %% the standard exports, with the same filter (what `mics export` writes)
         counts = run.export(workdir / "export", ["reference", "sft"], only_full_score=True)
         print(f"exports: {counts}")
     return {"questions": summary.questions, "full_score": len(full), "train": len(train),

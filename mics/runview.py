@@ -144,11 +144,18 @@ class Run:
 
     def export(self, out_dir: str | Path, formats: Sequence[str] = ("reference",), *,
                only_full_score: bool = False, min_score: float | None = None,
-               max_depth: int | None = None, answer_in_target: bool = False) -> dict[str, int]:
-        """Write the export files (as `mics export`) into `out_dir`; record counts per file."""
+               max_depth: int | None = None, answer_in_target: bool = False,
+               include_partial: bool = False, exclude_leaks: bool = False,
+               image_root: str | Path | None = None, prm_label: str = "positive"
+               ) -> dict[str, int]:
+        """Write the export files into `out_dir` with `mics export`'s options and defaults
+        (sft/sharegpt: only full-score chains unless `include_partial`); record counts per
+        file, and ``partial``: the max-depth chains of sft/sharegpt."""
         filters = Filters(min_score=min_score, only_full_score=only_full_score,
-                          max_depth=max_depth)
-        return export(self._store, Path(out_dir), list(formats), filters, answer_in_target)
+                          max_depth=max_depth, exclude_leaks=exclude_leaks)
+        return export(self._store, Path(out_dir), list(formats), filters, answer_in_target,
+                      Path(image_root) if image_root is not None else None, prm_label,
+                      include_partial)
 
 
 def open_run(run_dir: str | Path) -> Run:

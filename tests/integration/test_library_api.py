@@ -260,3 +260,25 @@ def test_a_bad_key_stops_the_run_with_its_http_status(tmp_path, monkeypatch, dem
             mics.search_sync(cfg, records[:2], tmp_path / "R", image_root=images)
     assert info.value.status == 401
     assert "sk-wrong" not in str(info.value)
+
+
+def test_run_export_writes_what_mics_export_writes(tmp_path, config, demo) -> None:
+    """`Run.export` has the CLI's defaults: sft holds only full-score chains unless
+    include_partial; both routes write the same bytes."""
+    records, data, images = demo
+    summary = mics.search_sync(config, data, tmp_path / "R", image_root=images)
+    partial = summary.stop_reasons.get("max_depth", 0)
+    assert partial > 0  # the check below can tell the two defaults apart
+    with mics.open_run(tmp_path / "R") as run:
+        lib = run.export(tmp_path / "lib", ["sft", "step-values"])
+        lib_all = run.export(tmp_path / "lib-all", ["sft"], include_partial=True)
+    for out, extra in ((tmp_path / "cli", []), (tmp_path / "cli-all", ["--include-partial"])):
+        proc = subprocess.run([sys.executable, "-m", "cli.app", "export", str(tmp_path / "R"),
+                               "--out", str(out), "-f", "sft", "-f", "step-values", *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    assert lib["partial"] == partial and lib_all["sft"] == lib["sft"] + partial
+    for name in ("sft.jsonl", "step_values.jsonl"):
+        assert (tmp_path / "lib" / name).read_bytes() == (tmp_path / "cli" / name).read_bytes()
+    assert ((tmp_path / "lib-all" / "sft.jsonl").read_bytes()
+            == (tmp_path / "cli-all" / "sft.jsonl").read_bytes())

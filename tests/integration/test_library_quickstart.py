@@ -31,7 +31,7 @@ def test_the_quickstart_builds_a_training_set_of_full_score_chains(tmp_path: Pat
     assert counts["train"] == len(train) == len(full)
     for rec in train:
         outcome = full[rec["id"]]
-        assert rec["conversations"][1]["value"] == outcome.reasoning
+        assert rec["chain"] == outcome.reasoning
         assert rec["generated_by"] == outcome.generated_by
     sft = jsonl(tmp_path / "export" / "sft.jsonl")
     reference = jsonl(tmp_path / "export" / "results.jsonl")
