@@ -16,8 +16,8 @@ folder. `load_chat_template` finds them where transformers does:
 sandboxed environment with trim_blocks and lstrip_blocks, loop controls, `{% generation %}`,
 `raise_exception`, `strftime_now`, a `tojson` filter that does not escape HTML, `namespace`
 and `dict` that refuse underscore names), so its text is byte-identical to
-`tokenizer.apply_chat_template(messages, tokenize=False, ...)`; tests/test_template_source.py
-checks that against transformers itself.
+`tokenizer.apply_chat_template(messages, tokenize=False, ...)`;
+tests/integration/test_template_source.py checks that against transformers itself.
 """
 
 from __future__ import annotations

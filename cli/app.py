@@ -433,7 +433,7 @@ def export(
 @app.command()
 def doctor(config: Annotated[Path, typer.Argument(help="Run config (TOML).")],
            as_json: AsJson = False) -> None:
-    """Probe every configured model with a one-token call; exit 1 if any fails."""
+    """Probe every configured model with one small call at the run's limits; exit 1 if any fails."""
     from dataclasses import asdict
 
     import anyio

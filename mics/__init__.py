@@ -16,7 +16,8 @@ Use it from code (a notebook, a pipeline)::
             print(outcome.qid, run.question(outcome.qid).question, outcome.reasoning)
         run.export("out/", ["sft"], only_full_score=True)
 
-`records` is any iterable of records in the Chiron/MMRP schema (or a JSONL / JSON path).
+`records` is any iterable of records in the config's dataset format (Chiron/MMRP by default,
+or generic), or a JSONL / JSON path.
 Stop a search by setting the `stop=anyio.Event()` you passed, or by cancelling its scope;
 `mics.resume(run_dir)` finishes it later. Every error mics raises is a `MicsError`.
 See README.md, docs/algorithm.md and docs/architecture.md.

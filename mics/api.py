@@ -54,11 +54,12 @@ async def search(
     """Search every question and return the run's summary; calling it again resumes.
 
     `config`: a RunConfig, a TOML path or a mapping shaped like the TOML. `questions`: a
-    JSONL / JSON-list path, or any iterable of records in the same (Chiron) schema; records
-    are written to ``run_dir/questions.jsonl`` so that `resume` can read them again. Image
-    paths resolve against `image_root` (default: the dataset file's folder for a path, the
-    current directory for records). A bad record is stored as failed, naming its field.
-    Raises ConfigError, DataError, RunError or StoreError (all MicsError).
+    JSONL / JSON-list path, or any iterable of records in the config's `[dataset].format`
+    (Chiron by default, or generic); records are written to ``run_dir/questions.jsonl`` so
+    that `resume` can read them again. Image paths resolve against `image_root` (default:
+    the dataset file's folder for a path, the current directory for records). A bad record is
+    stored as failed, naming its field. Raises ConfigError, DataError, RunError or StoreError
+    (all MicsError).
     """
     cfg = with_seed(_config(config), seed)
     run = Path(run_dir)
