@@ -557,10 +557,10 @@ def writer_pid(run_dir: Path) -> int | None:
 
 
 def run_activity(store: RunStore, summary: RunSummary) -> dict[str, Any]:
-    """Total, rate and ETA from the call log (time spent searching, across sessions) and
-    whether a process runs the search now."""
+    """Total, rate and ETA from the call and failure logs (time spent searching, across
+    sessions) and whether a process runs the search now."""
     spans: dict[str, list[float]] = {}
-    for entry in store.iter_calls():
+    for entry in [*store.iter_calls(), *store.iter_failures()]:  # a session may only fail
         t = entry.get("t")
         if t is None:
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,5 @@ def test_a_model_that_always_fails(tmp_path: Path, forced: dict[str, str]) -> No
         assert set(rec["outcome"]["details"]["endpoints"]) <= set(forced)
         assert "HTTP 5" in rec["outcome"]["error"] or "circuit open" in rec["outcome"]["error"]
     assert read_jsonl(out / "failed.jsonl") == [] and read_jsonl(out / "results.jsonl") == []
+    status = json.loads(run_mics(["status", run, "--json"]).stdout)
+    assert status["sessions"] == 1  # a session whose calls only failed is a session
