@@ -83,10 +83,21 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     return table
 
 
+def _dataset_records(store: Any) -> int | None:
+    """Records the run reads (after its --limit), as `mics status` counts them; None when the
+    dataset file is not where the run recorded it."""
+    from mics.run import dataset_total, load_run
+
+    _config, dataset = load_run(store)
+    return dataset_total(dataset)
+
+
 def _summary_tables(s: dict[str, Any], max_trees: int) -> list[Table]:
     t = s["totals"]
     overview = _table("run", ["", "value"], [
-        ["run directory", s["run"]], ["questions", t["questions"]],
+        ["run directory", s["run"]],
+        ["questions stored / in the dataset",
+         f"{t['questions']} / {_num(t.get('dataset_records'), 0)}"],
         ["succeeded: full score (accepted) / max depth",
          f"{t['succeeded']}: {t['accepted']} / {t['max_depth']}"], ["failed", t["failed"]],
         ["not finished", t["pending"]], ["tree nodes", t["node_count"]],
@@ -239,6 +250,7 @@ def inspect(
         try:
             if qid is None:
                 summary = run_summary(store, table)
+                summary["totals"]["dataset_records"] = _dataset_records(store)
             else:
                 data = tree_json(load_tree(store, resolve_qid(store, qid)))
         except KeyError as e:

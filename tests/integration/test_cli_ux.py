@@ -371,3 +371,17 @@ def test_a_local_intern_without_a_model_folder_is_one_error_line(tmp_path, demo)
     line = one_error_line(proc)
     assert "is not a model folder" in line and "internal error" not in line
     assert not (tmp_path / "R").exists()
+
+
+def test_inspect_tells_stored_questions_from_the_dataset_s(tmp_path, demo):
+    """A run recorded but not yet searched: inspect says 0 stored of the dataset's 12, as
+    status counts them (it said "questions 0" while status said 12)."""
+    from mics.config import load_config
+    from mics.run import start_run
+
+    data, images = demo
+    start_run(tmp_path / "R", load_config(EXAMPLE), data, images, None)
+    summary = json.loads(mics("inspect", tmp_path / "R", "--json").stdout)
+    assert summary["totals"]["questions"] == 0 and summary["totals"]["dataset_records"] == 12
+    assert "0 / 12" in mics("inspect", tmp_path / "R").stdout
+    assert json.loads(mics("status", tmp_path / "R", "--json").stdout)["total"] == 12
