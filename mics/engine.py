@@ -32,6 +32,7 @@ from mics.prompts import intern_prompt, judge_prompt, mentor_prompt, parse_verdi
 from mics.records import RunStore
 from mics.steps import ParsedChain, count_steps, extract_final_answer, parse_chain
 from mics.types import (
+    NO_MODEL_STOPS,
     ROOT_TEXT,
     CallFailure,
     Node,
@@ -46,7 +47,7 @@ from mics.types import (
 )
 
 FINISHED = ("succeeded", "failed")
-RETRYABLE = ("no_mentor", "no_intern", "no_judge")  # infrastructure failures: resume retries
+RETRYABLE = NO_MODEL_STOPS  # infrastructure failures: resume retries
 DEFERRED = "deferred"  # status and stop reason of a question left undecided by a failed call
 LEAK_REMINDER = ("\n\nReminder: your steps must not state or name the correct answer before "
                  "the final line `### The final answer is:`; reason towards it from the "

@@ -36,7 +36,7 @@ from mics.leaks import leaks_answer
 from mics.prompts import MEDICAL
 from mics.records import RunStore, StoredQuestion, read_nodes, read_questions
 from mics.steps import FINAL_MARKER, before_last_step
-from mics.types import Node, Outcome, Question
+from mics.types import NO_MODEL_STOPS, Node, Outcome, Question
 
 FORMATS = ("reference", "sft", "sharegpt", "step-values", "preferences", "prm")
 FILES = {"sft": "sft.jsonl", "sharegpt": "sharegpt.jsonl", "step-values": "step_values.jsonl",
@@ -415,6 +415,8 @@ def export_rows(fmt: str, sq: StoredQuestion, nodes: Sequence[Node], answer_in_t
     `pack` is the run's prompt pack (:func:`run_pack`), which picks the user turn."""
     from mics import export_trainers as trainers  # it builds on this module
 
+    if sq.stop_reason in NO_MODEL_STOPS:
+        return []  # no working model (count_wrong): its scores are outage, not labels
     if fmt in ("sft", "sharegpt"):
         if sq.status != "succeeded" or (is_partial(sq) and not include_partial):
             return []
@@ -505,5 +507,15 @@ def export(store: RunStore, out_dir: Path, formats: list[str], filters: Filters 
     info = {**(SHAREGPT_INFO if "sharegpt" in others else {}),
             **(PREFERENCE_INFO if "preferences" in others else {})}
     if info:
-        _write_json(out_dir / "dataset_info.json", info)
+        _write_json(out_dir / "dataset_info.json", {**_existing_info(out_dir), **info})
     return counts
+
+
+def _existing_info(out_dir: Path) -> dict[str, Any]:
+    """The entries an earlier export wrote into ``dataset_info.json`` (kept: a second export
+    of another format into the folder adds its entry instead of dropping theirs)."""
+    try:
+        old = orjson.loads((out_dir / "dataset_info.json").read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return old if isinstance(old, dict) else {}

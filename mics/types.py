@@ -16,6 +16,7 @@ FinalStatus = Literal["succeeded", "failed", "deferred"]
 # a failed call (resumed); bad_record: unusable input
 StopReason = Literal["full_score", "max_depth", "all_zero", "no_mentor", "no_intern", "no_judge",
                      "deferred", "bad_record"]
+NO_MODEL_STOPS = ("no_mentor", "no_intern", "no_judge")  # failed for lack of a working model
 Verdict = Literal["yes", "no", "no-answer", "call-failed", "judge-failed", "unparsable"]
 
 

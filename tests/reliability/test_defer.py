@@ -163,6 +163,26 @@ def test_failed_samples_defer_by_default_and_count_wrong_on_request(
                for x in samples)
 
 
+def test_count_wrong_questions_without_a_working_intern_export_no_step_labels(
+        tmp_path: Path) -> None:
+    """count_wrong with every intern down: the question fails as no_intern. Its all-zero
+    scores are an outage, not labels: no step-values, prm or preference rows; the failure is
+    still listed in failed.jsonl."""
+    srv, run, args = _forced(tmp_path, {"i0": "503", "i1": "503", "i2": "503"}, n=1,
+                             extra='on_call_failure = "count_wrong"')
+    try:
+        run_mics(args)
+    finally:
+        srv.stop()
+    with RunStore.open(run, write=False) as store:
+        [(qid, rec)] = store.iter_questions()
+        assert rec["stop_reason"] == "no_intern" and store.get_nodes(qid)
+        counts = export(store, tmp_path / "O", ["reference", "step-values", "prm",
+                                                 "preferences"])
+    assert counts["step-values"] == counts["prm"] == counts["preferences"] == 0
+    assert [r["rid"] for r in _read(tmp_path / "O" / "failed.jsonl")] == [qid]
+
+
 def test_retry_failed_re_searches_an_old_run_s_infrastructure_failures(tmp_path: Path) -> None:
     """A run made before deferral: q0 failed "All mentor scores are zero." while its mentor
     calls were failing (the failure log says so); q1 failed the same way on its merits."""
