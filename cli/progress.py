@@ -13,8 +13,6 @@ from typing import Any
 
 from rich.console import Console
 
-from mics.run import INFRA_STOPS  # a failed call, or no working model: a resume retries them
-
 
 def _eta(seconds: float | None) -> str:
     if seconds is None:
@@ -73,7 +71,7 @@ class RunProgress:
             self.session_done += 1
         if outcome.status == "succeeded":
             self.ok += 1
-        elif outcome.stop_reason in INFRA_STOPS:
+        elif outcome.status == "deferred":  # as the closing summary counts it
             self.deferred += 1
         else:
             self.failed += 1

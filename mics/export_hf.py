@@ -64,11 +64,11 @@ def hf_sft_row(sq: StoredQuestion, nodes: Sequence[Node], answer_in_target: bool
 
 
 def _rows(store: RunStore, name: str, filters: Filters, answer_in_target: bool,
-          root: Path | None, prm_label: str, include_partial: bool = True
-          ) -> list[dict[str, Any]]:
+          root: Path | None, prm_label: str, include_partial: bool = True,
+          left_out: dict[str, int] | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     pack = run_pack(store)
-    for sq, nodes in exportable_questions(store, filters):
+    for sq, nodes in exportable_questions(store, filters, left_out):
         if name == "sft":
             if sq.status == "succeeded" and (include_partial or not is_partial(sq)):
                 rows.append(hf_sft_row(sq, nodes, answer_in_target, pack))
@@ -124,12 +124,16 @@ def export_hf(store: RunStore, out_dir: Path, filters: Filters | None = None,
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # the CLI prints its own counts
     try:
+        left_out: dict[str, int] = {}
         for name in HF_SETS:
+            left_out.clear()  # every set counts the same questions; the last count is kept
             ds = _dataset(_rows(store, name, filters, answer_in_target, root, prm_label,
-                                include_partial), root)
+                                include_partial, left_out), root)
             ds.save_to_disk(str(tmp / name))
             ds.to_parquet(str(tmp / f"{name}.parquet"))
             counts[f"hf/{name}"] = len(ds)
+        if filters.exclude_leaks:
+            counts["leaks_left_out"] = left_out.get("leaks", 0)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
         raise

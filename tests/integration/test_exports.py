@@ -416,3 +416,14 @@ def test_unscored_nodes_take_part_in_no_pair_and_no_path():
     pairs = [(c.node_id, r.node_id) for c, r in preference_pairs(nodes)]
     assert pairs == [("a", "b")]
     assert [[n.node_id for n in p] for p in search_paths(nodes)] == [["b"], ["a", "d"]]
+
+
+def test_a_second_export_into_the_folder_keeps_the_first_dataset_info_entry(fixed_run, tmp_path):
+    """sharegpt, then preferences, into one folder: LLaMA-Factory still finds both."""
+    for fmt in ("sharegpt", "preferences"):
+        res = CliRunner().invoke(app, ["export", str(fixed_run), "--out", str(tmp_path), "-f",
+                                       fmt])
+        assert res.exit_code == 0, res.output
+    info = orjson.loads((tmp_path / "dataset_info.json").read_bytes())
+    assert set(info) == {"mics", "mics_preferences"}
+    assert info["mics"]["file_name"] == "sharegpt.jsonl"

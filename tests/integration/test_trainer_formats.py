@@ -19,9 +19,10 @@ import pytest
 from helpers import CHIRON, ROOT
 from PIL import Image
 
-from mics.export import escape_placeholders, sft_prompt
+from mics.export import Filters, escape_placeholders, exportable_questions, sft_prompt
 from mics.export_trainers import prompt_blocks, step_sections
 from mics.types import Question
+from store import RunStore
 
 datasets = pytest.importorskip("datasets")
 
@@ -284,3 +285,18 @@ def test_prompt_blocks_keep_image_positions():
         {"type": "image"}, {"type": "text", "text": ", b"}]
     assert prompt_blocks("<image>") == [{"type": "image"}]
     assert step_sections("### Step 1: a\n\n### Step 2: b") == ["### Step 1: a", "### Step 2: b"]
+
+
+def test_hf_exclude_leaks_reports_the_questions_it_left_out(demo, tmp_path):
+    """`-f hf --exclude-leaks` says how many questions it left out, as the JSONL formats do."""
+    run = demo.parent / "run"
+    sft = mics("export", run, "--out", tmp_path / "j", "-f", "sft", "--exclude-leaks")
+    hf = mics("export", run, "--out", tmp_path / "h", "-f", "hf", "--exclude-leaks")
+    said = [next(ln for ln in p.stdout.splitlines() if ln.startswith("--exclude-leaks"))
+            for p in (sft, hf)]
+    assert said[0] == said[1]
+    left = int(said[0].split(": ", 1)[1].split()[0])
+    with RunStore.open(run, write=False) as store:
+        every = sum(1 for _ in exportable_questions(store, Filters()))
+        kept = sum(1 for _ in exportable_questions(store, Filters(exclude_leaks=True)))
+    assert left == every - kept
