@@ -85,11 +85,12 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
 
 def _dataset_records(store: Any) -> int | None:
     """Records the run reads (after its --limit), as `mics status` counts them; None when the
-    dataset file is not where the run recorded it."""
-    from mics.run import dataset_total, load_run
+    store records no dataset (one written by the engine alone) or the file is not where the
+    run recorded it."""
+    from mics.run import dataset_total
 
-    _config, dataset = load_run(store)
-    return dataset_total(dataset)
+    dataset = store.get_meta("dataset")
+    return dataset_total(dataset) if isinstance(dataset, dict) else None
 
 
 def _summary_tables(s: dict[str, Any], max_trees: int) -> list[Table]:
