@@ -373,10 +373,10 @@ def _rid(obj: dict[str, Any]) -> str:
 
 
 def _message(obj: dict[str, Any], i: int, marker: str, replacement: str) -> str:
-    messages = obj.get("messages")
     if "messages" not in obj:
         raise BadField("messages", "missing field messages (the list of question and answer "
                        "turns)")
+    messages = obj["messages"]
     if not isinstance(messages, list):
         raise BadField("messages", f"messages must be a list, got {json_kind(messages)}")
     if len(messages) <= i:

@@ -195,22 +195,19 @@ class Filters:
         the answer, so its interns' pass rate is no label either)."""
         if not self.exclude_leaks:
             return list(nodes)
-        by_id = {n.node_id: n for n in nodes}
-        verdict: dict[str, bool] = {}
+        tainted: dict[str, bool] = {}
+        for n in sorted(nodes, key=lambda n: n.depth):  # a parent is one depth above its child
+            tainted[n.node_id] = n.leaks_answer or tainted.get(n.parent_id or "", False)
+        return [n for n in nodes if not tainted[n.node_id]]
 
-        def tainted(n: Node) -> bool:
-            chain = []
-            node: Node | None = n
-            while node is not None and node.node_id not in verdict:
-                chain.append(node)
-                node = by_id.get(node.parent_id) if node.parent_id else None
-            bad = verdict.get(node.node_id, False) if node is not None else False
-            for c in reversed(chain):  # from the topmost unknown ancestor down
-                bad = bad or c.leaks_answer
-                verdict[c.node_id] = bad
-            return verdict[n.node_id]
-
-        return [n for n in nodes if not tainted(n)]
+    def admits(self, sq: StoredQuestion, nodes: Sequence[Node],
+               left_out: dict[str, int] | None = None) -> bool:
+        """`keep`, counting in ``left_out["leaks"]`` a question left out because it leaks."""
+        if self.keep(sq, nodes):
+            return True
+        if left_out is not None and self.exclude_leaks and self.leaks(sq, nodes):
+            left_out["leaks"] = left_out.get("leaks", 0) + 1
+        return False
 
     @property
     def active(self) -> bool:
@@ -396,10 +393,8 @@ def exportable_questions(store: RunStore, filters: Filters,
         if not sq.finished or sq.question is None:
             continue  # pending questions and unreadable records have no tree to export
         nodes = read_nodes(store, sq.qid)
-        if filters.keep(sq, nodes):
+        if filters.admits(sq, nodes, left_out):
             yield sq, filters.prune(nodes)
-        elif left_out is not None and filters.exclude_leaks and filters.leaks(sq, nodes):
-            left_out["leaks"] = left_out.get("leaks", 0) + 1
 
 
 def is_partial(sq: StoredQuestion) -> bool:
@@ -465,25 +460,22 @@ def export(store: RunStore, out_dir: Path, formats: list[str], filters: Filters 
     root = image_root.resolve() if image_root is not None else run_image_root(store)
     pack = run_pack(store)
     counts: dict[str, int] = {}
-    left_out: dict[str, int] = {}
     if "reference" in formats:
+        left_ref: dict[str, int] = {}
+
         def keep(sq: StoredQuestion) -> bool:
-            nodes = read_nodes(store, sq.qid)
-            if filters.keep(sq, nodes):
-                return True
-            if filters.exclude_leaks and filters.leaks(sq, nodes):
-                left_out["reference"] = left_out.get("reference", 0) + 1
-            return False
+            return filters.admits(sq, read_nodes(store, sq.qid), left_ref)
 
         counts.update(export_reference(store, out_dir, keep if filters.active else None))
         if filters.exclude_leaks:
-            counts["leaks_left_out"] = left_out.get("reference", 0)
+            counts["leaks_left_out"] = left_ref.get("leaks", 0)
     others = [k for f in FORMATS if f in formats and f != "reference"
               for k in OUTPUTS.get(f, (f,))]
     if not others:
         return counts
     tmp = {f: out_dir / (FILES[f] + ".tmp") for f in others}
     handles = {f: p.open("wb") for f, p in tmp.items()}
+    left_out: dict[str, int] = {}
     try:
         for f in others:
             counts[f] = 0

@@ -579,7 +579,7 @@ def run_activity(store: RunStore, summary: RunSummary) -> dict[str, Any]:
             "sessions": len(spans), "running_pid": pid}
 
 
-INFRA_STOPS = ("no_mentor", "no_intern", "no_judge", "deferred")
+INFRA_STOPS = (*RETRYABLE, "deferred")
 
 
 def unreadable_records(store: RunStore) -> set[str]:
